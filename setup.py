@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="densecl_fast",
+    version="0.1.0",
+    description="Fast, faithful DenseCL (Dense Contrastive Learning) pretraining",
+    packages=find_packages(include=["densecl_fast", "densecl_fast.*", "kernels", "kernels.*"]),
+    package_data={"densecl_fast": ["configs/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "omegaconf>=2.3",
+        "tqdm",
+        "numpy",
+        "pillow",
+        "tensorboard",
+        "matplotlib",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda130"],
+        "deepspeed": ["deepspeed"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-timeout"],
+    },
+)
