@@ -1,0 +1,15 @@
+import os
+import sys
+
+import torch
+
+# Triton kernels run on CPU tensors through the interpreter when there is no GPU. The flag is
+# read when a kernel is decorated, so it must be set before any kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
