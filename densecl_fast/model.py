@@ -1,0 +1,185 @@
+"""DenseCL: the algorithm in one module (after moco/builder.py).
+
+Query encoder = ResNet trunk (C5 map) + DenseCL neck; key encoder = its momentum copy.
+Loss = (1 - λ) · global InfoNCE + λ · dense InfoNCE, both against a queue of negatives.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import kernels
+
+from .bn import convert_to_group_bn, set_bn_groups
+
+
+def resnet_trunk(arch: str) -> tuple[nn.Module, int]:
+    """torchvision ResNet without avgpool/fc: image -> C5 map. Returns (trunk, C5 channels)."""
+    net = getattr(torchvision.models, arch)(weights=None)  # Kaiming conv init, BN weight 1
+    trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+    return trunk, net.fc.in_features
+
+
+class DenseCLNeck(nn.Module):
+    """C5 map -> (global N x D, dense N x D x S², pooled dense N x D); no BN, as in the paper."""
+
+    def __init__(self, in_dim: int, hid_dim: int = 2048, out_dim: int = 128):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hid_dim), nn.ReLU(inplace=True), nn.Linear(hid_dim, out_dim))
+        self.mlp2 = nn.Sequential(nn.Conv2d(in_dim, hid_dim, 1), nn.ReLU(inplace=True), nn.Conv2d(hid_dim, out_dim, 1))
+        for m in self.modules():  # the reference necks use Kaiming init with zero bias
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, c5):
+        x = self.mlp(c5.mean(dim=(2, 3)))
+        grid = self.mlp2(c5)                   # N x D x S x S
+        pooled = grid.mean(dim=(2, 3))         # pooled before normalisation, as the reference
+        return x, grid.flatten(2), pooled
+
+
+class Encoder(nn.Module):
+    """Trunk + neck. Returns (C5 flattened N x C x S², global, dense grid, pooled)."""
+
+    def __init__(self, backbone: nn.Module, neck: nn.Module):
+        super().__init__()
+        self.backbone, self.neck = backbone, neck
+
+    def forward(self, x):
+        c5 = self.backbone(x)
+        g, grid, pooled = self.neck(c5)
+        return c5.flatten(2), g, grid, pooled
+
+
+@torch.no_grad()
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+class DenseCL(nn.Module):
+    def __init__(self, cfg):
+        """cfg: a `ModelConfig` (or a full `Config`, whose .model is used)."""
+        super().__init__()
+        cfg = getattr(cfg, "model", cfg)
+        self.cfg = cfg
+        trunk, c5_dim = resnet_trunk(cfg.arch)
+        self.encoder_q = Encoder(trunk, DenseCLNeck(c5_dim, cfg.hid_dim, cfg.out_dim))
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        self.encoder_k.requires_grad_(False)
+        convert_to_group_bn(self)  # BN over groups of images; see bn.py for why
+        self.bn_group_size = cfg.bn_group_size
+        self.momentum = cfg.momentum
+        self.temperature = cfg.temperature
+        self.loss_lambda = cfg.loss_lambda
+
+        self.register_buffer("queue", F.normalize(torch.randn(cfg.out_dim, cfg.queue_len), dim=0))
+        self.register_buffer("queue2", F.normalize(torch.randn(cfg.out_dim, cfg.queue_len), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        # What runs the query encoder: the module itself, or a DDP/compiled wrapper of it set by the
+        # trainer. Kept out of the module tree so state_dict keys never change.
+        self._run_q = self.encoder_q
+        self._run_k = self.encoder_k
+        self._pairs = None
+        self._shuffle_gen = None  # own RNG for the key shuffle: resumable, untouched by data loaders
+        self.shuffle_seed = 0
+
+    # Interface names other code relies on.
+    backbone = property(lambda self: self.encoder_q.backbone)
+    neck = property(lambda self: self.encoder_q.neck)
+    backbone_k = property(lambda self: self.encoder_k.backbone)
+    neck_k = property(lambda self: self.encoder_k.neck)
+
+    def set_runners(self, run_q=None, run_k=None):
+        """Use wrappers (DDP, torch.compile) of the encoders in forward; None = the module itself."""
+        object.__setattr__(self, "_run_q", run_q if run_q is not None else self.encoder_q)
+        object.__setattr__(self, "_run_k", run_k if run_k is not None else self.encoder_k)
+
+    def shuffle_generator(self, device) -> torch.Generator:
+        if self._shuffle_gen is None or self._shuffle_gen.device != torch.device(device):
+            self._shuffle_gen = torch.Generator(device=device)
+            self._shuffle_gen.manual_seed(self.shuffle_seed)
+        return self._shuffle_gen
+
+    @torch.no_grad()
+    def momentum_update(self):
+        """k <- m·k + (1-m)·q over all parameters in one fused foreach op (buffers: BN stats stay the key's own)."""
+        if self._pairs is None:
+            qs = list(self.encoder_q.parameters())
+            ks = list(self.encoder_k.parameters())
+            self._pairs = (ks, qs)
+        ks, qs = self._pairs
+        torch._foreach_lerp_(ks, qs, 1.0 - self.momentum)
+
+    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda() replace parameters: drop cached lists
+        self._pairs = None
+        return super()._apply(fn, *args, **kwargs)
+
+    @torch.no_grad()
+    def _enqueue(self, k: torch.Tensor, k2: torch.Tensor):
+        k, k2 = concat_all_gather(k), concat_all_gather(k2)
+        n, K = k.shape[0], self.queue.shape[1]
+        if K % n != 0:
+            raise ValueError(f"queue length {K} must be a multiple of the global batch {n}")
+        ptr = int(self.queue_ptr)
+        self.queue[:, ptr:ptr + n] = k.T.to(self.queue.dtype)
+        self.queue2[:, ptr:ptr + n] = k2.T.to(self.queue2.dtype)
+        self.queue_ptr[0] = (ptr + n) % K
+
+    def _bn_groups(self, n: int) -> int:
+        g = self.bn_group_size
+        if not self.training or g <= 0 or g >= n:
+            return 1
+        if n % g != 0:
+            raise ValueError(f"batch {n} per process is not a multiple of model.bn_group_size={g}")
+        return n // g
+
+    def forward(self, im_q, im_k, loss_lambda: float | None = None):
+        lam = self.loss_lambda if loss_lambda is None else loss_lambda
+        n = im_q.shape[0]
+        groups = self._bn_groups(n)
+
+        set_bn_groups(self.encoder_q, groups)
+        q_b, q, q_grid, _ = self._run_q(im_q)
+        q = F.normalize(q, dim=1)
+        q_grid = F.normalize(q_grid, dim=1)
+
+        with torch.no_grad():
+            self.momentum_update()
+            # The key batch is shuffled before grouped BN, so no key shares its BN group with the
+            # query of the same image: the loss cannot be lowered through batch statistics.
+            set_bn_groups(self.encoder_k, groups)
+            perm = (torch.randperm(n, device=im_k.device, generator=self.shuffle_generator(im_k.device))
+                    if groups > 1 else None)
+            k_in = im_k[perm] if perm is not None else im_k
+            k_b, k, k_grid, k2 = self._run_k(k_in)
+            if perm is not None:
+                inv = torch.argsort(perm)
+                k_b, k, k_grid, k2 = k_b[inv], k[inv], k_grid[inv], k2[inv]
+            k = F.normalize(k, dim=1)
+            k_grid = F.normalize(k_grid, dim=1)
+            k2 = F.normalize(k2, dim=1)
+
+        # Clones: the queues are overwritten in place by the enqueue below, before backward.
+        queue, queue2 = self.queue.clone(), self.queue2.clone()
+        l_pos = (q * k.to(q.dtype)).sum(1)
+        loss_single = kernels.queue_infonce(q, l_pos, queue, self.temperature)
+
+        l_pos_dense, _ = kernels.dense_positive_logits(q_b, k_b, q_grid, k_grid.to(q_grid.dtype))
+        d = q_grid.shape[1]
+        loss_dense = kernels.queue_infonce(q_grid.transpose(1, 2).reshape(-1, d), l_pos_dense.reshape(-1),
+                                           queue2, self.temperature)
+        loss = (1.0 - lam) * loss_single + lam * loss_dense
+
+        if self.training:
+            self._enqueue(k, k2)
+        return {"loss": loss, "loss_single": loss_single, "loss_dense": loss_dense}

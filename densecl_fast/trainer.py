@@ -1,0 +1,275 @@
+"""The DenseCL training loop, readable top to bottom (after nanoGPT's train.py).
+
+    summary = train(load_config("smoke"))
+
+Order of business: processes and device -> data (fails early on bad data) -> model, optimizer
+-> resume -> wrappers (DDP, torch.compile) -> the loop (lr, λ, step, log, checkpoint, signals).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import kernels
+
+from . import checkpoint as ckpt_io
+from .config import Config, config_from_dict, config_to_dict, to_yaml
+from .data import DataError, build_loader, resolve_backend
+from .distributed import all_reduce_max, barrier, cleanup, init_distributed
+from .model import DenseCL
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int, min_lr: float) -> float:
+    """Linear warm-up, then cosine from base_lr to min_lr over the remaining steps (per iteration)."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    return precision
+
+
+def check_compatible(saved: Config, cfg: Config, path: str) -> None:
+    """The parts of the config that shape tensors must match; the rest may change on resume."""
+    keys = ["arch", "hid_dim", "out_dim", "queue_len"]
+    diff = [f"model.{k}: checkpoint {getattr(saved.model, k)} vs now {getattr(cfg.model, k)}"
+            for k in keys if getattr(saved.model, k) != getattr(cfg.model, k)]
+    if diff:
+        raise ckpt_io.CheckpointError(f"checkpoint {path} is incompatible with this config: " + "; ".join(diff))
+
+
+class MetricsLog:
+    """metrics.jsonl (always) and TensorBoard (optional) in the run directory; rank 0 only."""
+
+    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.f = open(os.path.join(out_dir, "metrics.jsonl"), "a") if enabled else None
+        self.tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+
+    def write(self, rec: dict):
+        if not self.enabled:
+            return
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(f"train/{k}", v, rec["step"])
+
+    def close(self):
+        if self.f:
+            self.f.close()
+        if self.tb:
+            self.tb.close()
+
+
+def train(cfg: Config) -> dict:
+    t_cfg, o_cfg = cfg.train, cfg.optim
+    dist_info, device = init_distributed(t_cfg.device)
+    main = dist_info.is_main
+    say = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
+    if o_cfg.batch_size % dist_info.world_size:
+        raise ValueError(f"optim.batch_size={o_cfg.batch_size} is not divisible by {dist_info.world_size} processes")
+    per_rank_batch = o_cfg.batch_size // dist_info.world_size
+    precision = resolve_precision(t_cfg.precision, device)
+    if t_cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    kernels.set_backend(t_cfg.kernels)
+
+    # ---- data: every data problem is reported before a model is built --------------------------
+    loader = build_loader(cfg.data, batch_size=per_rank_batch, rank=dist_info.rank,
+                          world_size=dist_info.world_size, device=device, seed=t_cfg.seed,
+                          channels_last=t_cfg.channels_last)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise DataError(f"the data set is smaller than one global batch of {o_cfg.batch_size} images")
+    total_steps = o_cfg.epochs * steps_per_epoch
+
+    # ---- model and optimizer (same seed on every rank: identical initial weights and queues) ----
+    torch.manual_seed(t_cfg.seed)
+    model = DenseCL(cfg.model)
+    model.shuffle_seed = t_cfg.seed * 1000 + dist_info.rank
+    if dist_info.enabled and device.type == "cuda" and cfg.model.sync_bn:
+        model.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q)
+        model.encoder_k = nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_k)
+        model.set_runners()
+    model.to(device)
+    if t_cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    base_lr = o_cfg.lr * o_cfg.batch_size / 256
+    opt_kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=base_lr, momentum=o_cfg.momentum,
+                                weight_decay=o_cfg.weight_decay, **opt_kw)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                if precision in ("bf16", "fp16") else nullcontext())
+    warmup_steps = int(o_cfg.warmup_epochs * steps_per_epoch)
+
+    # ---- resume ------------------------------------------------------------------------------------
+    step, skipped_before = 0, 0
+    resume_path = ckpt_io.resolve_resume(t_cfg.resume, t_cfg.out_dir)
+    if resume_path:
+        ck = ckpt_io.load_checkpoint(resume_path)
+        check_compatible(config_from_dict(ck["config"]), cfg, resume_path)
+        try:
+            model.load_state_dict(ck["model"])
+        except RuntimeError as e:
+            raise ckpt_io.CheckpointError(f"checkpoint {resume_path} does not fit the model: {e}") from e
+        optimizer.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        step, skipped_before = ck["step"], ck.get("data_skipped", 0)
+        ckpt_io.set_rng_state(ck["rng"])
+        model.shuffle_generator(device).set_state(ck["shuffle_rng"][dist_info.rank % len(ck["shuffle_rng"])])
+        say(f"resumed from {resume_path} at step {step} (epoch {step // steps_per_epoch}, "
+            f"step {step % steps_per_epoch} of {steps_per_epoch})")
+    else:
+        if t_cfg.resume == "auto":
+            say(f"--resume auto: no checkpoint in {ckpt_io.checkpoint_dir(t_cfg.out_dir)}, starting fresh")
+        torch.manual_seed(t_cfg.seed + dist_info.rank)
+
+    # ---- wrappers ------------------------------------------------------------------------------------
+    run_q, run_k = model.encoder_q, model.encoder_k
+    if dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # Only the query encoder is wrapped: the momentum encoder has no gradients, so DDP needs
+        # no find_unused_parameters.
+        run_q = DDP(model.encoder_q, device_ids=[device.index] if device.type == "cuda" else None,
+                    broadcast_buffers=False)
+    if t_cfg.compile:
+        run_q, run_k = torch.compile(run_q), torch.compile(run_k)
+    model.set_runners(run_q, run_k)
+    model.train()
+
+    # ---- run directory -----------------------------------------------------------------------------
+    if main:
+        os.makedirs(t_cfg.out_dir, exist_ok=True)
+        with open(os.path.join(t_cfg.out_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
+    log = MetricsLog(t_cfg.out_dir, main, t_cfg.tensorboard)
+    backend = resolve_backend(cfg.data, device)
+    say(f"DenseCL {cfg.model.arch} | {cfg.name} | device {device} x{dist_info.world_size} | {precision} | "
+        f"data {backend} | kernels {kernels.active_backend(device)} | compile {t_cfg.compile} | "
+        f"batch {o_cfg.batch_size} | lr {base_lr:g} | {steps_per_epoch} steps/epoch, {total_steps} total")
+
+    def save(reason: str) -> str | None:
+        skipped = skipped_before + loader.skipped
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "step": step, "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
+                 "rng": ckpt_io.rng_state(), "shuffle_rng": gather_shuffle_states(model, device),
+                 "config": config_to_dict(cfg), "data_skipped": skipped, "reason": reason}
+        path = ckpt_io.save_checkpoint(state, t_cfg.out_dir, step, t_cfg.keep_last) if main else None
+        barrier()
+        return path
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    pbar = tqdm(total=total_steps, initial=step, disable=not (main and t_cfg.progress), unit="step",
+                dynamic_ncols=True, desc="pretrain")
+    status, window, t_window, last_path = "finished", [], time.perf_counter(), None
+    try:
+        while step < total_steps:
+            epoch, start = divmod(step, steps_per_epoch)
+            loader.set_epoch(epoch, start_step=start)
+            for im_q, im_k in loader:
+                lr = lr_at(step, total_steps, base_lr, warmup_steps, o_cfg.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                lam = 0.0 if step < cfg.model.dense_warmup_iters else cfg.model.loss_lambda
+
+                with autocast:
+                    out = model(im_q, im_k, loss_lambda=lam)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(out["loss"]).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                step += 1
+                # Losses stay on the device until the log step: no host sync on every iteration.
+                window.append(torch.stack([out["loss"].detach(), out["loss_single"].detach(),
+                                           out["loss_dense"].detach()]).float())
+
+                boundary = step % steps_per_epoch == 0
+                want_ckpt = ((boundary and (step // steps_per_epoch) % t_cfg.ckpt_every_epochs == 0)
+                             or (t_cfg.ckpt_every_steps and step % t_cfg.ckpt_every_steps == 0)
+                             or step == total_steps)
+                hit_max = bool(o_cfg.max_steps) and step >= o_cfg.max_steps
+                stopping = all_reduce_max(stop["signal"] is not None, device) if dist_info.enabled \
+                    else stop["signal"] is not None
+                if step % t_cfg.log_every == 0 or want_ckpt or hit_max or stopping or step == total_steps:
+                    losses = torch.stack(window)
+                    if not torch.isfinite(losses).all():
+                        bad = step - len(window) + int((~torch.isfinite(losses).all(1)).nonzero()[0]) + 1
+                        last = ckpt_io.list_checkpoints(t_cfg.out_dir)
+                        raise NonFiniteLossError(
+                            f"loss became non-finite at step {bad} (lr {lr:g}); stopping. The last good "
+                            f"checkpoint is {last[-1] if last else 'none (no checkpoint was written yet)'}. "
+                            f"Try a lower optim.lr, precision=fp32, or a longer optim.warmup_epochs.")
+                    mean = losses.mean(0).tolist()
+                    dt = time.perf_counter() - t_window
+                    ips = len(window) * o_cfg.batch_size / max(dt, 1e-9)
+                    rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean[0],
+                           "loss_single": mean[1], "loss_dense": mean[2], "lr": lr, "lambda": lam,
+                           "img_per_s": ips, "data_skipped": skipped_before + loader.skipped}
+                    log.write(rec)
+                    pbar.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}", refresh=False)
+                    window, t_window = [], time.perf_counter()
+                pbar.update(1)
+                if want_ckpt or hit_max or stopping:
+                    last_path = save("signal" if stopping else "max_steps" if hit_max else "periodic")
+                if stopping:
+                    status = f"stopped by {signal.Signals(stop['signal']).name}"
+                    break
+                if hit_max:
+                    status = "max_steps"
+                    break
+            if status != "finished":
+                break
+    finally:
+        pbar.close()
+        log.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        cleanup()
+
+    skipped = skipped_before + loader.skipped
+    if skipped:
+        say(f"{skipped} unreadable image(s) were skipped (see the warnings above; metrics.jsonl 'data_skipped')")
+    if status != "finished":
+        say(f"{status} at step {step}; checkpoint {last_path}; continue with --resume auto")
+    return {"status": status, "step": step, "total_steps": total_steps, "checkpoint": last_path,
+            "out_dir": t_cfg.out_dir, "data_skipped": skipped}
+
+
+def gather_shuffle_states(model: DenseCL, device: torch.device) -> list:
+    """The key-shuffle RNG state of every rank (each rank shuffles with its own stream)."""
+    state = model.shuffle_generator(device).get_state()
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, state)
+    return out

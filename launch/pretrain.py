@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Pretrain DenseCL.
+
+    python launch/pretrain.py                                   # smoke run on the built-in data set
+    python launch/pretrain.py --config densecl_r50_200e_in1k data.source=/data/imagenet/train
+    python launch/pretrain.py --resume auto train.out_dir=runs/smoke
+    torchrun --nproc_per_node 8 launch/pretrain.py --config densecl_r50_200e_in1k data.source=...
+    deepspeed launch/pretrain.py --config ...                   # the deepspeed launcher works the same
+
+Everything after the options is a `key=value` override of the config (see README).
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from densecl_fast.checkpoint import CheckpointError  # noqa: E402
+from densecl_fast.config import ConfigError, list_presets, load_config, to_yaml  # noqa: E402
+from densecl_fast.data import DataError  # noqa: E402
+from densecl_fast.trainer import NonFiniteLossError, train  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="smoke", help=f"preset ({', '.join(list_presets())}) or a YAML file")
+    p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in train.out_dir) or a checkpoint path")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.epochs=10")
+    args = p.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+
+    try:
+        overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+        cfg = load_config(args.config, overrides)
+        if args.print_config:
+            print(to_yaml(cfg))
+            return 0
+        summary = train(cfg)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{summary['status']}: {summary['step']}/{summary['total_steps']} steps, run directory "
+          f"{summary['out_dir']}, last checkpoint {summary['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
