@@ -73,10 +73,9 @@ class DenseCL(nn.Module):
         cfg = getattr(cfg, "model", cfg)
         self.cfg = cfg
         trunk, c5_dim = resnet_trunk(cfg.arch)
-        self.encoder_q = Encoder(trunk, DenseCLNeck(c5_dim, cfg.hid_dim, cfg.out_dim))
-        self.encoder_k = copy.deepcopy(self.encoder_q)
+        self.encoder_q = convert_to_group_bn(Encoder(trunk, DenseCLNeck(c5_dim, cfg.hid_dim, cfg.out_dim)))
+        self.encoder_k = copy.deepcopy(self.encoder_q)  # BN over groups of images: see bn.py for why
         self.encoder_k.requires_grad_(False)
-        convert_to_group_bn(self)  # BN over groups of images; see bn.py for why
         self.bn_group_size = cfg.bn_group_size
         self.momentum = cfg.momentum
         self.temperature = cfg.temperature
