@@ -17,6 +17,9 @@ import kernels
 
 from .bn import convert_to_group_bn, set_bn_groups
 
+# Named ranges for the profiler (perf/): near-free when no profiler is running.
+stage = torch.profiler.record_function
+
 
 def resnet_trunk(arch: str) -> tuple[nn.Module, int]:
     """torchvision ResNet without avgpool/fc: image -> C5 map. Returns (trunk, C5 channels)."""
@@ -147,38 +150,44 @@ class DenseCL(nn.Module):
         n = im_q.shape[0]
         groups = self._bn_groups(n)
 
-        set_bn_groups(self.encoder_q, groups)
-        q_b, q, q_grid, _ = self._run_q(im_q)
-        q = F.normalize(q, dim=1)
-        q_grid = F.normalize(q_grid, dim=1)
+        with stage("query_forward"):
+            set_bn_groups(self.encoder_q, groups)
+            q_b, q, q_grid, _ = self._run_q(im_q)
+            q = F.normalize(q, dim=1)
+            q_grid = F.normalize(q_grid, dim=1)
 
         with torch.no_grad():
-            self.momentum_update()
-            # The key batch is shuffled before grouped BN, so no key shares its BN group with the
-            # query of the same image: the loss cannot be lowered through batch statistics.
-            set_bn_groups(self.encoder_k, groups)
-            perm = (torch.randperm(n, device=im_k.device, generator=self.shuffle_generator(im_k.device))
-                    if groups > 1 else None)
-            k_in = im_k[perm] if perm is not None else im_k
-            k_b, k, k_grid, k2 = self._run_k(k_in)
-            if perm is not None:
-                inv = torch.argsort(perm)
-                k_b, k, k_grid, k2 = k_b[inv], k[inv], k_grid[inv], k2[inv]
-            k = F.normalize(k, dim=1)
-            k_grid = F.normalize(k_grid, dim=1)
-            k2 = F.normalize(k2, dim=1)
+            with stage("momentum_update"):
+                self.momentum_update()
+            with stage("key_forward"):
+                # The key batch is shuffled before grouped BN, so no key shares its BN group with the
+                # query of the same image: the loss cannot be lowered through batch statistics.
+                set_bn_groups(self.encoder_k, groups)
+                perm = (torch.randperm(n, device=im_k.device, generator=self.shuffle_generator(im_k.device))
+                        if groups > 1 else None)
+                k_in = im_k[perm] if perm is not None else im_k
+                k_b, k, k_grid, k2 = self._run_k(k_in)
+                if perm is not None:
+                    inv = torch.argsort(perm)
+                    k_b, k, k_grid, k2 = k_b[inv], k[inv], k_grid[inv], k2[inv]
+                k = F.normalize(k, dim=1)
+                k_grid = F.normalize(k_grid, dim=1)
+                k2 = F.normalize(k2, dim=1)
 
         # Clones: the queues are overwritten in place by the enqueue below, before backward.
         queue, queue2 = self.queue.clone(), self.queue2.clone()
-        l_pos = (q * k.to(q.dtype)).sum(1)
-        loss_single = kernels.queue_infonce(q, l_pos, queue, self.temperature)
-
-        l_pos_dense, _ = kernels.dense_positive_logits(q_b, k_b, q_grid, k_grid.to(q_grid.dtype))
-        d = q_grid.shape[1]
-        loss_dense = kernels.queue_infonce(q_grid.transpose(1, 2).reshape(-1, d), l_pos_dense.reshape(-1),
-                                           queue2, self.temperature)
+        with stage("loss_global"):
+            l_pos = (q * k.to(q.dtype)).sum(1)
+            loss_single = kernels.queue_infonce(q, l_pos, queue, self.temperature)
+        with stage("matching"):
+            l_pos_dense, _ = kernels.dense_positive_logits(q_b, k_b, q_grid, k_grid.to(q_grid.dtype))
+        with stage("loss_dense"):
+            d = q_grid.shape[1]
+            loss_dense = kernels.queue_infonce(q_grid.transpose(1, 2).reshape(-1, d), l_pos_dense.reshape(-1),
+                                               queue2, self.temperature)
         loss = (1.0 - lam) * loss_single + lam * loss_dense
 
         if self.training:
-            self._enqueue(k, k2)
+            with stage("enqueue"):
+                self._enqueue(k, k2)
         return {"loss": loss, "loss_single": loss_single, "loss_dense": loss_dense}
