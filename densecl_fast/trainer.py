@@ -24,7 +24,7 @@ from . import checkpoint as ckpt_io
 from .config import Config, config_from_dict, config_to_dict, to_yaml
 from .data import DataError, build_loader, resolve_backend
 from .distributed import all_reduce_max, barrier, cleanup, init_distributed
-from .model import DenseCL
+from .model import DenseCL, stage
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,6 +45,34 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     return precision
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return nullcontext()
+
+
+def make_optimizer(model: DenseCL, optim_cfg, device: torch.device, base_lr: float) -> torch.optim.SGD:
+    """SGD over the query encoder only (the key encoder follows by momentum); one fused update."""
+    kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.SGD(model.encoder_q.parameters(), lr=base_lr, momentum=optim_cfg.momentum,
+                           weight_decay=optim_cfg.weight_decay, **kw)
+
+
+def train_step(model, optimizer, scaler, autocast, im_q, im_k, lr: float, lam: float) -> dict:
+    """One optimisation step; the trainer and perf/ both run exactly this."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast:
+        out = model(im_q, im_k, loss_lambda=lam)
+    optimizer.zero_grad(set_to_none=True)
+    with stage("backward"):
+        scaler.scale(out["loss"]).backward()
+    with stage("optimizer"):
+        scaler.step(optimizer)
+        scaler.update()
+    return out
 
 
 def check_compatible(saved: Config, cfg: Config, path: str) -> None:
@@ -118,12 +146,9 @@ def train(cfg: Config) -> dict:
     if t_cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     base_lr = o_cfg.lr * o_cfg.batch_size / 256
-    opt_kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=base_lr, momentum=o_cfg.momentum,
-                                weight_decay=o_cfg.weight_decay, **opt_kw)
+    optimizer = make_optimizer(model, o_cfg, device, base_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                if precision in ("bf16", "fp16") else nullcontext())
+    autocast = autocast_for(precision, device)
     warmup_steps = int(o_cfg.warmup_epochs * steps_per_epoch)
 
     # ---- resume ------------------------------------------------------------------------------------
@@ -197,16 +222,8 @@ def train(cfg: Config) -> dict:
             loader.set_epoch(epoch, start_step=start)
             for im_q, im_k in loader:
                 lr = lr_at(step, total_steps, base_lr, warmup_steps, o_cfg.min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
                 lam = 0.0 if step < cfg.model.dense_warmup_iters else cfg.model.loss_lambda
-
-                with autocast:
-                    out = model(im_q, im_k, loss_lambda=lam)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out["loss"]).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                out = train_step(model, optimizer, scaler, autocast, im_q, im_k, lr, lam)
                 step += 1
                 # Losses stay on the device until the log step: no host sync on every iteration.
                 window.append(torch.stack([out["loss"].detach(), out["loss_single"].detach(),
