@@ -1,11 +1,23 @@
 """Loss kernels of DenseCL: fused Triton implementations and their plain-PyTorch references.
 
-`dense_positive_logits` and `queue_infonce` are what the model calls. For now they are the
-references; the Triton kernels plug in behind these names (issue: fused Triton kernels).
+`dense_positive_logits` and `queue_infonce` are what the model calls; they dispatch to the
+Triton kernels (kernels/dense_match_triton.py, kernels/queue_infonce_triton.py) or to the references
+(kernels/reference.py, the ground truth) according to `set_backend` / DENSECL_KERNELS
+(see kernels/dispatch.py).
 """
+from .dispatch import (
+    BACKENDS,
+    ENV_VAR,
+    HAS_TRITON,
+    active_backend,
+    dense_positive_logits,
+    get_backend,
+    queue_infonce,
+    set_backend,
+)
 from .reference import dense_positive_logits_ref, queue_infonce_ref
 
-dense_positive_logits = dense_positive_logits_ref
-queue_infonce = queue_infonce_ref
-
-__all__ = ["dense_positive_logits", "queue_infonce", "dense_positive_logits_ref", "queue_infonce_ref"]
+__all__ = [
+    "dense_positive_logits", "queue_infonce", "dense_positive_logits_ref", "queue_infonce_ref",
+    "set_backend", "get_backend", "active_backend", "BACKENDS", "ENV_VAR", "HAS_TRITON",
+]

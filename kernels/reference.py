@@ -16,7 +16,10 @@ def dense_positive_logits_ref(q_b, k_b, q_grid, k_grid):
     j* = argmax_j cos(q_b[:, :, i], k_b[:, :, j]) (first index on ties, like torch.max) and
     q_grid[:, :, i] . k_grid[:, :, j*]. Gradient flows to q_grid only.
     """
-    with torch.no_grad():
+    # Autocast off: under AMP, bmm would otherwise run in bf16 and the argmax would compare
+    # similarities rounded to ~3 significant digits, turning near-ties into ties that all go to
+    # the lowest index. The comparison is meant to be in fp32 (hence the .float()).
+    with torch.no_grad(), torch.autocast(q_b.device.type, enabled=False):
         qn = F.normalize(q_b.float(), dim=1)
         kn = F.normalize(k_b.float(), dim=1)
         sim = torch.bmm(qn.transpose(1, 2), kn)  # N x S^2(query) x S^2(key)

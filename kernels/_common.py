@@ -1,0 +1,87 @@
+"""Bits shared by the Triton kernels: interpreter detection and dot-precision choice.
+
+Only imported when Triton is importable (see kernels/__init__.py).
+"""
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, so the value at import time is the
+# one that decides whether the kernels in this package run through the numpy interpreter.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+# Dtypes the kernels accept. tl.dot accumulates in fp32 for all three.
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """x.to(dtype), rounding to nearest-even as the GPU does. The interpreter (triton 3.8)
+    truncates fp32 -> bf16 instead, which doubles and biases the rounding error; there the
+    rounding is done by hand on the bits (add half an ulp, ties to even, drop 16 bits).
+    Nested ifs with one return: older Triton rejects chained `and` and early returns."""
+    if INTERPRET:
+        if (dtype == tl.bfloat16) & (x.dtype == tl.float32):
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            y = bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+        else:
+            y = x.to(dtype)
+    else:
+        y = x.to(dtype)
+    return y
+
+
+def can_run_on(device: torch.device) -> bool:
+    """Whether a Triton kernel can be launched on tensors living on `device`."""
+    if device.type == "cuda":
+        return True
+    return INTERPRET and device.type == "cpu"
+
+
+def upcast_for_interpreter(*dtypes: torch.dtype) -> bool:
+    """The interpreter (triton 3.8) stores bf16 as uint16 and hands it to numpy.matmul as
+    integers, so tl.dot on bf16 tiles returns garbage there. Kernels take this flag as a
+    constexpr and convert bf16 tiles to fp32 right before tl.dot (values are exact in fp32,
+    and the kernels round wherever the GPU path would, so numerics stay comparable)."""
+    return INTERPRET and any(d == torch.bfloat16 for d in dtypes)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """input_precision for tl.dot on tiles of `dtype` (only fp32 tiles care).
+
+    fp32 follows torch's own setting for matmuls, so the fused and the reference paths agree on
+    what "fp32" means: "highest" (torch's default) gets "tf32x3", three TF32 tensor-core
+    products that recover ~fp32 accuracy (plain "ieee" falls back to FMA loops that spill
+    registers badly at these tile sizes); "high"/"medium" get single-pass TF32. ROCm only
+    accepts "ieee"."""
+    if torch.version.hip is not None:
+        return "ieee"
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "tf32x3"
+    return "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def device_guard(device: torch.device):
+    """Triton launches on the current CUDA device; make that the tensors' device."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def autotune_configs(gpu_configs, interpreter_config):
+    """Autotuning several configs needs a GPU to time them (it fails under the interpreter
+    without a driver), so the interpreter gets exactly one config, which skips benchmarking."""
+    return [interpreter_config] if INTERPRET else gpu_configs
+
+
+next_power_of_2 = triton.next_power_of_2
