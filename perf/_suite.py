@@ -1,0 +1,708 @@
+"""The variant runner behind perf/profile.py (see its --help for the user-facing description).
+
+Every variant runs the trainer's own `train_step` on a `DenseCL` built from the config, so what is
+timed is what `launch/pretrain.py` runs. Variants are independent and fail soft: an exception
+(compile error, OOM, missing loader) is recorded with its message and the suite moves on.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import gc
+import importlib.util
+import math
+import os
+import shlex
+import signal
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from typing import List, Optional
+
+import torch
+
+import kernels
+from densecl_fast.config import load_config, validate
+from densecl_fast.model import DenseCL
+from densecl_fast.trainer import autocast_for, make_optimizer, train_step
+
+from . import _report
+from ._jpegs import ensure_jpeg_folder
+from ._variants import Variant, default_variants, fit_plan
+from ._measure import (STAGES, StageClock, count_step_flops, environment, marks_for, measure_matmul_tflops,
+                       patch_stages, process_peak_rss_bytes)
+
+OUTPUT_RESERVE_S = 5.0   # kept back from the budget for writing the JSON, markdown and plots
+
+
+class Skip(Exception):
+    """A variant that cannot run here (no CUDA, no DALI, no budget): recorded as skipped."""
+
+
+class Budget:
+    def __init__(self, seconds: float, t0: float):
+        self.seconds = seconds if seconds and seconds > 0 else math.inf
+        self.t0 = t0
+
+    def spent(self) -> float:
+        return time.monotonic() - self.t0
+
+    def left(self) -> float:
+        return self.seconds - self.spent()
+
+
+# ---- data sources --------------------------------------------------------------------------------
+
+class SyntheticSource:
+    """Two fixed image pairs already on the device: no data cost at all."""
+    wraps = 0
+
+    def __init__(self, batch, size, device, channels_last, seed):
+        g = torch.Generator().manual_seed(seed)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.pairs = [tuple(torch.randn(batch, 3, size, size, generator=g).to(device, memory_format=fmt)
+                            for _ in range(2)) for _ in range(2)]
+        self.i = 0
+
+    def next(self):
+        self.i += 1
+        return self.pairs[self.i % 2]
+
+    def close(self):
+        self.pairs = []
+
+
+class LoaderSource:
+    """A two-view loader read step by step; crosses epoch boundaries (counted in `wraps`)."""
+
+    def __init__(self, loader):
+        self.loader, self.epoch, self.wraps = loader, 0, 0
+        loader.set_epoch(0)
+        self.it = iter(loader)
+
+    def next(self):
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.epoch += 1
+            self.wraps += 1
+            self.loader.set_epoch(self.epoch)
+            self.it = iter(self.loader)
+            return next(self.it)
+
+    def close(self):
+        if self.it is not None and hasattr(self.it, "close"):
+            with contextlib.suppress(Exception):
+                self.it.close()       # a generator: runs its clean-up (DALI: abandon the epoch)
+        self.it = None
+        for name in ("close", "shutdown"):
+            fn = getattr(self.loader, name, None)
+            if callable(fn):
+                with contextlib.suppress(Exception):
+                    fn()
+                break
+        self.loader = None
+
+
+def loader_unavailable(backend: str) -> Optional[str]:
+    from densecl_fast.data import dali_available
+    mod = {"torch": "densecl_fast.data.torch_loader", "dali": "densecl_fast.data.dali_loader"}[backend]
+    try:
+        found = importlib.util.find_spec(mod) is not None
+    except Exception as e:  # noqa: BLE001
+        return f"{mod} cannot be imported ({type(e).__name__}: {e})"
+    if not found:
+        return f"{mod.replace('.', '/')}.py is not in this checkout"
+    if backend == "dali" and not dali_available():
+        return "NVIDIA DALI is not installed (pip install -e .[dali])"
+    return None
+
+
+@contextlib.contextmanager
+def kernels_backend(fused: bool, device: torch.device):
+    """Select fused (triton) or reference loss kernels for one variant; restore afterwards."""
+    if not hasattr(kernels, "set_backend"):
+        if fused:
+            raise Skip("fused kernels: not available (kernels.set_backend is missing in this checkout)")
+        yield "reference (no backend switch in kernels)"
+        return
+    prev = kernels.get_backend() if hasattr(kernels, "get_backend") else "auto"
+    want = "triton" if fused else "reference"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = kernels.set_backend(want)
+        if got is not None and got != want:
+            raise Skip(f"kernels backend {want!r} requested but {got!r} is in effect (DENSECL_KERNELS is set)")
+        try:
+            active = kernels.active_backend(device) if hasattr(kernels, "active_backend") else want
+        except RuntimeError as e:
+            raise Skip(f"fused kernels: not available ({e})") from e
+        if fused and active == "reference":
+            raise Skip("fused kernels: not available (active backend is the reference)")
+        yield active
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kernels.set_backend(prev)
+
+
+def fused_kernels_status(device) -> str:
+    if not hasattr(kernels, "set_backend"):
+        return "not available (kernels.set_backend missing)"
+    if device.type != "cuda":
+        return "not measured (CUDA only)"
+    if not getattr(kernels, "HAS_TRITON", True):
+        return "not available (Triton not importable)"
+    return "available"
+
+
+# ---- the suite -----------------------------------------------------------------------------------
+
+class Suite:
+    def __init__(self, args, argv, t0):
+        self.args = args
+        self.say = (lambda *a: None) if args.quiet else (lambda *a: print("[profile]", *a, flush=True))
+        self.budget = Budget(args.budget_seconds, t0)
+        self.device = resolve_device(args.device)
+        cfg_name = args.config or ("densecl_r50_200e_in1k" if self.device.type == "cuda" else "smoke")
+        self.cfg = load_config(cfg_name, list(args.overrides))
+        self.cfg_name = cfg_name
+        self.batch = self.cfg.optim.batch_size
+        self.image_size = self.cfg.data.image_size
+        self.marks = marks_for(self.device)
+        self.workers = args.workers if args.workers is not None else min(16, os.cpu_count() or 1)
+        self.variants = select_variants(args)
+        self.records: List[dict] = []
+        self._model = None           # (key, model, optimizer, scaler) reused by variants with the same key
+        self.jpegs = None
+        self.est = {"build_s": 3.0 if self.device.type == "cuda" else 1.0,
+                    "compile_s": args.compile_estimate_s if args.compile_estimate_s is not None
+                    else (120.0 if self.device.type == "cuda" else 90.0),
+                    "per_image_s": None, "loader_start_s": 5.0}
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise SystemExit(f"error: --out {args.out} exists and is not a folder")
+        os.makedirs(args.out, exist_ok=True)
+        self.results = {
+            "meta": {
+                "tool": "perf/profile.py",
+                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "command": "python perf/profile.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+                "config": cfg_name, "arch": self.cfg.model.arch, "batch": self.batch,
+                "image_size": self.image_size, "queue_len": self.cfg.model.queue_len,
+                "bn_group_size": self.cfg.model.bn_group_size, "timing": self.marks.kind,
+                "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats,
+                "budget_seconds": args.budget_seconds, "workers": self.workers,
+                "fused_kernels": fused_kernels_status(self.device), "data": None,
+                "cuda": self.device.type == "cuda",
+                "note": None if self.device.type == "cuda" else
+                "CPU run: small shapes, CUDA-only variants skipped; not a GPU speed claim",
+            },
+            "environment": {}, "peak": None, "flops": None, "variants": [], "projection": None, "goal": None,
+        }
+
+    # -- bookkeeping
+    def save(self, plots=False):
+        r = self.results
+        r["variants"] = self.records
+        r["projection"] = _report.projection(self.records, self.args.gpus, self.args.scaling_efficiency,
+                                             self.args.dataset_images, self.args.epochs)
+        r["goal"] = _report.goal_verdict(self.records, r["environment"].get("device_name", ""),
+                                         self.batch, self.image_size)
+        r["meta"]["seconds"] = self.budget.spent()
+        _report.write_json(os.path.join(self.args.out, "results.json"), r)
+        with open(os.path.join(self.args.out, "results.md"), "w") as f:
+            f.write(_report.markdown(r))
+        if plots and not self.args.no_plots:
+            try:
+                r["plots"] = _report.write_plots(r, self.args.out)
+            except Exception as e:  # noqa: BLE001 -- plots are a convenience; the JSON is the record
+                self.say(f"plots failed: {type(e).__name__}: {e}")
+                r["plots_error"] = f"{type(e).__name__}: {e}"
+            _report.write_json(os.path.join(self.args.out, "results.json"), r)
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -- set-up measurements
+    def measure_setup(self):
+        self.results["environment"] = environment(self.device)
+        dev = self.results["environment"]["device_name"]
+        self.say(f"device {dev} | config {self.cfg_name} ({self.cfg.model.arch}, batch {self.batch}, "
+                 f"{self.image_size} px) | budget {self.args.budget_seconds or 'unlimited'} s | out {self.args.out}")
+        if self.args.peak_tflops:
+            self.results["peak"] = {"tflops": self.args.peak_tflops, "source": "given (--peak-tflops)",
+                                    "what": "bf16 matmul", "method": None}
+        else:
+            try:
+                self.results["peak"] = measure_matmul_tflops(self.device, max_seconds=min(15.0, max(1.0, self.budget.left() / 20)))
+            except Exception as e:  # noqa: BLE001
+                self.results["peak"] = {"tflops": None, "source": "failed", "what": "", "method": f"{type(e).__name__}: {e}"}
+        p = self.results["peak"]
+        self.say(f"ceiling: {_report._tf(p['tflops'])} TFLOP/s {p['what']} ({p['source']})")
+        try:
+            self.results["flops"] = count_step_flops(self.cfg.model, self.batch, self.image_size,
+                                                     fallback_device=self.device)
+            self.say(f"FLOPs: {self.results['flops']['per_image'] / 1e9:,.2f} GFLOP per image per step "
+                     f"({self.results['flops']['method']})")
+        except Exception as e:  # noqa: BLE001
+            self.results["flops"] = {"per_image": None, "error": f"{type(e).__name__}: {e}"}
+            self.say(f"FLOP count failed: {e}")
+
+    # -- model cache
+    def drop_model(self):
+        if self._model is None:
+            return
+        key = self._model[0]
+        self._model = None
+        gc.collect()
+        if key[4]:  # compiled: forget its graphs too (fresh models would pile up recompiles)
+            with contextlib.suppress(Exception):
+                torch._dynamo.reset()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def get_model(self, s: dict):
+        key = (s["batch"], s["bn_group_size"], s["precision"], s["channels_last"], s["compile"], self.args.compile_mode)
+        if self._model is not None and self._model[0] == key:
+            return self._model[1:], True
+        self.drop_model()
+        cfg = copy.deepcopy(self.cfg)
+        cfg.optim.batch_size = s["batch"]
+        cfg.model.bn_group_size = s["bn_group_size"]
+        validate(cfg)
+        t = time.perf_counter()
+        torch.manual_seed(self.args.seed)
+        model = DenseCL(cfg.model).to(self.device)
+        if s["channels_last"]:
+            model.to(memory_format=torch.channels_last)
+        optimizer = make_optimizer(model, cfg.optim, self.device, cfg.optim.lr * s["batch"] / 256)
+        if s["compile"]:
+            mode = None if self.args.compile_mode == "default" else self.args.compile_mode
+            model.set_runners(torch.compile(model.encoder_q, mode=mode), torch.compile(model.encoder_k, mode=mode))
+        model.train()
+        scaler = torch.amp.GradScaler(self.device.type, enabled=False)
+        self.est["build_s"] = time.perf_counter() - t + 0.5
+        self._model = (key, model, optimizer, scaler)
+        return self._model[1:], False
+
+    # -- settings and estimates
+    def settings_for(self, v: Variant) -> dict:
+        s = {"batch": v.batch or self.batch,
+             "bn_group_size": self.cfg.model.bn_group_size if v.bn_group_size is None else v.bn_group_size,
+             "precision": v.precision, "channels_last": v.channels_last, "compile": v.compile, "fused": v.fused,
+             "data": v.data}
+        if v.inherit:
+            cands = [r for r in self.records if r["status"] == "ok" and r["settings"]["data"] == "synthetic"
+                     and r["settings"]["batch"] == self.batch]
+            if cands:
+                best = max(cands, key=lambda r: r["images_per_s"]["median"])
+                s.update({k: best["settings"][k] for k in ("precision", "channels_last", "compile", "fused",
+                                                          "bn_group_size")})
+                s["settings_from"] = best["name"]
+            else:
+                s.update({"precision": "bf16", "channels_last": True, "compile": True,
+                          "fused": self.device.type == "cuda" and hasattr(kernels, "set_backend")})
+                s["settings_from"] = "default full stack (no model-only variant at this batch succeeded in this run)"
+        return s
+
+    def step_estimate(self, s):
+        return (self.est["per_image_s"] or 0.0) * s["batch"] * (2.0 if s["precision"] == "fp32" else 1.0)
+
+    def min_cost(self, s, compiled_ready=False) -> float:
+        cached = self._model is not None and self._model[0][:5] == (s["batch"], s["bn_group_size"], s["precision"],
+                                                                     s["channels_last"], s["compile"])
+        c = 0.0 if cached else self.est["build_s"]
+        if s["compile"] and not cached and not compiled_ready:
+            c += self.est["compile_s"]
+        c += (2 if s["compile"] else 1) * self.step_estimate(s) + self.step_estimate(s)
+        if s["data"] != "synthetic":
+            c += self.est["loader_start_s"] + 3 * self.step_estimate(s)
+            if self.jpegs is None and not self.args.data_dir:
+                c += self.data_images_needed(s) * 0.02 / max(1, self.workers) + 1.0
+        return c
+
+    def reserve_after(self, index: int) -> float:
+        """Time kept for the variants after `index`: the minimum cost of each that can still fit
+        (one that cannot will be skipped anyway and must not starve the ones before it)."""
+        return self._rest(index)[0]
+
+    def _rest(self, index: int):
+        """(minimum cost, count) of the later variants that can still fit."""
+        avail = self.budget.left() - OUTPUT_RESERVE_S
+        total, count, compile_counted = 0.0, 0, False
+        for v in self.variants[index + 1:]:
+            if v.cuda_only and self.device.type != "cuda":
+                continue
+            s = self.settings_for(v)
+            c = self.min_cost(s, compiled_ready=compile_counted)
+            if total + c <= avail:
+                total += c
+                count += 1
+                compile_counted = compile_counted or s["compile"]
+        return total, count
+
+    def deadline_for(self, index: int, s: dict, extra: float = 0.0) -> float:
+        """When this variant should end (perf_counter time): its fixed cost (build, compile) plus a fair
+        share of what the budget leaves after the minimum of every later variant that still fits."""
+        if not math.isfinite(self.budget.left()):
+            return math.inf
+        rest, n_rest = self._rest(index)
+        own = self.min_cost(s) + extra
+        spare = max(0.0, self.budget.left() - OUTPUT_RESERVE_S - rest - own)
+        return time.perf_counter() + own + spare / (1 + n_rest)
+
+    def data_plan(self, s):
+        """(warm-up steps, timed steps per repeat, repeats) of a variant."""
+        a = self.args
+        warm, steps, repeats = a.warmup, a.steps, a.repeats
+        if s["data"] == "torch":   # workers deliver whole batches in bursts: one round to fill, two per repeat
+            warm, steps = max(warm, self.workers + 1), max(steps, 2 * self.workers)
+            repeats = min(repeats, 3)
+        elif s["data"] == "dali":
+            warm = max(warm, 3)
+        if s["compile"]:
+            warm = max(warm, 2)
+        return warm, steps, repeats
+
+    def data_images_needed(self, s):
+        if self.args.data_images:
+            return self.args.data_images
+        warm, steps, repeats = self.data_plan(s)
+        return (warm + steps * repeats + self.args.trace_steps + 4) * s["batch"]
+
+    def make_source(self, s, notes):
+        if s["data"] == "synthetic":
+            return SyntheticSource(s["batch"], self.image_size, self.device, s["channels_last"], self.args.seed)
+        why = loader_unavailable(s["data"])
+        if why:
+            raise Skip(why)
+        from densecl_fast.data import build_loader
+        folder = self.args.data_dir
+        if not folder:
+            need = max(self.data_images_needed(s), s["batch"])
+            if self.jpegs is None or self.jpegs["count"] < need:
+                w, h = self.args.data_resolution
+                self.say(f"  generating {need:,} JPEGs {w}x{h} in {self.args.data_cache} ...")
+                self.jpegs = ensure_jpeg_folder(self.args.data_cache, need, w, h, workers=max(1, self.workers))
+                self.say(f"  JPEG folder {self.jpegs['path']} ({'made' if self.jpegs['generated'] else 'reused'} "
+                         f"in {self.jpegs['seconds']:.1f} s)")
+            folder = self.jpegs["path"]
+            self.results["meta"]["data"] = (f"generated JPEGs {self.jpegs['width']}x{self.jpegs['height']} q90 "
+                                            f"({self.jpegs['distinct']} distinct, {self.jpegs['count']:,} files), "
+                                            f"{self.workers} workers/threads")
+        else:
+            self.results["meta"]["data"] = f"folder {folder}, {self.workers} workers/threads"
+        dcfg = copy.deepcopy(self.cfg.data)
+        dcfg.source, dcfg.backend, dcfg.num_workers = folder, s["data"], self.workers
+        loader = build_loader(dcfg, batch_size=s["batch"], rank=0, world_size=1, device=self.device,
+                              seed=self.args.seed, channels_last=s["channels_last"])
+        notes.append(f"data: {folder}, {len(loader)} steps per epoch, {self.workers} workers/threads")
+        if s["data"] == "dali" and self.device.type != "cuda":
+            notes.append("DALI on the CPU (CPU decoding): not the GPU pipeline the goal is about")
+        return LoaderSource(loader)
+
+    # -- one variant
+    def run_variant(self, index: int, v: Variant) -> dict:
+        n = len(self.variants)
+        tag = f"{index + 1}/{n} {v.name}"
+        s = self.settings_for(v)
+        rec = {"name": v.name, "title": v.title, "status": None, "settings": s, "data": s["data"], "notes": []}
+        t_start = time.monotonic()
+        try:
+            if v.cuda_only and self.device.type != "cuda":
+                raise Skip("needs CUDA (not run on the CPU)")
+            if s["fused"] and self.device.type != "cuda":
+                raise Skip("fused Triton kernels need CUDA")
+            if s["data"] != "synthetic":
+                why = loader_unavailable(s["data"])
+                if why:
+                    raise Skip(why)
+            need = self.min_cost(s)
+            left = self.budget.left() - OUTPUT_RESERVE_S
+            if left < need:
+                raise Skip(f"budget (needs ~{need:.0f} s, {max(0.0, left):.0f} s left)")
+            self.say(f"{tag}: start: {_report.settings_text(rec)}"
+                     + (f" (settings of {s['settings_from']})" if "settings_from" in s else "")
+                     + (f" | budget left {self.budget.left():.0f} s" if math.isfinite(self.budget.left()) else ""))
+            with kernels_backend(s["fused"], self.device) as active:
+                rec["kernels_active"] = active
+                self._measure(index, v, s, rec)
+            rec["status"] = "ok"
+            ips = rec["images_per_s"]
+            self.say(f"{tag}: done: {ips['median']:,.1f} images/s (min {ips['min']:,.1f}, max {ips['max']:,.1f}), "
+                     f"{rec['step_ms']:,.1f} ms/step"
+                     + (f", peak {rec['peak_memory_gib']:.1f} GiB" if rec.get("peak_memory_gib") is not None else "")
+                     + (f", MFU {rec['mfu']:.1%}" if rec.get("mfu") is not None else "")
+                     + f" [{time.monotonic() - t_start:.0f} s]")
+        except Skip as e:
+            rec.update(status="skipped", reason=str(e))
+            self.say(f"{tag}: skipped: {e}")
+        except KeyboardInterrupt:
+            rec.update(status="failed", error="interrupted")
+            self.drop_model()
+            raise
+        except Exception as e:  # noqa: BLE001 -- fail soft: record and go on
+            rec.update(status="failed", error=f"{type(e).__name__}: {e}".strip()[:2000],
+                       traceback=traceback.format_exc(limit=12)[-4000:])
+            self.say(f"{tag}: FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+            self.drop_model()   # its state may be broken (OOM mid-step, failed compile)
+        finally:
+            rec["seconds"] = time.monotonic() - t_start
+            gc.collect()
+            if self.device.type == "cuda":
+                with contextlib.suppress(Exception):
+                    torch.cuda.empty_cache()
+        return rec
+
+    def _measure(self, index, v, s, rec):
+        a, dev = self.args, self.device
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        (model, optimizer, scaler), reused = self.get_model(s)
+        rec["model_reused"] = reused
+        autocast = autocast_for(s["precision"], dev)
+        lr = self.cfg.optim.lr * s["batch"] / 256
+        lam = self.cfg.model.loss_lambda
+        source = self.make_source(s, rec["notes"])
+        clock = StageClock(self.marks)
+        host_wait = []
+        out = None
+
+        def one_step(measure: bool):
+            nonlocal out
+            if measure:
+                clock.begin_step()
+            with clock.stage("data_wait"):
+                t = time.perf_counter()
+                im_q, im_k = source.next()
+                if measure:
+                    host_wait.append(time.perf_counter() - t)
+            out = train_step(model, optimizer, scaler, autocast, im_q, im_k, lr, lam)
+            if measure:
+                clock.end_step()
+
+        try:
+            with patch_stages(clock):
+                # warm-up (the first step compiles, when compiled)
+                warm, steps, want_repeats = self.data_plan(s)
+                if s["compile"] and not reused:
+                    self.say("  compiling (first step) ...")
+                reserve = self.reserve_after(index) + OUTPUT_RESERVE_S
+                deadline = self.deadline_for(index, s, self.est["compile_s"] if s["compile"] and not reused else 0.0)
+
+                def time_left():   # for this variant: its fair share, never eating into the later ones
+                    return min(deadline - time.perf_counter(), self.budget.left() - reserve)
+
+                t = time.perf_counter()
+                one_step(False)
+                self.sync()
+                first = time.perf_counter() - t
+                rec["first_step_s"] = first
+                warm_times = []
+                for i in range(1, warm):
+                    t = time.perf_counter()
+                    one_step(False)
+                    self.sync()
+                    warm_times.append(time.perf_counter() - t)
+                    if i >= 2 and time_left() < (warm_times[-1] * (steps + 2)):
+                        rec["notes"].append(f"warm-up cut to {i + 1} steps (budget)")
+                        break
+                step_s = statistics.median(warm_times[-3:]) if warm_times else first
+                rec["warmup_steps"] = 1 + len(warm_times)
+                if s["compile"] and not reused:
+                    self.est["compile_s"] = max(1.0, first - step_s)
+                    rec["compile_s"] = first - step_s
+                # timed repeats, scaled to the budget
+                plan = fit_plan(step_s, time_left(), steps, want_repeats)
+                if plan is None:   # not one step in its share: one step if the whole budget allows it
+                    plan = fit_plan(step_s, self.budget.left() - reserve, 1, 1)
+                if plan is None:
+                    raise Skip(f"budget (a step takes {step_s:.1f} s, {max(0.0, self.budget.left() - reserve):.0f} s "
+                               "left for this variant)")
+                if plan != (steps, want_repeats):
+                    rec["notes"].append(f"timed {plan[0]} steps x {plan[1]} repeats instead of "
+                                        f"{steps} x {want_repeats} (budget)")
+                elif (steps, want_repeats) != (a.steps, a.repeats):
+                    rec["notes"].append(f"timed {steps} steps x {want_repeats} repeats, warm-up {warm} "
+                                        "(data variant: covers the loader's start-up and bursts)")
+                steps, repeats = plan
+                self.say(f"  warm-up {rec['warmup_steps']} steps (first {first:.2f} s, then {step_s * 1e3:,.1f} ms); "
+                         f"timing {repeats} x {steps} steps")
+                wraps0 = source.wraps
+                per_repeat = []
+                for r in range(repeats):
+                    self.sync()
+                    t = time.perf_counter()
+                    for _ in range(steps):
+                        one_step(True)
+                    self.sync()
+                    per_repeat.append(steps * s["batch"] / (time.perf_counter() - t))
+                    if r + 1 < repeats and time_left() < (time.perf_counter() - t) * 0.5:
+                        rec["notes"].append(f"stopped after {r + 1} of {repeats} repeats (budget)")
+                        break
+                if source.wraps > wraps0:
+                    rec["notes"].append(f"the loader crossed {source.wraps - wraps0} epoch boundaries while timed")
+                loss = float(out["loss"].detach().float())
+                rec["final_loss"] = loss
+                if not math.isfinite(loss):
+                    rec["notes"].append(f"loss is {loss} (timing is still valid; the run would have stopped)")
+                summ = clock.summary()
+                # the Chrome trace: a few steps under the PyTorch profiler
+                if a.trace and a.trace_steps > 0 and (not a.trace_variants or v.name in a.trace_variants.split(",")):
+                    self._trace(v, one_step, step_s, reserve, rec)
+        finally:
+            source.close()
+            del source
+
+        med = statistics.median(per_repeat)
+        rec["repeats_images_per_s"] = per_repeat
+        rec["images_per_s"] = {"median": med, "min": min(per_repeat), "max": max(per_repeat),
+                               "spread_pct": 100.0 * (max(per_repeat) - min(per_repeat)) / 2 / med,
+                               "stdev": statistics.stdev(per_repeat) if len(per_repeat) > 1 else 0.0,
+                               "repeats": len(per_repeat)}
+        rec["steps"], rec["repeats"] = steps, len(per_repeat)
+        rec["step_ms"] = 1e3 * s["batch"] / med
+        rec["stages_ms"] = {k: 1e3 * val for k, val in summ["stages"].items()}
+        rec["stages_ms"]["other"] = 1e3 * summ["other"]
+        rec["stage_step_ms"] = 1e3 * summ["step"]
+        if summ["nested"]:
+            rec["nested_stages_ms"] = {k: 1e3 * val for k, val in summ["nested"].items()}
+        missing = [st for st in STAGES if st not in summ["stages"]]
+        if missing:
+            rec["notes"].append("stage ranges not seen: " + ", ".join(missing))
+        rec["data_wait_host_ms"] = 1e3 * statistics.mean(host_wait) if host_wait else None
+        if dev.type == "cuda":
+            rec["peak_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+            rec["peak_reserved_gib"] = torch.cuda.max_memory_reserved(dev) / 2**30
+        else:
+            rss = process_peak_rss_bytes()
+            rec["peak_memory_gib"] = None
+            rec["process_peak_rss_gib"] = rss / 2**30 if rss else None
+        fl = (self.results.get("flops") or {}).get("per_image")
+        peak = (self.results.get("peak") or {}).get("tflops")
+        if fl:
+            rec["tflops"] = fl * med / 1e12
+            rec["mfu"] = rec["tflops"] / peak if peak else None
+            if rec["mfu"] and rec["mfu"] > 1.0:
+                rec["notes"].append("MFU above 100%: the measured ceiling is too low (a busy machine while it was "
+                                    "measured?); pass --peak-tflops")
+        per_image = 1.0 / med * (0.5 if s["precision"] == "fp32" else 1.0)
+        self.est["per_image_s"] = max(self.est["per_image_s"] or 0.0, per_image)
+
+    def _trace(self, v, one_step, step_s, reserve, rec):
+        a = self.args
+        if self.budget.left() - reserve < step_s * a.trace_steps * 4 + 5:
+            rec["notes"].append("trace skipped (budget)")
+            return
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        try:
+            with profile(activities=acts) as prof:
+                for _ in range(a.trace_steps):
+                    one_step(False)
+                self.sync()
+            path = os.path.join(a.out, f"trace_{v.name}.json.gz")
+            prof.export_chrome_trace(path)
+            rec["trace"] = path
+        except Exception as e:  # noqa: BLE001
+            rec["notes"].append(f"trace failed: {type(e).__name__}: {e}")
+
+    # -- all of it
+    def run(self) -> int:
+        interrupted = False
+        try:
+            self.measure_setup()
+        except KeyboardInterrupt:
+            interrupted = True
+            self.say("interrupted during set-up; writing what was measured")
+        self.save()
+        for i, v in enumerate(self.variants):
+            if interrupted:
+                self.records.append({"name": v.name, "title": v.title, "status": "skipped", "reason": "interrupted",
+                                     "settings": self.settings_for(v), "data": v.data, "notes": []})
+                continue
+            try:
+                rec = self.run_variant(i, v)
+            except KeyboardInterrupt:
+                interrupted = True
+                rec = {"name": v.name, "title": v.title, "status": "failed", "error": "interrupted",
+                       "settings": self.settings_for(v), "data": v.data, "notes": []}
+                self.say(f"{v.name}: interrupted; writing what was measured")
+            self.records.append(rec)
+            self.save()
+        self.drop_model()
+        self.save(plots=True)
+        ok = [r for r in self.records if r["status"] == "ok"]
+        self.print_summary()
+        if interrupted:
+            return 130
+        return 0 if ok else 1
+
+    def print_summary(self):
+        if self.args.quiet:
+            return
+        r = self.results
+        print("\n" + _report.markdown(r), flush=True)
+        print(f"[profile] wrote {os.path.join(self.args.out, 'results.json')}, results.md"
+              + ("" if self.args.no_plots else ", throughput.png, stages.png")
+              + f" in {self.budget.spent():.0f} s", flush=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is visible")
+    return torch.device(name)
+
+
+def select_variants(args) -> List[Variant]:
+    allv = default_variants(args.baseline_batch)
+    names = [v.name for v in allv]
+    chosen = allv
+    if args.variants:
+        want = [x.strip() for x in args.variants.split(",") if x.strip()]
+        bad = [w for w in want if w not in names]
+        if bad:
+            raise SystemExit(f"error: unknown variant(s) {', '.join(bad)}; known: {', '.join(names)}")
+        chosen = [v for v in allv if v.name in want]
+    if args.skip:
+        drop = {x.strip() for x in args.skip.split(",") if x.strip()}
+        bad = drop - set(names)
+        if bad:
+            raise SystemExit(f"error: unknown variant(s) {', '.join(sorted(bad))}; known: {', '.join(names)}")
+        chosen = [v for v in chosen if v.name not in drop]
+    return chosen
+
+
+def run(args, argv=None, t0=None) -> int:
+    t0 = time.monotonic() if t0 is None else t0
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+    old = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    in_main = _in_main_thread()
+    if in_main:
+        signal.signal(signal.SIGTERM, on_term)
+    try:
+        suite = Suite(args, argv, t0)
+        return suite.run()
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _in_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+__all__ = ["Variant", "default_variants", "fit_plan", "run", "Suite", "Skip"]

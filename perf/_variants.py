@@ -1,0 +1,59 @@
+"""The variants of perf/profile.py and the budget arithmetic (no torch import: --help stays fast)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+
+@dataclass
+class Variant:
+    name: str
+    title: str
+    precision: str = "bf16"          # fp32 | bf16 (autocast)
+    channels_last: bool = True
+    compile: bool = False            # torch.compile the two encoders, as train.compile=true does
+    fused: bool = False              # fused Triton loss kernels (kernels.set_backend("triton"))
+    data: str = "synthetic"          # synthetic (tensors already on the device) | torch | dali
+    batch: Optional[int] = None      # None: the config's optim.batch_size
+    bn_group_size: Optional[int] = None  # None: the config's model.bn_group_size
+    cuda_only: bool = False
+    inherit: bool = False            # model settings of the fastest model-only variant at the config batch
+
+
+def default_variants(baseline_batch: int = 32) -> List[Variant]:
+    return [
+        Variant("mmselfsup_fp32_b32", f"mmselfsup-style step: eager fp32, NCHW, batch {baseline_batch} per GPU "
+                "(the seed's 8x32 recipe, per card), BN over the whole per-GPU batch",
+                precision="fp32", channels_last=False, batch=baseline_batch, bn_group_size=0),
+        Variant("eager_fp32", "eager fp32, NCHW, config batch", precision="fp32", channels_last=False),
+        Variant("eager_bf16_cl", "eager, bf16 autocast + channels-last"),
+        Variant("eager_bf16_cl_fused", "eager, bf16 + channels-last + fused Triton loss kernels",
+                fused=True, cuda_only=True),
+        Variant("compiled", "torch.compile'd encoders, bf16 + channels-last, reference kernels "
+                "(the compiled eager step)", compile=True),
+        Variant("compiled_fused", "torch.compile'd encoders, bf16 + channels-last + fused Triton loss kernels",
+                compile=True, fused=True, cuda_only=True),
+        Variant("e2e_torchvision", "end to end: fastest model-only setting of this run, fed by the "
+                "torchvision loader over JPEG files", data="torch", inherit=True),
+        Variant("e2e_dali", "end to end: fastest model-only setting of this run, fed by the DALI loader "
+                "over JPEG files (GPU decoding on CUDA; DALI's CPU graph on the CPU)", data="dali", inherit=True),
+    ]
+
+
+def fit_plan(step_s: float, avail_s: float, steps: int, repeats: int, min_repeats: int = 2):
+    """Timed (steps, repeats) that fit `avail_s` seconds at `step_s` per step: the request when it fits;
+    else fewer repeats (down to `min_repeats`), then fewer steps per repeat, then a single repeat.
+    None when not even one step fits."""
+    if step_s <= 0 or steps * repeats * step_s <= avail_s:
+        return steps, repeats
+    fits = int(avail_s // step_s)
+    if fits < 1:
+        return None
+    r = min(repeats, max(min_repeats, fits // steps))
+    if steps * r <= fits:
+        return steps, r
+    r = min(r, min_repeats)
+    s = fits // r
+    if s >= 1:
+        return s, r
+    return 1, fits

@@ -1,0 +1,188 @@
+"""perf/profile.py on the CPU: the CLI end to end, fail-soft variants, the budget, the FLOP count."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+from perf import _suite
+from perf._measure import STAGES, count_step_flops
+from perf._report import goal_verdict, projection, recipe_hours
+from perf._variants import fit_plan
+from perf.profile import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_TORCH_LOADER = importlib.util.find_spec("densecl_fast.data.torch_loader") is not None
+HAS_DALI = (importlib.util.find_spec("densecl_fast.data.dali_loader") is not None
+            and importlib.util.find_spec("nvidia.dali") is not None)
+
+# resnet18 at 32 px, batch 4, queue 32: a step is ~0.1 s on two cores.
+TINY = ["--device", "cpu", "--config", "smoke", "model.arch=resnet18", "model.hid_dim=32", "model.out_dim=16",
+        "model.queue_len=32", "data.image_size=32", "optim.batch_size=4", "model.bn_group_size=2",
+        "--baseline-batch", "4", "--warmup", "1", "--steps", "1", "--repeats", "2", "--workers", "0",
+        "--data-resolution", "64x48", "--quiet"]
+
+
+def run_cli(tmp_path, *extra):
+    out = tmp_path / "out"
+    rc = main(TINY + ["--out", str(out), "--data-cache", str(tmp_path / "cache")] + list(extra))
+    with open(out / "results.json") as f:
+        return rc, json.load(f), out
+
+
+def by_name(results):
+    return {v["name"]: v for v in results["variants"]}
+
+
+def test_help_is_fast_and_documents_the_options():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "perf", "profile.py"), "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for opt in ("--out", "--budget-seconds", "--peak-tflops", "--trace", "--variants", "--gpus"):
+        assert opt in r.stdout
+
+
+def test_cli_end_to_end_on_cpu(tmp_path):
+    rc, res, out = run_cli(tmp_path, "--variants",
+                           "mmselfsup_fp32_b32,eager_bf16_cl,compiled_fused,e2e_torchvision,e2e_dali",
+                           "--trace", "--trace-steps", "1")
+    assert rc == 0
+    for name in ("results.json", "results.md", "throughput.png", "stages.png"):
+        assert (out / name).stat().st_size > 0, name
+    for png in ("throughput.png", "stages.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert res["environment"]["device_name"].startswith("CPU")
+    assert res["environment"]["torch"] == torch.__version__
+    assert res["peak"]["source"] == "measured" and res["peak"]["tflops"] > 0
+    assert res["flops"]["per_image"] > 0 and "FlopCounterMode" in res["flops"]["method"]
+
+    v = by_name(res)
+    assert [x["name"] for x in res["variants"]] == ["mmselfsup_fp32_b32", "eager_bf16_cl", "compiled_fused",
+                                                      "e2e_torchvision", "e2e_dali"]
+    assert v["compiled_fused"]["status"] == "skipped" and "CUDA" in v["compiled_fused"]["reason"]
+    ran = (["mmselfsup_fp32_b32", "eager_bf16_cl"] + (["e2e_torchvision"] if HAS_TORCH_LOADER else [])
+           + (["e2e_dali"] if HAS_DALI else []))
+    if not HAS_DALI:
+        assert v["e2e_dali"]["status"] == "skipped"
+    for name in ran:
+        r = v[name]
+        assert r["status"] == "ok", r
+        ips = r["images_per_s"]
+        assert ips["repeats"] == 2 and len(r["repeats_images_per_s"]) == 2
+        assert 0 < ips["min"] <= ips["median"] <= ips["max"]
+        assert set(STAGES) <= set(r["stages_ms"]) and "other" in r["stages_ms"]
+        # the stages and "other" tile the step
+        assert math.isclose(sum(r["stages_ms"].values()), r["stage_step_ms"], rel_tol=1e-6)
+        assert r["tflops"] > 0 and r["mfu"] > 0
+        assert os.path.getsize(r["trace"]) > 0 and r["trace"].endswith(".json.gz")
+    assert v["mmselfsup_fp32_b32"]["settings"]["precision"] == "fp32"
+    assert v["eager_bf16_cl"]["settings"]["channels_last"] is True
+    for name, present in (("e2e_torchvision", HAS_TORCH_LOADER), ("e2e_dali", HAS_DALI)):
+        e2e = v[name]
+        if not present:
+            assert e2e["status"] == "skipped"
+            continue
+        # the end-to-end variants take the model settings of the fastest model-only variant
+        fastest = max((v[n] for n in ("mmselfsup_fp32_b32", "eager_bf16_cl")), key=lambda r: r["images_per_s"]["median"])
+        assert e2e["settings"]["settings_from"] == fastest["name"]
+        assert e2e["settings"]["precision"] == fastest["settings"]["precision"]
+        assert e2e["data_wait_host_ms"] is not None and e2e["stages_ms"]["data_wait"] >= 0
+
+    pr = res["projection"]
+    head = pr["headline"]
+    assert head["variant"] == ("e2e_dali" if HAS_DALI else "e2e_torchvision" if HAS_TORCH_LOADER else "eager_bf16_cl")
+    ips = head["images_per_s_per_gpu"]
+    assert math.isclose(head["hours"]["1"], 1_281_167 * 200 / ips / 3600)
+    assert math.isclose(head["hours"]["8"], head["hours"]["1"] / (8 * 0.9))
+    assert "assumption" in pr and "seed_recipe_8x32" in pr
+    assert res["goal"]["verdict"].startswith("not judged")
+
+    md = (out / "results.md").read_text()
+    for text in ("| variant |", "Where the milliseconds go", "Projection", "Goal", "skipped: needs CUDA"):
+        assert text in md
+
+
+def test_failing_variant_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
+    real = _suite.Suite.get_model
+
+    def get_model(self, s):
+        if s["precision"] == "fp32" and s["bn_group_size"] != 0:   # eager_fp32 only
+            raise RuntimeError("boom: injected failure")
+        return real(self, s)
+
+    monkeypatch.setattr(_suite.Suite, "get_model", get_model)
+    rc, res, out = run_cli(tmp_path, "--variants", "mmselfsup_fp32_b32,eager_fp32,eager_bf16_cl",
+                           "--peak-tflops", "1", "--no-plots")
+    assert rc == 0
+    v = by_name(res)
+    assert v["mmselfsup_fp32_b32"]["status"] == "ok"
+    assert v["eager_fp32"]["status"] == "failed"
+    assert "boom: injected failure" in v["eager_fp32"]["error"] and "Traceback" in v["eager_fp32"]["traceback"]
+    assert v["eager_bf16_cl"]["status"] == "ok"
+    assert res["peak"]["source"].startswith("given")
+    assert "failed: RuntimeError: boom" in (out / "results.md").read_text()
+
+
+def test_budget_skips_what_does_not_fit(tmp_path):
+    # A compile expected to take far longer than the budget: that variant is skipped, the others run.
+    rc, res, _ = run_cli(tmp_path, "--variants", "eager_bf16_cl,compiled", "--budget-seconds", "120",
+                         "--compile-estimate-s", "10000", "--peak-tflops", "1", "--no-plots")
+    assert rc == 0
+    v = by_name(res)
+    assert v["eager_bf16_cl"]["status"] == "ok"
+    assert v["compiled"]["status"] == "skipped" and v["compiled"]["reason"].startswith("budget")
+
+
+def test_budget_exhausted_skips_everything_and_still_writes(tmp_path):
+    rc, res, out = run_cli(tmp_path, "--variants", "eager_fp32,eager_bf16_cl", "--budget-seconds", "0.001",
+                           "--peak-tflops", "1")
+    assert rc == 1   # nothing measured
+    assert all(x["status"] == "skipped" and "budget" in x["reason"] for x in res["variants"])
+    assert (out / "results.md").exists() and (out / "throughput.png").exists()
+
+
+def test_fit_plan_scales_repeats_then_steps():
+    assert fit_plan(0.1, 100.0, 10, 5) == (10, 5)          # fits
+    assert fit_plan(1.0, 30.0, 10, 5) == (10, 3)           # fewer repeats
+    assert fit_plan(1.0, 15.0, 10, 5) == (7, 2)            # then fewer steps, two repeats kept
+    assert fit_plan(1.0, 1.5, 10, 5) == (1, 1)
+    assert fit_plan(1.0, 0.5, 10, 5) is None               # not one step
+
+
+def test_flop_count_resnet50_224_matches_known_values():
+    from densecl_fast.config import load_config
+    cfg = load_config("densecl_r50_200e_in1k", [])
+    f = count_step_flops(cfg.model, 8, 224)
+    st = f["per_stage_per_image"]
+    # torchvision: ResNet-50 forward at 224 = 4.09 G multiply-adds = 8.18 GFLOP; + the DenseCL neck
+    # (1x1 convs 2048->2048->128 on 7x7 and the global MLP, ~0.45 GFLOP).
+    assert 8.18e9 < st["query_forward"] < 8.18e9 * 1.1
+    assert math.isclose(st["key_forward"], st["query_forward"], rel_tol=1e-6)
+    assert 1.8 < st["backward"] / st["query_forward"] < 2.3      # ~2x forward (no input grad for conv1)
+    loss_fwd = st["loss_global"] + st["loss_dense"]
+    assert math.isclose(loss_fwd, f["analytic_check"]["queue_logits_forward_per_image"], rel_tol=0.02)
+    assert 30e9 < f["per_image"] < 42e9                          # ~4.4x the trunk forward in all
+
+
+def test_goal_and_projection_arithmetic():
+    def rec(name, ips, data="synthetic"):
+        return {"name": name, "status": "ok", "data": data, "settings": {"data": data},
+                "images_per_s": {"median": ips, "min": ips, "max": ips}}
+
+    h100 = "NVIDIA H100 80GB HBM3"
+    runs = [rec("mmselfsup_fp32_b32", 889), rec("compiled", 2868), rec("e2e_dali", 4200, "dali")]
+    g = goal_verdict(runs, h100, 256, 224)
+    assert g["verdict"] == "PASS" and math.isclose(g["ratio_vs_compiled"], 4200 / 2868)
+    runs[2] = rec("e2e_dali", 3900, "dali")
+    assert goal_verdict(runs, h100, 256, 224)["verdict"] == "FAIL"
+    assert goal_verdict(runs, "NVIDIA A100-SXM4-80GB", 256, 224)["verdict"].startswith("not judged")
+    assert goal_verdict(runs[:2], h100, 256, 224)["verdict"].startswith("not judged")
+    p = projection(runs, gpus=[1, 8], efficiency=0.9)
+    assert p["headline"]["variant"] == "e2e_dali"
+    assert math.isclose(p["headline"]["hours"]["1"], recipe_hours(3900))
+    assert math.isclose(recipe_hours(1000), 1_281_167 * 200 / 1000 / 3600)
+    assert math.isclose(recipe_hours(1000, gpus=8, efficiency=0.5), recipe_hours(1000) / 4)
