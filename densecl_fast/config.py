@@ -41,6 +41,16 @@ class DataConfig:
     synthetic_images: int = 512       # size of the built-in data set
     synthetic_resolution: int = 160   # its image side in pixels
     cache_dir: str = "~/.cache/densecl_fast"   # where the built-in data set is generated
+    # DALI backend only (see densecl_fast/data/dali_loader.py: DaliOptions)
+    dali_decoder: str = "auto"        # auto (mixed on CUDA, cpu otherwise) | mixed | cpu
+    dali_hw_decoder_load: float = 0.65    # share of JPEGs sent to the hardware JPEG decoder
+    dali_device_memory_padding: int = 64 << 20
+    dali_host_memory_padding: int = 32 << 20
+    dali_preallocate_width_hint: int = 0
+    dali_preallocate_height_hint: int = 0
+    dali_prefetch: int = 2            # batches prepared ahead
+    dali_hue: str = "auto"            # auto (exact on GPU, linear on CPU) | exact | linear
+    dali_shuffle_buffer: int = 1024   # webdataset shards: samples in the reader's shuffle buffer
 
 
 @dataclass
@@ -147,6 +157,10 @@ def validate(cfg: Config) -> None:
     need(d.image_size >= 32, f"data.image_size={d.image_size} must be >= 32 (C5 is image_size/32 on a side)")
     need(0.0 < d.min_scale <= 1.0, f"data.min_scale={d.min_scale} must be in (0, 1]")
     need(d.num_workers >= 0, "data.num_workers must be >= 0")
+    need(d.dali_decoder in ("auto", "mixed", "cpu"), f"data.dali_decoder={d.dali_decoder!r}: use auto, mixed or cpu")
+    need(d.dali_hue in ("auto", "exact", "linear"), f"data.dali_hue={d.dali_hue!r}: use auto, exact or linear")
+    need(0.0 <= d.dali_hw_decoder_load <= 1.0, f"data.dali_hw_decoder_load={d.dali_hw_decoder_load} must be in [0, 1]")
+    need(d.dali_prefetch >= 1 and d.dali_shuffle_buffer >= 1, "data.dali_prefetch and dali_shuffle_buffer must be >= 1")
     need(o.epochs > 0 and o.batch_size > 0, "optim.epochs and optim.batch_size must be > 0")
     need(o.lr > 0 and o.weight_decay >= 0 and o.momentum >= 0, "optim.lr must be > 0, weight_decay and momentum >= 0")
     need(m.queue_len % o.batch_size == 0,

@@ -128,7 +128,9 @@ def train(cfg: Config) -> dict:
     # ---- data: every data problem is reported before a model is built --------------------------
     loader = build_loader(cfg.data, batch_size=per_rank_batch, rank=dist_info.rank,
                           world_size=dist_info.world_size, device=device, seed=t_cfg.seed,
-                          channels_last=t_cfg.channels_last)
+                          channels_last=t_cfg.channels_last,
+                          dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+                          if device.type == "cuda" else torch.float32)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise DataError(f"the data set is smaller than one global batch of {o_cfg.batch_size} images")

@@ -176,3 +176,15 @@ def test_two_process_gloo_run_gathers_keys_from_both_ranks(tmp_path, data_cache)
     assert ck["step"] == 3 and len(ck["shuffle_rng"]) == 2
     assert int(ck["model"]["queue_ptr"]) == 3 * 8 % 64  # the global batch (2 ranks x 4) went into the queue
     assert len(read_metrics(out)) == 3
+
+
+@pytest.mark.dali
+def test_trainer_runs_on_the_dali_backend_on_cpu(tmp_path, data_cache):
+    pytest.importorskip("nvidia.dali")
+    out = str(tmp_path / "dali")
+    summary = train(load_config("smoke", tiny(out, data_cache, "data.backend=dali", "optim.max_steps=2")))
+    assert summary["status"] == "max_steps" and summary["step"] == 2
+    recs = read_metrics(out)
+    assert len(recs) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+    with open(os.path.join(out, "config.yaml")) as f:
+        assert "backend: dali" in f.read()

@@ -35,7 +35,9 @@ def resolve_backend(data_cfg, device: torch.device) -> str:
 
 
 def build_loader(data_cfg, *, batch_size: int, rank: int = 0, world_size: int = 1,
-                 device: torch.device = torch.device("cpu"), seed: int = 0, channels_last: bool = False):
+                 device: torch.device = torch.device("cpu"), seed: int = 0, channels_last: bool = False,
+                 dtype: torch.dtype = torch.float32):
+    """`dtype` is a hint: DALI emits it directly (bf16 halves the bytes); torchvision emits float32."""
     if not str(data_cfg.source).strip():
         raise DataError("data.source is empty: point it at an image folder, a .txt file list, or 'synthetic' "
                         "(e.g. data.source=/data/imagenet/train)")
@@ -45,7 +47,7 @@ def build_loader(data_cfg, *, batch_size: int, rank: int = 0, world_size: int = 
             raise DataError("data.backend=dali but NVIDIA DALI is not installed: pip install -e .[dali]")
         from .dali_loader import DaliTwoViewLoader
         return DaliTwoViewLoader(data_cfg, batch_size=batch_size, rank=rank, world_size=world_size,
-                                 device=device, seed=seed, channels_last=channels_last)
+                                 device=device, seed=seed, channels_last=channels_last, dtype=dtype)
     from .torch_loader import TorchTwoViewLoader
     return TorchTwoViewLoader(data_cfg, batch_size=batch_size, rank=rank, world_size=world_size,
                               device=device, seed=seed, channels_last=channels_last)
