@@ -162,6 +162,8 @@ def markdown(results: dict) -> str:
     L = [f"# DenseCL step profile: {env.get('device_name')}", ""]
     L.append(f"- date: {m['date']}; commit {env.get('commit') or '?'}{' (dirty tree)' if env.get('dirty') else ''}")
     L.append(f"- command: `{m['command']}`")
+    if m.get("note"):
+        L.append(f"- **{m['note']}**")
     L.append(f"- config: {m['config']} | {m['arch']} | batch {m['batch']} | {m['image_size']} px | "
              f"queue {m['queue_len']} | bn_group_size {m['bn_group_size']}")
     L.append(f"- torch {env.get('torch')}, torchvision {env.get('torchvision')}, triton {env.get('triton')}, "
@@ -202,9 +204,23 @@ def markdown(results: dict) -> str:
             st = v["stages_ms"]
             L.append(f"| {v['name']} | " + " | ".join(_f(st.get(c), "{:,.2f}") for c in cols)
                      + f" | {_f(v.get('stage_step_ms'), '{:,.2f}')} |")
-        hosts = [v for v in ok if v.get("data_wait_host_ms") is not None and v["settings"]["data"] != "synthetic"]
-        for v in hosts:
-            L.append(f"\n{v['name']}: host blocked on the loader {v['data_wait_host_ms']:,.2f} ms per step.")
+        e2e = [v for v in ok if v["settings"]["data"] != "synthetic"]
+        if e2e:
+            by = {v["name"]: v for v in results["variants"]}
+            L += ["", "## Data feeding (same model settings: synthetic on-device tensors vs loaders)", "",
+                  "| data | variant | images/s | vs synthetic | data_wait stage, ms/step | host blocked on the loader, ms/step |",
+                  "|---|---|---:|---:|---:|---:|"]
+            src = by.get(e2e[0]["settings"].get("settings_from", ""))
+            if src and src.get("status") == "ok":
+                L.append(f"| synthetic | {src['name']} | {_f(src['images_per_s']['median'])} | 1.00x | "
+                         f"{_f(src['stages_ms'].get('data_wait'), '{:,.2f}')} | – |")
+            for v in e2e:
+                base = by.get(v["settings"].get("settings_from", ""))
+                ratio = (v["images_per_s"]["median"] / base["images_per_s"]["median"]
+                         if base and base.get("status") == "ok" else None)
+                L.append(f"| {v['settings']['data']} | {v['name']} | {_f(v['images_per_s']['median'])} | "
+                         f"{_f(ratio, '{:.2f}x')} | {_f(v['stages_ms'].get('data_wait'), '{:,.2f}')} | "
+                         f"{_f(v.get('data_wait_host_ms'), '{:,.2f}')} |")
     pr = results.get("projection") or {}
     if pr:
         L += ["", f"## Projection: {pr['epochs']} epochs x {pr['images']:,} images", ""]

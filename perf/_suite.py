@@ -179,6 +179,7 @@ class Suite:
         self.records: List[dict] = []
         self._model = None           # (key, model, optimizer, scaler) reused by variants with the same key
         self.jpegs = None
+        self.compile_failed = {}     # model key -> (variant, error): a failed compile is not retried
         self.est = {"build_s": 3.0 if self.device.type == "cuda" else 1.0,
                     "compile_s": args.compile_estimate_s if args.compile_estimate_s is not None
                     else (120.0 if self.device.type == "cuda" else 90.0),
@@ -266,8 +267,11 @@ class Suite:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def model_key(self, s: dict) -> tuple:
+        return (s["batch"], s["bn_group_size"], s["precision"], s["channels_last"], s["compile"], self.args.compile_mode)
+
     def get_model(self, s: dict):
-        key = (s["batch"], s["bn_group_size"], s["precision"], s["channels_last"], s["compile"], self.args.compile_mode)
+        key = self.model_key(s)
         if self._model is not None and self._model[0] == key:
             return self._model[1:], True
         self.drop_model()
@@ -384,7 +388,9 @@ class Suite:
         from densecl_fast.data import build_loader
         folder = self.args.data_dir
         if not folder:
-            need = max(self.data_images_needed(s), s["batch"])
+            # one folder for every data variant of the run: the largest need
+            need = max([self.data_images_needed(s), s["batch"]]
+                       + [self.data_images_needed(self.settings_for(v)) for v in self.variants if v.data != "synthetic"])
             if self.jpegs is None or self.jpegs["count"] < need:
                 w, h = self.args.data_resolution
                 self.say(f"  generating {need:,} JPEGs {w}x{h} in {self.args.data_cache} ...")
@@ -418,6 +424,9 @@ class Suite:
                 raise Skip("needs CUDA (not run on the CPU)")
             if s["fused"] and self.device.type != "cuda":
                 raise Skip("fused Triton kernels need CUDA")
+            failed = self.compile_failed.get(self.model_key(s)) if s["compile"] else None
+            if failed:
+                raise Skip(f"not retried: compiling this model failed in {failed[0]} ({failed[1][:200]})")
             if s["data"] != "synthetic":
                 why = loader_unavailable(s["data"])
                 if why:
@@ -450,6 +459,8 @@ class Suite:
             rec.update(status="failed", error=f"{type(e).__name__}: {e}".strip()[:2000],
                        traceback=traceback.format_exc(limit=12)[-4000:])
             self.say(f"{tag}: FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+            if s["compile"] and rec.get("phase") in ("build", "first step"):
+                self.compile_failed[self.model_key(s)] = (v.name, rec["error"])
             self.drop_model()   # its state may be broken (OOM mid-step, failed compile)
         finally:
             rec["seconds"] = time.monotonic() - t_start
@@ -463,7 +474,9 @@ class Suite:
         a, dev = self.args, self.device
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
+        rec["phase"] = "build"
         (model, optimizer, scaler), reused = self.get_model(s)
+        rec["phase"] = "data set-up"
         rec["model_reused"] = reused
         autocast = autocast_for(s["precision"], dev)
         lr = self.cfg.optim.lr * s["batch"] / 256
@@ -498,11 +511,13 @@ class Suite:
                 def time_left():   # for this variant: its fair share, never eating into the later ones
                     return min(deadline - time.perf_counter(), self.budget.left() - reserve)
 
+                rec["phase"] = "first step" if not reused else "warm-up"
                 t = time.perf_counter()
                 one_step(False)
                 self.sync()
                 first = time.perf_counter() - t
                 rec["first_step_s"] = first
+                rec["phase"] = "warm-up"
                 warm_times = []
                 for i in range(1, warm):
                     t = time.perf_counter()
@@ -533,6 +548,7 @@ class Suite:
                 steps, repeats = plan
                 self.say(f"  warm-up {rec['warmup_steps']} steps (first {first:.2f} s, then {step_s * 1e3:,.1f} ms); "
                          f"timing {repeats} x {steps} steps")
+                rec["phase"] = "timed"
                 wraps0 = source.wraps
                 per_repeat = []
                 for r in range(repeats):

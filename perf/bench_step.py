@@ -111,12 +111,12 @@ def test_train_step_r50_mmselfsup_style_fp32_b32(benchmark):
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_dense_queue_cross_entropy_fwd_bwd(benchmark, dtype, backend):
-    """The dense loss alone at the recipe's size: 256 x 7 x 7 = 12,544 queries x 65,536 negatives x 128."""
-    if backend == "triton" and not hasattr(kernels, "set_backend"):
-        pytest.skip("fused kernels: not available")
-    kernels.set_backend(backend) if hasattr(kernels, "set_backend") else None
+def test_dense_queue_cross_entropy_fwd_bwd_reference(benchmark, dtype):
+    """The dense loss alone at the recipe's size, eager reference: 256 x 7 x 7 = 12,544 queries x
+    65,536 negatives x 128 (reference figure: 23.5 ms bf16 / 27.3 ms fp32). The fused kernel at the
+    same size is in perf/bench_kernels.py."""
+    _reference_kernels()
+    torch.cuda.reset_peak_memory_stats()
     m, k, d = 12544, 65536, 128
     dev = torch.device("cuda")
     q = torch.nn.functional.normalize(torch.randn(m, d, device=dev), dim=1).to(dtype).requires_grad_()
@@ -124,15 +124,13 @@ def test_dense_queue_cross_entropy_fwd_bwd(benchmark, dtype, backend):
     l_pos = (q.detach().float() * torch.randn(m, d, device=dev)).sum(1).to(dtype)
 
     def fwd_bwd():
-        loss = kernels.queue_infonce(q, l_pos, queue, 0.2)
+        loss = kernels.queue_infonce_ref(q, l_pos, queue, 0.2)
         loss.backward()
         q.grad = None
         _sync()
-    try:
-        benchmark.pedantic(fwd_bwd, rounds=20, iterations=1, warmup_rounds=3)
-    finally:
-        _reference_kernels()
-    benchmark.extra_info["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    base = torch.cuda.memory_allocated()
+    benchmark.pedantic(fwd_bwd, rounds=20, iterations=1, warmup_rounds=3)
+    benchmark.extra_info["extra_memory_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 @needs_cuda

@@ -25,8 +25,10 @@ Model-only variants are fed synthetic tensors already on the device. The JPEGs a
 
 For each variant: images/s (median and min-max over repeats of timed steps; every repeat is bounded
 by device synchronizes); per-stage time (data_wait, query_forward, momentum_update, key_forward,
-loss_global, matching, loss_dense, enqueue, backward, optimizer, other) from CUDA events around the
-model's own profiler ranges (wall clock on the CPU), plus the host time blocked on the loader; peak
+loss_global, matching, loss_dense, enqueue, backward, optimizer) from CUDA events around the
+model's own profiler ranges (wall clock on the CPU) -- "other" is the rest of the step: zero_grad,
+queue clones, the loss sum and, on the GPU, idle gaps where the device waits for the host (such as
+after the enqueue's host sync) -- plus the host time blocked on the loader; peak
 memory (CUDA allocator); achieved TFLOP/s = FLOPs per image x images/s, and MFU against the bf16
 matmul ceiling measured in-process (or --peak-tflops). FLOPs per image come from FlopCounterMode
 over one step (see results.json "flops.includes" for exactly what is counted).

@@ -127,6 +127,21 @@ def test_failing_variant_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch
     assert "failed: RuntimeError: boom" in (out / "results.md").read_text()
 
 
+def test_failed_compile_is_not_retried(tmp_path, monkeypatch):
+    def broken_compile(*a, **k):
+        raise RuntimeError("inductor exploded")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    rc, res, _ = run_cli(tmp_path, "--variants", "compiled,e2e_torchvision", "--peak-tflops", "1", "--no-plots")
+    assert rc == 1   # nothing measured
+    v = by_name(res)
+    assert v["compiled"]["status"] == "failed" and "inductor exploded" in v["compiled"]["error"]
+    # no model-only variant succeeded: e2e takes the default full stack (compiled), which is not retried
+    e2e = v["e2e_torchvision"]
+    assert e2e["settings"]["compile"] is True
+    assert e2e["status"] == "skipped" and e2e["reason"].startswith("not retried: compiling this model failed")
+
+
 def test_budget_skips_what_does_not_fit(tmp_path):
     # A compile expected to take far longer than the budget: that variant is skipped, the others run.
     rc, res, _ = run_cli(tmp_path, "--variants", "eager_bf16_cl,compiled", "--budget-seconds", "120",
