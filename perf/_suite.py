@@ -11,6 +11,7 @@ import copy
 import datetime
 import gc
 import importlib.util
+import inspect
 import math
 import os
 import shlex
@@ -60,10 +61,10 @@ class SyntheticSource:
     """Two fixed image pairs already on the device: no data cost at all."""
     wraps = 0
 
-    def __init__(self, batch, size, device, channels_last, seed):
+    def __init__(self, batch, size, device, channels_last, seed, dtype=torch.float32):
         g = torch.Generator().manual_seed(seed)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.pairs = [tuple(torch.randn(batch, 3, size, size, generator=g).to(device, memory_format=fmt)
+        self.pairs = [tuple(torch.randn(batch, 3, size, size, generator=g).to(device, dtype, memory_format=fmt)
                             for _ in range(2)) for _ in range(2)]
         self.i = 0
 
@@ -178,6 +179,7 @@ class Suite:
         self.variants = select_variants(args)
         self.records: List[dict] = []
         self._model = None           # (key, model, optimizer, scaler) reused by variants with the same key
+        self._model_dtypes = set()   # input dtypes the cached model has seen (a compiled one retraces on a new one)
         self.jpegs = None
         self.compile_failed = {}     # model key -> (variant, error): a failed compile is not retried
         self.est = {"build_s": 3.0 if self.device.type == "cuda" else 1.0,
@@ -292,6 +294,7 @@ class Suite:
         scaler = torch.amp.GradScaler(self.device.type, enabled=False)
         self.est["build_s"] = time.perf_counter() - t + 0.5
         self._model = (key, model, optimizer, scaler)
+        self._model_dtypes = set()
         return self._model[1:], False
 
     # -- settings and estimates
@@ -321,7 +324,8 @@ class Suite:
         cached = self._model is not None and self._model[0][:5] == (s["batch"], s["bn_group_size"], s["precision"],
                                                                      s["channels_last"], s["compile"])
         c = 0.0 if cached else self.est["build_s"]
-        if s["compile"] and not cached and not compiled_ready:
+        retrace = cached and s["compile"] and self._model_dtypes and self.input_dtype(s) not in self._model_dtypes
+        if s["compile"] and ((not cached and not compiled_ready) or retrace):
             c += self.est["compile_s"]
         c += (2 if s["compile"] else 1) * self.step_estimate(s) + self.step_estimate(s)
         if s["data"] != "synthetic":
@@ -379,9 +383,21 @@ class Suite:
         warm, steps, repeats = self.data_plan(s)
         return (warm + steps * repeats + self.args.trace_steps + 4) * s["batch"]
 
+    def input_dtype(self, s) -> torch.dtype:
+        """The dtype of the batches the trainer would feed: DALI emits bf16 on CUDA when training in bf16
+        (and DALI is the default backend on CUDA when installed); torchvision emits float32."""
+        from densecl_fast.data import dali_available
+        bf16 = self.device.type == "cuda" and s["precision"] == "bf16"
+        if s["data"] == "torch":
+            return torch.float32
+        if s["data"] == "dali":
+            return torch.bfloat16 if bf16 else torch.float32
+        return torch.bfloat16 if bf16 and dali_available() else torch.float32
+
     def make_source(self, s, notes):
         if s["data"] == "synthetic":
-            return SyntheticSource(s["batch"], self.image_size, self.device, s["channels_last"], self.args.seed)
+            return SyntheticSource(s["batch"], self.image_size, self.device, s["channels_last"], self.args.seed,
+                                   self.input_dtype(s))
         why = loader_unavailable(s["data"])
         if why:
             raise Skip(why)
@@ -405,8 +421,11 @@ class Suite:
             self.results["meta"]["data"] = f"folder {folder}, {self.workers} workers/threads"
         dcfg = copy.deepcopy(self.cfg.data)
         dcfg.source, dcfg.backend, dcfg.num_workers = folder, s["data"], self.workers
+        kw = {}
+        if "dtype" in inspect.signature(build_loader).parameters:   # as the trainer asks for it
+            kw["dtype"] = self.input_dtype(s)
         loader = build_loader(dcfg, batch_size=s["batch"], rank=0, world_size=1, device=self.device,
-                              seed=self.args.seed, channels_last=s["channels_last"])
+                              seed=self.args.seed, channels_last=s["channels_last"], **kw)
         notes.append(f"data: {folder}, {len(loader)} steps per epoch, {self.workers} workers/threads")
         if s["data"] == "dali" and self.device.type != "cuda":
             notes.append("DALI on the CPU (CPU decoding): not the GPU pipeline the goal is about")
@@ -482,6 +501,13 @@ class Suite:
         lr = self.cfg.optim.lr * s["batch"] / 256
         lam = self.cfg.model.loss_lambda
         source = self.make_source(s, rec["notes"])
+        dtype = self.input_dtype(s)
+        retrace = bool(reused and s["compile"] and self._model_dtypes and dtype not in self._model_dtypes)
+        if retrace:
+            rec["notes"].append(f"inputs are {dtype} (what the trainer feeds from this loader); the compiled model "
+                                f"had seen {', '.join(sorted(map(str, self._model_dtypes)))}: it recompiles in the first step")
+        self._model_dtypes.add(dtype)
+        rec["input_dtype"] = str(dtype).replace("torch.", "")
         clock = StageClock(self.marks)
         host_wait = []
         out = None
@@ -503,15 +529,16 @@ class Suite:
             with patch_stages(clock):
                 # warm-up (the first step compiles, when compiled)
                 warm, steps, want_repeats = self.data_plan(s)
-                if s["compile"] and not reused:
+                compiling = s["compile"] and (not reused or retrace)
+                if compiling:
                     self.say("  compiling (first step) ...")
                 reserve = self.reserve_after(index) + OUTPUT_RESERVE_S
-                deadline = self.deadline_for(index, s, self.est["compile_s"] if s["compile"] and not reused else 0.0)
+                deadline = self.deadline_for(index, s, self.est["compile_s"] if compiling else 0.0)
 
                 def time_left():   # for this variant: its fair share, never eating into the later ones
                     return min(deadline - time.perf_counter(), self.budget.left() - reserve)
 
-                rec["phase"] = "first step" if not reused else "warm-up"
+                rec["phase"] = "first step" if compiling or not reused else "warm-up"
                 t = time.perf_counter()
                 one_step(False)
                 self.sync()
@@ -529,7 +556,7 @@ class Suite:
                         break
                 step_s = statistics.median(warm_times[-3:]) if warm_times else first
                 rec["warmup_steps"] = 1 + len(warm_times)
-                if s["compile"] and not reused:
+                if compiling:
                     self.est["compile_s"] = max(1.0, first - step_s)
                     rec["compile_s"] = first - step_s
                 # timed repeats, scaled to the budget
