@@ -132,10 +132,11 @@ class DenseCL(nn.Module):
         n, K = k.shape[0], self.queue.shape[1]
         if K % n != 0:
             raise ValueError(f"queue length {K} must be a multiple of the global batch {n}")
-        ptr = int(self.queue_ptr)
-        self.queue[:, ptr:ptr + n] = k.T.to(self.queue.dtype)
-        self.queue2[:, ptr:ptr + n] = k2.T.to(self.queue2.dtype)
-        self.queue_ptr[0] = (ptr + n) % K
+        # Indices computed on the device: reading the pointer on the host would stall every step.
+        idx = (self.queue_ptr + torch.arange(n, device=k.device)) % K
+        self.queue.index_copy_(1, idx, k.T.to(self.queue.dtype))
+        self.queue2.index_copy_(1, idx, k2.T.to(self.queue2.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + n) % K)
 
     def _bn_groups(self, n: int) -> int:
         g = self.bn_group_size

@@ -236,9 +236,13 @@ def train(cfg: Config) -> dict:
                              or (t_cfg.ckpt_every_steps and step % t_cfg.ckpt_every_steps == 0)
                              or step == total_steps)
                 hit_max = bool(o_cfg.max_steps) and step >= o_cfg.max_steps
-                stopping = all_reduce_max(stop["signal"] is not None, device) if dist_info.enabled \
-                    else stop["signal"] is not None
-                if step % t_cfg.log_every == 0 or want_ckpt or hit_max or stopping or step == total_steps:
+                log_now = step % t_cfg.log_every == 0 or want_ckpt or hit_max
+                stopping = stop["signal"] is not None
+                if dist_info.enabled and log_now:  # agree on stopping at syncs that happen anyway
+                    stopping = all_reduce_max(stopping, device)
+                elif dist_info.enabled:
+                    stopping = False
+                if log_now or stopping:
                     losses = torch.stack(window)
                     if not torch.isfinite(losses).all():
                         bad = step - len(window) + int((~torch.isfinite(losses).all(1)).nonzero()[0]) + 1
