@@ -188,3 +188,23 @@ def test_trainer_runs_on_the_dali_backend_on_cpu(tmp_path, data_cache):
     assert len(recs) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
     with open(os.path.join(out, "config.yaml")) as f:
         assert "backend: dali" in f.read()
+
+
+def test_default_command_finishes_the_smoke_run(tmp_path):
+    """`python launch/pretrain.py` with no arguments: the README's first run (issue: < 3 min on 2 cores)."""
+    env = {**os.environ, "HOME": str(tmp_path)}  # the built-in data set goes to ~/.cache
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "pretrain.py")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "finished: 16/16 steps" in r.stdout
+    out = tmp_path / "runs" / "smoke"
+    assert len(read_metrics(str(out))) == 16
+    assert os.path.exists(out / "checkpoints" / "ckpt_000000016.pt")
+
+
+@pytest.mark.slow
+def test_compiled_encoders_train_on_cpu(tmp_path, data_cache):
+    out = str(tmp_path / "compiled")
+    summary = train(load_config("smoke", tiny(out, data_cache, "train.compile=true", "optim.max_steps=2")))
+    assert summary["step"] == 2
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_metrics(out))
