@@ -16,11 +16,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/card.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/card.txt"
-git rev-parse HEAD 2>/dev/null | tee -a "$OUT/card.txt"
+# At most 8 files come back from the device: the card goes into tests.log.
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  git rev-parse HEAD 2>/dev/null; } | tee "$OUT/tests.log"
 
-timeout 90 python3 -m pytest -q -x tests/test_kernels.py tests/test_model.py -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -5
+timeout 90 python3 -m pytest -q -x tests/test_kernels.py tests/test_model.py -p no:cacheprovider 2>&1 | tee -a "$OUT/tests.log" | tail -5
 timeout 120 python3 perf/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.md" | tail -30
 if python3 -c "import nvidia.dali" 2>/dev/null; then
   timeout 60 python3 perf/bench_data.py --device cuda --dtype bf16 2>&1 | tee "$OUT/bench_data.md" | tail -15

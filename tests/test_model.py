@@ -239,14 +239,15 @@ def test_fused_kernels_in_the_training_step_match_the_references():
     """The model's step through the Triton kernels (interpreter on CPU) equals the reference step."""
     import kernels
     torch.manual_seed(0)
-    model = DenseCL(tiny_cfg(bn_group_size=2))
-    im_q, im_k = torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = DenseCL(tiny_cfg(bn_group_size=2)).to(dev)
+    im_q, im_k = torch.randn(4, 3, 64, 64, device=dev), torch.randn(4, 3, 64, 64, device=dev)
     results = {}
     try:
         for backend in ("reference", "triton"):
             m = copy.deepcopy(model)
             kernels.set_backend(backend)
-            assert kernels.active_backend("cpu") == backend
+            assert kernels.active_backend(dev) == backend
             out = m(im_q, im_k)
             out["loss"].backward()
             results[backend] = (out, [p.grad for p in m.encoder_q.parameters()], m.queue.clone())
