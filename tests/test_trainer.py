@@ -140,7 +140,7 @@ def test_cli_reports_bad_config_values():
     assert r.returncode == 2 and "no_such_key" in r.stderr
     r = run_cli(["--config", "nope"])
     assert r.returncode == 2 and "unknown config 'nope'" in r.stderr
-    r = run_cli(["--print-config", "optim.epochs=7"])
+    r = run_cli(["--print-config", "--local_rank=0", "optim.epochs=7"])  # the deepspeed launcher adds --local_rank
     assert r.returncode == 0 and "epochs: 7" in r.stdout
 
 
