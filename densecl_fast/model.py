@@ -21,11 +21,20 @@ from .bn import convert_to_group_bn, set_bn_groups
 stage = torch.profiler.record_function
 
 
-def resnet_trunk(arch: str) -> tuple[nn.Module, int]:
-    """torchvision ResNet without avgpool/fc: image -> C5 map. Returns (trunk, C5 channels)."""
-    net = getattr(torchvision.models, arch)(weights=None)  # Kaiming conv init, BN weight 1
-    trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
-    return trunk, net.fc.in_features
+class ResNetTrunk(nn.Module):
+    """torchvision ResNet without avgpool/fc: image -> C5 map. Keeps torchvision's parameter
+    names (conv1, bn1, layer1..4), so its state_dict loads into torchvision.models.<arch>."""
+
+    def __init__(self, arch: str):
+        super().__init__()
+        net = getattr(torchvision.models, arch)(weights=None)  # Kaiming conv init, BN weight 1
+        self.out_channels = net.fc.in_features
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
 class DenseCLNeck(nn.Module):
@@ -75,8 +84,8 @@ class DenseCL(nn.Module):
         super().__init__()
         cfg = getattr(cfg, "model", cfg)
         self.cfg = cfg
-        trunk, c5_dim = resnet_trunk(cfg.arch)
-        self.encoder_q = convert_to_group_bn(Encoder(trunk, DenseCLNeck(c5_dim, cfg.hid_dim, cfg.out_dim)))
+        trunk = ResNetTrunk(cfg.arch)
+        self.encoder_q = convert_to_group_bn(Encoder(trunk, DenseCLNeck(trunk.out_channels, cfg.hid_dim, cfg.out_dim)))
         self.encoder_k = copy.deepcopy(self.encoder_q)  # BN over groups of images: see bn.py for why
         self.encoder_k.requires_grad_(False)
         self.bn_group_size = cfg.bn_group_size

@@ -136,13 +136,13 @@ def test_momentum_update_is_an_ema_of_parameters_only():
     with torch.no_grad():
         for p in model.encoder_q.parameters():
             p.add_(torch.randn_like(p))
-        model.encoder_k.backbone[1].running_mean.fill_(3.0)
+        model.encoder_k.backbone.bn1.running_mean.fill_(3.0)
     q0 = [p.clone() for p in model.encoder_q.parameters()]
     k0 = [p.clone() for p in model.encoder_k.parameters()]
     model.momentum_update()
     for q, k, k_new in zip(q0, k0, model.encoder_k.parameters()):
         torch.testing.assert_close(k_new, 0.9 * k + 0.1 * q)
-    assert torch.all(model.encoder_k.backbone[1].running_mean == 3.0)  # buffers are the key's own
+    assert torch.all(model.encoder_k.backbone.bn1.running_mean == 3.0)  # buffers are the key's own
 
 
 def test_enqueue_wraps_around_and_checks_divisibility():
@@ -259,3 +259,12 @@ def test_fused_kernels_in_the_training_step_match_the_references():
     for a, b in zip(tri_g, ref_g):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(tri_queue, ref_queue)
+
+
+def test_backbone_state_dict_loads_into_torchvision():
+    import torchvision
+    model = DenseCL(tiny_cfg())
+    net = torchvision.models.resnet18(weights=None)
+    missing, unexpected = net.load_state_dict(model.backbone.state_dict(), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    torch.testing.assert_close(net.layer4[1].conv2.weight, model.backbone.layer4[1].conv2.weight)

@@ -64,7 +64,7 @@ def test_run_writes_metrics_config_and_checkpoints(tmp_path, data_cache):
     assert [os.path.basename(p) for p in ckpts] == ["ckpt_000000004.pt", "ckpt_000000008.pt"]
     ck = load_checkpoint(ckpts[-1])  # weights_only=True inside
     assert ck["step"] == 8 and ck["epoch"] == 2 and ck["step_in_epoch"] == 0
-    for key in ("encoder_q.backbone.0.weight", "encoder_k.backbone.0.weight", "queue", "queue2", "queue_ptr"):
+    for key in ("encoder_q.backbone.conv1.weight", "encoder_k.backbone.layer4.1.bn2.running_var", "queue", "queue2", "queue_ptr"):
         assert key in ck["model"]
     assert int(ck["model"]["queue_ptr"]) == (8 * 8) % 64
     assert ck["optimizer"]["state"], "optimizer momentum buffers must be saved"
