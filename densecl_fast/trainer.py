@@ -15,6 +15,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
@@ -264,7 +265,9 @@ def train(cfg: Config) -> dict:
                 if want_ckpt or hit_max or stopping:
                     last_path = save("signal" if stopping else "max_steps" if hit_max else "periodic")
                 if stopping:
-                    status = f"stopped by {signal.Signals(stop['signal']).name}"
+                    # A rank may stop because another rank got the signal: name what this one knows.
+                    status = (f"stopped by {signal.Signals(stop['signal']).name}" if stop["signal"] is not None
+                              else "stopped by a signal to another rank")
                     break
                 if hit_max:
                     status = "max_steps"
@@ -290,7 +293,6 @@ def train(cfg: Config) -> dict:
 def gather_shuffle_states(model: DenseCL, device: torch.device) -> list:
     """The key-shuffle RNG state of every rank (each rank shuffles with its own stream)."""
     state = model.shuffle_generator(device).get_state()
-    import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
         return [state]
     out = [None] * dist.get_world_size()
