@@ -98,8 +98,8 @@ class DenseCL(nn.Module):
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         # What runs the query encoder: the module itself, or a DDP/compiled wrapper of it set by the
         # trainer. Kept out of the module tree so state_dict keys never change.
-        self._run_q = self.encoder_q
-        self._run_k = self.encoder_k
+        object.__setattr__(self, "_run_q", self.encoder_q)
+        object.__setattr__(self, "_run_k", self.encoder_k)
         self._pairs = None
         self._shuffle_gen = None  # own RNG for the key shuffle: resumable, untouched by data loaders
         self.shuffle_seed = 0
