@@ -16,6 +16,7 @@ setup(
         "pillow",
         "tensorboard",
         "matplotlib",
+        "scikit-learn",   # evaluation: the VOC07 SVM protocol
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],

@@ -3,23 +3,44 @@
 A checkpoint holds everything a run needs to continue as if it never stopped: both encoders,
 both queues and their pointer (a resumed run must not restart with random negatives), the
 optimizer and grad scaler, step/epoch/position in the epoch, RNG states and the config.
+
+Integrity: every checkpoint stores a SHA-256 over all its tensors' bytes (and the other values),
+verified on load, so a file damaged after it was written is refused instead of silently loaded.
+A run directory belongs to one run: `prepare_run_dir` takes a lock file (`<out_dir>/.lock`, an
+flock released when the process dies), removes temp files of killed writes, and refuses a fresh
+run into a directory that already holds checkpoints.
 """
 from __future__ import annotations
 
+import errno
 import glob
+import hashlib
 import os
+import pickle
 import random
 import re
+import socket
+import warnings
 
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+from .config import ConfigError
+
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # 1: before checksums (loaded without verification)
+REQUIRED_KEYS = ("model", "optimizer", "scaler", "step", "rng", "shuffle_rng", "config")
 _NAME = re.compile(r"ckpt_(\d{9})\.pt$")
+_TEMP_GLOB = ".ckpt_*.pt.tmp*"
+LOCK_NAME = ".lock"
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, I/O error); the earlier ones are intact."""
 
 
 def checkpoint_dir(out_dir: str) -> str:
@@ -49,6 +70,34 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _digest(obj, h) -> None:
+    """Feed a checkpoint's content into `h`: tensors by dtype, shape and raw bytes; containers in
+    order (pickle keeps dict order); other leaves (ints, floats, strings, None) by repr."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(b"D%d" % len(obj))
+        for k, v in obj.items():
+            h.update(repr(k).encode("utf-8", "surrogateescape") + b"=")
+            _digest(v, h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"L%d" % len(obj))
+        for v in obj:
+            _digest(v, h)
+    else:
+        h.update(b"V" + repr(obj).encode("utf-8", "surrogateescape") + b";")
+
+
+def checksum(state: dict) -> str:
+    """SHA-256 (hex) of a checkpoint's content, without its own 'checksum' entry."""
+    h = hashlib.sha256()
+    _digest({k: v for k, v in state.items() if k != "checksum"}, h)
+    return h.hexdigest()
+
+
 def atomic_save(obj, path: str) -> None:
     """Write to a temp file in the same folder, fsync, rename: a crash never leaves half a file."""
     d = os.path.dirname(os.path.abspath(path))
@@ -66,8 +115,11 @@ def atomic_save(obj, path: str) -> None:
         finally:
             os.close(dfd)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        try:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        except OSError:
+            pass  # removed at the next start (remove_stale_temps)
 
 
 def list_checkpoints(out_dir: str) -> list[str]:
@@ -75,12 +127,138 @@ def list_checkpoints(out_dir: str) -> list[str]:
     return sorted(paths, key=lambda p: int(_NAME.search(p).group(1)))
 
 
+def _write_failure(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        name = errno.errorcode.get(e.errno, "")
+        why = e.strerror or str(e) or type(e).__name__
+        return f"{why} ({name}; is the disk full?)" if e.errno == errno.ENOSPC else (f"{why} ({name})" if name else why)
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
 def save_checkpoint(state: dict, out_dir: str, step: int, keep_last: int) -> str:
+    """Write ckpt_<step>.pt atomically, then keep the newest `keep_last`. A failed write raises
+    CheckpointWriteError naming the last good checkpoint; the earlier ones are left intact."""
     path = os.path.join(checkpoint_dir(out_dir), f"ckpt_{step:09d}.pt")
-    atomic_save({"format_version": FORMAT_VERSION, **state}, path)
+    full = {"format_version": FORMAT_VERSION, **state}
+    full["checksum"] = checksum(full)
+    try:
+        atomic_save(full, path)
+    except (OSError, RuntimeError) as e:  # torch.save may wrap a failed write in a RuntimeError
+        good = [p for p in list_checkpoints(out_dir) if p != path]
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {path}: {_write_failure(e)}. The last good checkpoint is "
+            f"{good[-1] if good else 'none (no checkpoint was written yet)'}; free some space and "
+            f"continue with --resume auto") from e
     for old in list_checkpoints(out_dir)[:-keep_last]:
-        os.remove(old)
+        if old == path:
+            continue  # never the one just written (one run per directory makes this moot; belt and braces)
+        try:
+            os.remove(old)
+        except FileNotFoundError:
+            pass
     return path
+
+
+def remove_stale_temps(out_dir: str) -> list[str]:
+    """Delete temp files left by checkpoint writes that were killed (call with the run lock held)."""
+    removed = []
+    for p in glob.glob(os.path.join(checkpoint_dir(out_dir), _TEMP_GLOB)):
+        try:
+            os.remove(p)
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+class RunLock:
+    """`<out_dir>/.lock`: an exclusive flock for as long as a run uses the directory. The kernel
+    drops it when the process dies, so a killed run never leaves a stale lock."""
+
+    def __init__(self, out_dir: str):
+        self.path = os.path.join(out_dir, LOCK_NAME)
+        self.fd = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            try:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            except OSError:
+                holder = "unknown"
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise ConfigError(f"train.out_dir={os.path.dirname(self.path)} is in use by another run "
+                                  f"(pid {holder}; lock file {self.path}); wait for it to end or choose "
+                                  f"another train.out_dir") from None
+            raise ConfigError(f"train.out_dir={os.path.dirname(self.path)}: cannot lock {self.path}: "
+                              f"{e.strerror or e}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            import fcntl
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self.fd)
+                self.fd = None
+
+
+def prepare_run_dir(out_dir: str, resume_path: str | None) -> tuple[RunLock, list[str]]:
+    """Before any data or model is built: make sure `out_dir` is a usable directory, lock it,
+    remove temp files of killed checkpoint writes, and refuse to mix runs. Returns (lock, removed)."""
+    key = f"train.out_dir={out_dir}"
+    if not str(out_dir).strip():
+        raise ConfigError("train.out_dir is empty: give the run directory")
+    try:
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise ConfigError(f"{key} is an existing file, not a directory; choose another train.out_dir")
+        os.makedirs(checkpoint_dir(out_dir), exist_ok=True)
+        probe = os.path.join(checkpoint_dir(out_dir), f".write-test-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except ConfigError:
+        raise
+    except OSError as e:
+        what = {errno.ENOTDIR: "a part of the path is a file, not a directory",
+                errno.EEXIST: "a part of the path is a file, not a directory",
+                errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the device"}.get(
+            e.errno, e.strerror or str(e))
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise ConfigError(f"{key} cannot be used as the run directory: {what}{where}") from None
+    lock = RunLock(out_dir).acquire()
+    try:
+        removed = remove_stale_temps(out_dir)
+        existing = list_checkpoints(out_dir)
+        if existing:
+            if resume_path is None:
+                raise ConfigError(
+                    f"{key} already holds the checkpoints of another run (latest {os.path.basename(existing[-1])}); "
+                    f"continue that run with --resume auto, or start this one in another train.out_dir")
+            latest = os.path.realpath(existing[-1])
+            if os.path.realpath(resume_path) != latest:
+                inside = os.path.dirname(os.path.realpath(resume_path)) == os.path.realpath(checkpoint_dir(out_dir))
+                raise ConfigError(
+                    f"--resume {resume_path}: {key} already holds "
+                    + (f"newer checkpoints of this run (latest {os.path.basename(existing[-1])}); resuming an "
+                       f"older one would mix two histories: move the newer ones away first"
+                       if inside else
+                       f"the checkpoints of another run (latest {os.path.basename(existing[-1])}); resume into "
+                       f"a new train.out_dir, or use --resume auto to continue that run"))
+    except BaseException:
+        lock.release()
+        raise
+    return lock, removed
 
 
 def resolve_resume(resume: str, out_dir: str) -> str | None:
@@ -95,14 +273,71 @@ def resolve_resume(resume: str, out_dir: str) -> str | None:
     return resume
 
 
-def load_checkpoint(path: str) -> dict:
+def _refusal_detail(msg: str) -> str:
+    """What PyTorch's weights-only unpickler objected to, without its advice to load the file
+    unsafely (never to be given for a file we refuse)."""
+    keep = []
+    for line in msg.splitlines():
+        line = line.split("Please ", 1)[0].strip()
+        line = re.sub(r"^.*WeightsUnpickler error:\s*", "", line)
+        if line and not re.search(r"weights.only|Weights only|Check the documentation", line, re.I):
+            keep.append(line.rstrip("."))
+    return "; ".join(keep) or "it holds objects other than tensors and plain containers"
+
+
+def load_checkpoint(path: str, verify: bool = True) -> dict:
+    """Read a checkpoint safely (weights_only=True), check its structure and its checksum;
+    every problem is a one-line CheckpointError."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    if size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": noise for a file we refuse
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "eights only" in str(e) or "WeightsUnpickler" in str(e):
+            detail = _refusal_detail(str(e))
+            if re.search(r"global", detail, re.I):  # a class or function to import: could run code
+                raise CheckpointError(f"refusing checkpoint {path}: it holds objects that could run code when "
+                                      f"loaded, not only tensors and plain data ({detail})") from None
+            raise CheckpointError(f"cannot read checkpoint {path}: not a checkpoint written by torch.save, or "
+                                  f"not one that can be read safely ({detail})") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {_write_failure(e)}") from None
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {_write_failure(e)} "
+                              f"(truncated or not a checkpoint)") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a densecl_fast checkpoint (no 'model' entry)")
-    if ckpt.get("format_version") != FORMAT_VERSION:
+    if ckpt.get("format_version") not in READABLE_FORMATS:
         raise CheckpointError(f"{path} has checkpoint format {ckpt.get('format_version')}, "
-                              f"this version reads format {FORMAT_VERSION}")
+                              f"this version reads formats {', '.join(map(str, READABLE_FORMATS))}")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: it has no {', '.join(repr(k) for k in missing)} "
+                              f"entr{'y' if len(missing) == 1 else 'ies'}")
+    if not isinstance(ckpt["step"], int) or ckpt["step"] < 0 or not isinstance(ckpt["config"], dict):
+        raise CheckpointError(f"checkpoint {path} is malformed: 'step' must be a non-negative int and "
+                              f"'config' a mapping")
+    if verify and ckpt["format_version"] >= 2:
+        stored = ckpt.get("checksum")
+        if not isinstance(stored, str):
+            raise CheckpointError(f"checkpoint {path} has no checksum (format {ckpt['format_version']} requires one)")
+        if checksum(ckpt) != stored:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: its content does not match the checksum stored when it was "
+                f"written (the file was damaged afterwards). Move it away; --resume auto then continues from "
+                f"the previous checkpoint")
     return ckpt
+
+
+def saved_config(ckpt: dict, path: str):
+    """The checkpoint's config as a Config, or a one-line CheckpointError."""
+    from .config import config_from_dict, one_line
+    try:
+        return config_from_dict(ckpt["config"])
+    except Exception as e:  # OmegaConf key/type errors, ConfigError from validate
+        raise CheckpointError(f"checkpoint {path} holds a config this version cannot use: {one_line(e)}") from None

@@ -32,7 +32,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"         # "synthetic" | image folder | .txt file list | shards glob (dali)
+    source: str = "synthetic"         # "synthetic" | image folder | .txt file list | fashion-mnist:ROOT[#test]
+                                      # | shards glob (dali)
+    max_images: int = 0               # use only the first N images of the source (0 = all)
     root: str = ""                    # base folder for relative paths in a file list
     backend: str = "auto"             # auto | torch | dali (auto: DALI on CUDA when installed)
     image_size: int = 224             # output crop size of each view
@@ -79,6 +81,7 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10
     resume: str = ""                  # "" | auto | path to a checkpoint
+    init_from: str = ""               # start a fresh run from these weights (densecl_fast.weights formats)
     deterministic: bool = False       # torch deterministic algorithms (for exact-resume tests)
     tensorboard: bool = True
     progress: bool = True             # tqdm progress bar
@@ -111,7 +114,13 @@ def load_config(preset_or_path: Optional[str] = "smoke", overrides: Optional[Lis
         if not os.path.exists(path):
             raise ConfigError(f"unknown config {preset_or_path!r}: not a file, and not one of the presets "
                               f"{', '.join(list_presets())}")
-        layers.append(OmegaConf.load(path))
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # yaml.YAMLError (with line and column), UnicodeDecodeError, OSError
+            raise ConfigError(f"--config {path}: not valid YAML: {one_line(e)}") from None
+        if not isinstance(loaded, type(OmegaConf.create({}))) and loaded is not None:
+            raise ConfigError(f"--config {path}: the file must hold a mapping of sections (model:, data:, ...)")
+        layers.append(loaded if loaded is not None else OmegaConf.create({}))
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
@@ -120,10 +129,56 @@ def load_config(preset_or_path: Optional[str] = "smoke", overrides: Optional[Lis
     try:
         merged = OmegaConf.merge(*layers)
     except Exception as e:  # omegaconf raises several types; all mean a bad key or value
-        raise ConfigError(f"invalid config: {e}") from e
+        raise ConfigError(f"invalid config: {one_line(e)}") from e
     cfg: Config = OmegaConf.to_object(merged)
     validate(cfg)
+    check_environment(cfg)
     return cfg
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: OmegaConf's and YAML's messages span several (key, position)."""
+    text = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+    return text or type(e).__name__
+
+
+def check_environment(cfg: Config, world_size: Optional[int] = None) -> None:
+    """What depends on this machine and launch, checked before any data or model is built:
+    CUDA for train.device / precision / kernels, and the per-process batch against
+    model.bn_group_size (world size from WORLD_SIZE, as torchrun and the deepspeed launcher set)."""
+    import torch
+
+    t, m, o = cfg.train, cfg.model, cfg.optim
+
+    def need(cond, msg):
+        if not cond:
+            raise ConfigError(msg)
+
+    if world_size is None:
+        try:
+            world_size = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+        except ValueError:
+            world_size = 1
+    cuda = torch.cuda.is_available()
+    need(cuda or t.device != "cuda", "train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
+    on_cuda = cuda and t.device != "cpu"
+    need(on_cuda or t.precision != "fp16",
+         "train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU (or train.precision=auto)")
+    if t.kernels == "triton":
+        import kernels
+        from kernels import dispatch
+        if not kernels.HAS_TRITON:
+            raise ConfigError(f"train.kernels=triton but {dispatch._triton_unavailable('cpu')}; use auto or reference")
+        if not on_cuda:
+            reason = dispatch._triton_unavailable(torch.device("cpu"))
+            need(not reason, f"train.kernels=triton: {reason}; use train.kernels=auto or reference")
+    need(o.batch_size % world_size == 0,
+         f"optim.batch_size={o.batch_size} (the global batch) is not divisible by {world_size} processes")
+    per = o.batch_size // world_size
+    grouped = not (world_size > 1 and on_cuda and m.sync_bn)  # SyncBatchNorm replaces the groups
+    need(not grouped or m.bn_group_size <= 0 or m.bn_group_size >= per or per % m.bn_group_size == 0,
+         f"optim.batch_size={o.batch_size} gives {per} images per process, not a multiple of "
+         f"model.bn_group_size={m.bn_group_size}; change one of them (bn_group_size=0: the whole batch)")
 
 
 def to_yaml(cfg: Config) -> str:
@@ -157,6 +212,7 @@ def validate(cfg: Config) -> None:
     need(d.image_size >= 32, f"data.image_size={d.image_size} must be >= 32 (C5 is image_size/32 on a side)")
     need(0.0 < d.min_scale <= 1.0, f"data.min_scale={d.min_scale} must be in (0, 1]")
     need(d.num_workers >= 0, "data.num_workers must be >= 0")
+    need(d.max_images >= 0, f"data.max_images={d.max_images} must be >= 0 (0 = all)")
     need(d.dali_decoder in ("auto", "mixed", "cpu"), f"data.dali_decoder={d.dali_decoder!r}: use auto, mixed or cpu")
     need(d.dali_hue in ("auto", "exact", "linear"), f"data.dali_hue={d.dali_hue!r}: use auto, exact or linear")
     need(0.0 <= d.dali_hw_decoder_load <= 1.0, f"data.dali_hw_decoder_load={d.dali_hw_decoder_load} must be in [0, 1]")
@@ -169,3 +225,10 @@ def validate(cfg: Config) -> None:
     need(t.precision in ("auto", "bf16", "fp16", "fp32"), f"train.precision={t.precision!r}: use auto, bf16, fp16 or fp32")
     need(t.kernels in ("auto", "triton", "reference"), f"train.kernels={t.kernels!r}: use auto, triton or reference")
     need(t.keep_last >= 1, "train.keep_last must be >= 1")
+    need(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1")
+    need(t.ckpt_every_epochs >= 1, f"train.ckpt_every_epochs={t.ckpt_every_epochs} must be >= 1 "
+         "(a value above optim.epochs saves only the last step)")
+    need(t.ckpt_every_steps >= 0, f"train.ckpt_every_steps={t.ckpt_every_steps} must be >= 0 (0 = off)")
+    need(o.max_steps >= 0 and o.warmup_epochs >= 0 and o.min_lr >= 0,
+         "optim.max_steps, optim.warmup_epochs and optim.min_lr must be >= 0")
+    need(bool(str(t.out_dir).strip()), "train.out_dir is empty: give the run directory")

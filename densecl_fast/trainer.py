@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 
@@ -22,10 +23,11 @@ from tqdm import tqdm
 import kernels
 
 from . import checkpoint as ckpt_io
-from .config import Config, config_from_dict, config_to_dict, to_yaml
+from .config import Config, ConfigError, check_environment, config_to_dict, to_yaml
 from .data import DataError, build_loader, resolve_backend
 from .distributed import all_reduce_max, barrier, cleanup, init_distributed
 from .model import DenseCL, stage
+from .weights import WeightsError, load_into_model
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,7 +46,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     return precision
 
 
@@ -114,10 +116,50 @@ class MetricsLog:
 
 
 def train(cfg: Config) -> dict:
+    """Run (or continue) the pretraining of `cfg`; returns a summary. The run directory's lock is
+    held until it returns or raises."""
+    held: list = []
+    try:
+        return _train(cfg, held)
+    finally:
+        for lock in held:
+            lock.release()
+        cleanup()
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _train(cfg: Config, held: list) -> dict:
     t_cfg, o_cfg = cfg.train, cfg.optim
+    # Machine- and launch-dependent checks (CUDA, precision, kernels, batch per process vs BN groups)
+    # come first: a bad value is a one-line error before any process group, data or model.
+    check_environment(cfg, world_size=max(1, int(os.environ.get("WORLD_SIZE", "1") or 1)))
     dist_info, device = init_distributed(t_cfg.device)
     main = dist_info.is_main
     say = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
+
+    # ---- run directory and resume point: checked, locked and read before any data or model ----
+    resume_path = ckpt_io.resolve_resume(t_cfg.resume, t_cfg.out_dir)
+    ck = None
+    if resume_path:
+        ck = ckpt_io.load_checkpoint(resume_path)  # structure and checksum
+        check_compatible(ckpt_io.saved_config(ck, resume_path), cfg, resume_path)
+    problem = None
+    if main:
+        try:
+            lock, removed = ckpt_io.prepare_run_dir(t_cfg.out_dir, resume_path)
+            held.append(lock)
+            if removed:
+                say(f"removed {len(removed)} temp file(s) of interrupted checkpoint writes in "
+                    f"{ckpt_io.checkpoint_dir(t_cfg.out_dir)}")
+        except (ConfigError, ckpt_io.CheckpointError) as e:
+            problem = e
+    if dist_info.enabled and all_reduce_max(problem is not None, device) and problem is None:
+        problem = ConfigError(f"train.out_dir={t_cfg.out_dir}: rank 0 cannot use the run directory (see its error)")
+    if problem is not None:
+        raise problem
     if o_cfg.batch_size % dist_info.world_size:
         raise ValueError(f"optim.batch_size={o_cfg.batch_size} is not divisible by {dist_info.world_size} processes")
     per_rank_batch = o_cfg.batch_size // dist_info.world_size
@@ -156,24 +198,34 @@ def train(cfg: Config) -> dict:
 
     # ---- resume ------------------------------------------------------------------------------------
     step, skipped_before = 0, 0
-    resume_path = ckpt_io.resolve_resume(t_cfg.resume, t_cfg.out_dir)
     if resume_path:
-        ck = ckpt_io.load_checkpoint(resume_path)
-        check_compatible(config_from_dict(ck["config"]), cfg, resume_path)
+        check_resume_point(ck, resume_path, steps_per_epoch, total_steps, getattr(loader, "num_samples", None),
+                           dist_info.world_size, o_cfg.batch_size, warn if main else (lambda m: None))
         try:
             model.load_state_dict(ck["model"])
         except RuntimeError as e:
-            raise ckpt_io.CheckpointError(f"checkpoint {resume_path} does not fit the model: {e}") from e
-        optimizer.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
+            raise ckpt_io.CheckpointError(f"checkpoint {resume_path} does not fit the model: "
+                                          f"{str(e).splitlines()[0]}") from e
+        try:
+            optimizer.load_state_dict(ck["optimizer"])
+            scaler.load_state_dict(ck["scaler"])
+            ckpt_io.set_rng_state(ck["rng"])
+            model.shuffle_generator(device).set_state(ck["shuffle_rng"][dist_info.rank % len(ck["shuffle_rng"])])
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError, ZeroDivisionError) as e:
+            raise ckpt_io.CheckpointError(f"checkpoint {resume_path} has a malformed optimizer, scaler or RNG "
+                                          f"state: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
         step, skipped_before = ck["step"], ck.get("data_skipped", 0)
-        ckpt_io.set_rng_state(ck["rng"])
-        model.shuffle_generator(device).set_state(ck["shuffle_rng"][dist_info.rank % len(ck["shuffle_rng"])])
         say(f"resumed from {resume_path} at step {step} (epoch {step // steps_per_epoch}, "
             f"step {step % steps_per_epoch} of {steps_per_epoch})")
     else:
         if t_cfg.resume == "auto":
             say(f"--resume auto: no checkpoint in {ckpt_io.checkpoint_dir(t_cfg.out_dir)}, starting fresh")
+        if t_cfg.init_from:  # weights only: a new run (step 0, fresh optimizer) from pretrained weights
+            try:
+                report = load_into_model(model, t_cfg.init_from)
+            except WeightsError as e:
+                raise ckpt_io.CheckpointError(f"train.init_from: {e}") from e
+            say(f"initialised from {report}")
         torch.manual_seed(t_cfg.seed + dist_info.rank)
 
     # ---- wrappers ------------------------------------------------------------------------------------
@@ -189,9 +241,8 @@ def train(cfg: Config) -> dict:
     model.set_runners(run_q, run_k)
     model.train()
 
-    # ---- run directory -----------------------------------------------------------------------------
+    # ---- run directory (checked and locked at the start) ---------------------------------------------
     if main:
-        os.makedirs(t_cfg.out_dir, exist_ok=True)
         with open(os.path.join(t_cfg.out_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(cfg))
     log = MetricsLog(t_cfg.out_dir, main, t_cfg.tensorboard)
@@ -205,7 +256,9 @@ def train(cfg: Config) -> dict:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "step": step, "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
                  "rng": ckpt_io.rng_state(), "shuffle_rng": gather_shuffle_states(model, device),
-                 "config": config_to_dict(cfg), "data_skipped": skipped, "reason": reason}
+                 "config": config_to_dict(cfg), "data_skipped": skipped, "reason": reason,
+                 "steps_per_epoch": steps_per_epoch, "world_size": dist_info.world_size,
+                 "batch_size": o_cfg.batch_size, "num_samples": getattr(loader, "num_samples", None)}
         path = ckpt_io.save_checkpoint(state, t_cfg.out_dir, step, t_cfg.keep_last) if main else None
         barrier()
         return path
@@ -248,8 +301,9 @@ def train(cfg: Config) -> dict:
                     if not torch.isfinite(losses).all():
                         bad = step - len(window) + int((~torch.isfinite(losses).all(1)).nonzero()[0]) + 1
                         last = ckpt_io.list_checkpoints(t_cfg.out_dir)
+                        bad_lr = lr_at(bad - 1, total_steps, base_lr, warmup_steps, o_cfg.min_lr)
                         raise NonFiniteLossError(
-                            f"loss became non-finite at step {bad} (lr {lr:g}); stopping. The last good "
+                            f"loss became non-finite at step {bad} (lr {bad_lr:g}); stopping. The last good "
                             f"checkpoint is {last[-1] if last else 'none (no checkpoint was written yet)'}. "
                             f"Try a lower optim.lr, precision=fp32, or a longer optim.warmup_epochs.")
                     mean = losses.mean(0).tolist()
@@ -288,6 +342,35 @@ def train(cfg: Config) -> dict:
         say(f"{status} at step {step}; checkpoint {last_path}; continue with --resume auto")
     return {"status": status, "step": step, "total_steps": total_steps, "checkpoint": last_path,
             "out_dir": t_cfg.out_dir, "data_skipped": skipped}
+
+
+def check_resume_point(ck: dict, path: str, steps_per_epoch: int, total_steps: int, num_samples,
+                       world_size: int, batch_size: int, warn) -> None:
+    """A checkpoint's step means (epoch, step in epoch) only for the steps per epoch it was written
+    with: a different count (data set size, global batch) is an error, not a silent reinterpretation."""
+    step = ck["step"]
+    saved_spe = ck.get("steps_per_epoch")
+    if saved_spe is None and ck.get("epoch"):  # written before steps_per_epoch was stored
+        saved_spe = (step - ck.get("step_in_epoch", 0)) // ck["epoch"]
+    if saved_spe is not None and saved_spe != steps_per_epoch:
+        raise ckpt_io.CheckpointError(
+            f"checkpoint {path} was written with {saved_spe} steps per epoch (at epoch {step // saved_spe}, "
+            f"step {step % saved_spe} of {saved_spe}); this data set and optim.batch_size={batch_size} give "
+            f"{steps_per_epoch}, so its position cannot be continued. Resume with the same data set and batch, "
+            f"or start a new run in another train.out_dir")
+    if step > total_steps:
+        raise ckpt_io.CheckpointError(
+            f"checkpoint {path} is at step {step}, past the end of this run ({total_steps} steps); "
+            f"raise optim.epochs, or start a new run in another train.out_dir")
+    saved_n = ck.get("num_samples")
+    if saved_n is not None and num_samples is not None and saved_n != num_samples:
+        warn(f"checkpoint {path} was written with {saved_n} images, the data set now has {num_samples}: same "
+             f"steps per epoch, but the order of the rest of the epoch differs from the interrupted run")
+    saved_world = ck.get("world_size", len(ck["shuffle_rng"]))
+    if saved_world != world_size:
+        warn(f"checkpoint {path} was written by {saved_world} process(es), resuming on {world_size}: the "
+             f"data shards and key-shuffle streams differ, so the run continues correctly but does not "
+             f"reproduce the uninterrupted one")
 
 
 def gather_shuffle_states(model: DenseCL, device: torch.device) -> list:

@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from densecl_fast.checkpoint import CheckpointError  # noqa: E402
+from densecl_fast.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
 from densecl_fast.config import ConfigError, list_presets, load_config, to_yaml  # noqa: E402
 from densecl_fast.data import DataError  # noqa: E402
 from densecl_fast.trainer import NonFiniteLossError, train  # noqa: E402
@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.epochs=10")
-    args = p.parse_args(argv)
+    # intermixed: overrides may come before or after the options (`--resume auto optim.epochs=4`)
+    args = p.parse_intermixed_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
@@ -39,14 +40,18 @@ def main(argv=None) -> int:
             print(to_yaml(cfg))
             return 0
         summary = train(cfg)
+    except CheckpointWriteError as e:  # disk full or I/O error: the run failed, the inputs were fine
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{summary['status']}: {summary['step']}/{summary['total_steps']} steps, run directory "
-          f"{summary['out_dir']}, last checkpoint {summary['checkpoint']}")
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # one summary per run, not per process
+        print(f"{summary['status']}: {summary['step']}/{summary['total_steps']} steps, run directory "
+              f"{summary['out_dir']}, last checkpoint {summary['checkpoint']}")
     return 0
 
 

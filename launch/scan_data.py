@@ -36,14 +36,32 @@ def parse_args(argv=None):
 
 
 def write_atomically(path: str, lines) -> None:
+    # surrogateescape: a file name that is not UTF-8 is written as its own bytes, which is what
+    # a file list read back by data.source needs (see sources.read_file_list).
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(line + "\n" for line in lines)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.writelines(line + "\n" for line in lines)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def shown(path: str) -> str:
+    """A path for the terminal: bytes that are not UTF-8 as \\x.. escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    out = os.path.abspath(args.out)
+    if os.path.isdir(out):
+        print(f"error: --out {args.out} is a directory; give the file list to write", file=sys.stderr)
+        return 2
+    if not os.path.isdir(os.path.dirname(out)):
+        print(f"error: --out {args.out}: the folder {os.path.dirname(out)} does not exist", file=sys.stderr)
+        return 2
     try:
         listing = resolve_source(DataConfig(source=args.source, root=args.root))
     except DataError as e:
@@ -56,17 +74,20 @@ def main(argv=None) -> int:
         good, bad = scan_images(paths, workers=args.workers, progress=bar.update)
     dropped = [(p, "missing file") for p in listing.missing] + bad
 
-    out = os.path.abspath(args.out)
     # A label is the last word of a line: whitespace inside one (a folder "my class") becomes "_".
-    write_atomically(out, [p if labels[p] is None else f"{p} {'_'.join(labels[p].split())}" for p in good])
-    if dropped:
-        write_atomically(out + ".dropped.txt", [f"{p}\t{why}" for p, why in dropped])
-    elif os.path.exists(out + ".dropped.txt"):
-        os.remove(out + ".dropped.txt")  # from an earlier scan; it would now be wrong
+    try:
+        write_atomically(out, [p if labels[p] is None else f"{p} {'_'.join(labels[p].split())}" for p in good])
+        if dropped:
+            write_atomically(out + ".dropped.txt", [f"{p}\t{why}" for p, why in dropped])
+        elif os.path.exists(out + ".dropped.txt"):
+            os.remove(out + ".dropped.txt")  # from an earlier scan; it would now be wrong
+    except OSError as e:
+        print(f"error: cannot write {e.filename or out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"kept {len(good)} images -> {out}; dropped {len(dropped)} "
           f"({len(listing.missing)} missing, {len(bad)} unreadable)", file=sys.stderr)
     for p, why in dropped[: args.show]:
-        print(f"  dropped {p}: {why}", file=sys.stderr)
+        print(f"  dropped {shown(p)}: {why}", file=sys.stderr)
     if len(dropped) > args.show:
         print(f"  ... all {len(dropped)} in {out}.dropped.txt", file=sys.stderr)
     return 0 if good else 1

@@ -455,7 +455,8 @@ class DaliTwoViewLoader:
                 if not any(f in self._bad_index for f in files):
                     break
             batch = _Batch(step, keys, files=files, substituted=sum(int(f != i) for f, i in zip(files, keys)))
-            first = [np.frombuffer(self.paths[f].encode("utf-8"), dtype=np.uint8) for f in files]
+            # os.fsencode: the file name's own bytes, also when they are not UTF-8
+            first = [np.frombuffer(os.fsencode(self.paths[f]), dtype=np.uint8) for f in files]
             hw = self._hw[files]
         else:
             if isinstance(item, int):

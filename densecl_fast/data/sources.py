@@ -27,7 +27,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from . import DataError
+from . import DataError, fashion_mnist
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 _SHOW = 5  # offending entries quoted in an error message
@@ -73,25 +73,45 @@ def read_file_list(list_path: str, root: str = "") -> Tuple[List[Sample], List[s
     list_path = os.path.abspath(os.path.expanduser(list_path))
     base = os.path.abspath(os.path.expanduser(root)) if root else os.path.dirname(list_path)
     samples, missing = [], []
-    with open(list_path, encoding="utf-8") as f:
-        for raw in f:
-            line = raw.strip()
-            if not line or line.startswith("#"):
+    with open(list_path, "rb") as f:
+        raw_lines = f.read().split(b"\n")
+    if raw_lines and raw_lines[0].startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+        raw_lines[0] = raw_lines[0][3:]
+    for number, raw in enumerate(raw_lines, 1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            # Non-UTF-8 bytes: fine when they are a file name as stored on disk (launch/scan_data.py
+            # writes such names as they are); otherwise the list is in another encoding.
+            line = os.fsdecode(raw).strip()
+            if not _entry_exists(line, base):
+                raise DataError(f"file list {list_path}, line {number}: not UTF-8 (byte 0x{raw[e.start]:02x} at "
+                                f"column {e.start + 1}) and no such file; save the list as UTF-8") from None
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(None, 1)
+        # "path label" first (one stat per line in the common case), else the whole line is
+        # the path (a file name with spaces).
+        if len(parts) == 2:
+            labelled = os.path.normpath(os.path.join(base, os.path.expanduser(parts[0])))
+            if os.path.isfile(labelled):
+                samples.append(Sample(labelled, parts[1]))
                 continue
-            parts = line.rsplit(None, 1)
-            # "path label" first (one stat per line in the common case), else the whole line is
-            # the path (a file name with spaces).
-            if len(parts) == 2:
-                labelled = os.path.normpath(os.path.join(base, os.path.expanduser(parts[0])))
-                if os.path.isfile(labelled):
-                    samples.append(Sample(labelled, parts[1]))
-                    continue
-            whole = os.path.normpath(os.path.join(base, os.path.expanduser(line)))
-            if os.path.isfile(whole):
-                samples.append(Sample(whole, None))
-            else:
-                missing.append(labelled if len(parts) == 2 else whole)
+        whole = os.path.normpath(os.path.join(base, os.path.expanduser(line)))
+        if os.path.isfile(whole):
+            samples.append(Sample(whole, None))
+        else:
+            # Report what was meant: a last word that looks like a file name ("my photo.jpg") is
+            # part of the path, not a label.
+            is_label = len(parts) == 2 and "/" not in parts[1] and not is_image_file(parts[1])
+            missing.append(labelled if is_label else whole)
     return samples, missing
+
+
+def _entry_exists(line: str, base: str) -> bool:
+    parts = line.rsplit(None, 1)
+    candidates = [line] + ([parts[0]] if len(parts) == 2 else [])
+    return any(os.path.isfile(os.path.normpath(os.path.join(base, os.path.expanduser(c)))) for c in candidates if c)
 
 
 def resolve_source(data_cfg) -> Listing:
@@ -99,6 +119,14 @@ def resolve_source(data_cfg) -> Listing:
     source = str(data_cfg.source).strip()
     if not source:
         raise DataError("data.source is empty: give an image folder, a .txt file list, or 'synthetic'")
+    fmnist = fashion_mnist.parse_source(source)
+    if fmnist is not None:
+        folder = fashion_mnist.ensure_image_folder(*fmnist, data_cfg.cache_dir)
+        meta = fashion_mnist.read_labels(folder)
+        # idx order (not the folder's sorted order), so "the first N images" means what it says
+        samples = [Sample(os.path.join(folder, rel), fashion_mnist.CLASSES[lab])
+                   for rel, lab in zip(meta["images"], meta["labels"])]
+        return Listing(samples, [], f"Fashion-MNIST {fmnist[1]} split ({fmnist[0]})")
     if source == "synthetic":
         from .synthetic import ensure_synthetic
         folder = ensure_synthetic(data_cfg.cache_dir, data_cfg.synthetic_images, data_cfg.synthetic_resolution)
@@ -121,6 +149,9 @@ def resolve_source(data_cfg) -> Listing:
 
 def list_samples(data_cfg) -> List[Sample]:
     listing = resolve_source(data_cfg)
+    limit = int(getattr(data_cfg, "max_images", 0) or 0)
+    if limit:  # the first N of the source's own order (a file list's order; a folder's sorted order)
+        listing.samples = listing.samples[:limit]
     if listing.missing:
         n = len(listing.missing)
         shown = "\n  ".join(listing.missing[:_SHOW]) + ("\n  ..." if n > _SHOW else "")

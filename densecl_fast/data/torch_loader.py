@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import multiprocessing
+import os
+import signal
 from typing import Iterator, List, Sequence, Set, Tuple
 
 import numpy as np
@@ -44,7 +46,9 @@ class PathTable:
     page into every forked worker as reference counts are touched; numpy buffers are not."""
 
     def __init__(self, paths: Sequence[str]):
-        encoded = [p.encode("utf-8") for p in paths]
+        # os.fsencode: file names that are not UTF-8 (a Latin-1 name, say) come from os.walk as
+        # surrogate escapes and go back to the very same bytes.
+        encoded = [os.fsencode(p) for p in paths]
         self._blob = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
         self._ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
 
@@ -53,7 +57,7 @@ class PathTable:
 
     def __getitem__(self, i: int) -> str:
         start = int(self._ends[i - 1]) if i > 0 else 0
-        return self._blob[start:int(self._ends[i])].tobytes().decode("utf-8")
+        return os.fsdecode(self._blob[start:int(self._ends[i])].tobytes())
 
 
 class TwoViewDataset(Dataset):
@@ -89,15 +93,31 @@ class TwoViewDataset(Dataset):
                 torch.default_generator.manual_seed(mix_seed(self.seed, epoch, index))
                 q, k = self.transform(img)
             return q, k, bad
-        raise DataError(f"{MAX_ATTEMPTS} images in a row could not be read, e.g. {bad[-1][0]}: {bad[-1][1]}; "
-                        "check the data set with launch/scan_data.py")
+        # Not raised here: in a worker process it would reach the user wrapped in a worker traceback.
+        return None, None, bad
+
+
+def unreadable_error(bad: List[Tuple[str, str]]) -> DataError:
+    return DataError(f"{MAX_ATTEMPTS} images in a row could not be read, e.g. {bad[-1][0]}: {bad[-1][1]}; "
+                     "check the data set with launch/scan_data.py")
 
 
 def collate_two_views(items):
+    bad = [b for it in items for b in it[2]]
+    if any(it[0] is None for it in items):
+        return None, None, bad
     q = torch.stack([it[0] for it in items])
     k = torch.stack([it[1] for it in items])
-    bad = [b for it in items for b in it[2]]
     return q, k, bad
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader worker start-up: leave SIGTERM and SIGINT to the training process. A scheduler
+    (SLURM, Kubernetes, torchrun's agent) signals the whole process group; a worker that died of
+    it first would crash the trainer mid-step. The trainer finishes its step, checkpoints and
+    shuts the workers down; they also exit on their own when the trainer dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ShardedEpochSampler(Sampler):
@@ -155,12 +175,17 @@ class TorchTwoViewLoader:
             pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
             multiprocessing_context=_mp_context() if workers > 0 else None,
+            worker_init_fn=ignore_stop_signals if workers > 0 else None,
         )
         self.skipped = 0
         self.bad_files: Set[str] = set()
 
     def __len__(self) -> int:
         return self.sampler.steps
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_step)
@@ -177,5 +202,7 @@ class TorchTwoViewLoader:
         for q, k, bad in self._loader:
             if bad:
                 self._note_bad(bad)
+            if q is None:
+                raise unreadable_error(bad)
             yield (q.to(self.device, non_blocking=True, memory_format=fmt),
                    k.to(self.device, non_blocking=True, memory_format=fmt))
