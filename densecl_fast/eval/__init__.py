@@ -1,6 +1,6 @@
-"""Evaluation on frozen features: `python -m densecl_fast.eval MODE --checkpoint CKPT|random --data ...`.
+"""Evaluation of pretrained trunks: k-NN, linear probe, VOC07 SVM (full and low-shot), dense probe.
 
-Modules: `datasets` (labelled splits from the data sources), `features` (extraction once per
-checkpoint and split, cached on disk), `knn` and `linear` (the protocols, as pure functions on
-feature matrices), `__main__` (the command line).
+`python -m densecl_fast.eval MODE --checkpoint CKPT|random --data ... --out DIR`; see README
+("Evaluation"). Features of the frozen trunk are extracted once and cached (`features.py`), the
+protocols are pure functions on arrays (`knn.py`, `linear.py`, `svm.py`, `dense.py`).
 """

@@ -1,120 +1,196 @@
-"""python -m densecl_fast.eval MODE --checkpoint CKPT|random --data SOURCE [--out DIR]
+"""python -m densecl_fast.eval MODE --checkpoint CKPT|random [--arch A] --data DATA --out DIR
 
-    python -m densecl_fast.eval knn --checkpoint runs/x/checkpoints/ckpt_000001248.pt \\
-        --data fashion-mnist:/usr/share/datasets/fashion-mnist --image-size 64 --max-val 2000
-    python -m densecl_fast.eval linear --checkpoint random --arch resnet18 --data synthetic
-
-Modes: knn (weighted k-NN, k = 20, T = 0.07; --k 10,20,100,200), linear (quick linear probe on cached
-features). Writes DIR/<mode>.json and DIR/<mode>.md and prints one summary line. Errors are one line
-on stderr, exit status 2.
+MODE: knn | linear | svm | lowshot | dense. Writes DIR/<MODE>.json and DIR/<MODE>.md and prints
+one summary line. A bad argument, data set or checkpoint is one line `error: ...` on stderr and
+exit status 2.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
-import torch
 
-from ..checkpoint import CheckpointError
 from ..data import DataError
-from ..weights import ARCHS, WeightsError
-from . import features as feat
-from .datasets import load_splits
-from .knn import DEFAULT_K, TEMPERATURE, knn_accuracy
-from .linear import quick_linear
+from ..weights import WeightsError
+from . import dense, features, knn, linear, report, svm
+from .datasets import load_eval_data
 
-MODES = ("knn", "linear")
+MODES = ("knn", "linear", "svm", "lowshot", "dense")
 
 
-def parse(argv):
-    p = argparse.ArgumentParser(prog="python -m densecl_fast.eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("mode", choices=MODES)
-    p.add_argument("--checkpoint", required=True, help="weights file (training checkpoint, export, ...) or 'random'")
-    p.add_argument("--arch", choices=ARCHS, help="needed with --checkpoint random; else checked against the file")
-    p.add_argument("--encoder", default="query", choices=("query", "key"))
-    p.add_argument("--data", required=True, help="fashion-mnist:ROOT | synthetic | image folder | .txt list")
-    p.add_argument("--val", default="", help="evaluation set (default: the test split / every 5th image held out)")
-    p.add_argument("--max-train", type=int, default=0, help="first N training images (0 = all)")
-    p.add_argument("--max-val", type=int, default=0, help="first N evaluation images (0 = all)")
-    p.add_argument("--image-size", type=int, default=224, help="eval resolution (64 for Fashion-MNIST's 28 px)")
-    p.add_argument("--k", default=str(DEFAULT_K), help="knn: comma list of k")
-    p.add_argument("--temperature", type=float, default=TEMPERATURE, help="knn: vote temperature")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random trunk")
-    p.add_argument("--out", default="eval_results", help="folder for <mode>.json and <mode>.md")
-    p.add_argument("--cache-dir", default="~/.cache/densecl_fast/features")
-    p.add_argument("--data-cache-dir", default="~/.cache/densecl_fast", help="where built-in/converted data live")
-    p.add_argument("--synthetic-images", type=int, default=512, help="size of the built-in set (as data.synthetic_images)")
-    p.add_argument("--synthetic-resolution", type=int, default=160, help="its image side (as data.synthetic_resolution)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+class UsageError(ValueError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's own exit code, without the usage block)
+        raise UsageError(message)
+
+
+def _ints(s: str, what: str):
     try:
-        args.ks = sorted({int(k) for k in args.k.split(",")})
+        v = [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        p.error(f"--k {args.k!r}: give integers, e.g. 10,20,100,200")
-    if min(args.ks) < 1 or args.image_size < 32 or args.max_train < 0 or args.max_val < 0:
-        p.error("--k must be >= 1, --image-size >= 32, --max-train/--max-val >= 0")
-    return args
+        raise UsageError(f"{what} {s!r}: give comma-separated integers") from None
+    if not v or min(v) < 1:
+        raise UsageError(f"{what} {s!r}: give positive integers")
+    return v
 
 
-def run(args) -> dict:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    train, val = load_splits(args.data, args.val, max_train=args.max_train, max_val=args.max_val,
-                             cache_dir=args.data_cache_dir, synthetic_images=args.synthetic_images,
-                             synthetic_resolution=args.synthetic_resolution)
-    trunk, arch, weights_id = feat.build_trunk(args.checkpoint, args.arch, args.encoder, args.seed)
-    kw = dict(batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
-    t0 = time.perf_counter()
-    xtr = feat.cached_features(trunk, weights_id, train, args.image_size, device, args.cache_dir, **kw)
-    xte = feat.cached_features(trunk, weights_id, val, args.image_size, device, args.cache_dir, **kw)
-    ytr, yte = torch.from_numpy(train.labels), torch.from_numpy(val.labels)
-    n_cls = len(train.classes)
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m densecl_fast.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("mode", help=" | ".join(MODES))
+    p.add_argument("--checkpoint", required=True, help="training checkpoint / exported trunk / any file densecl_fast.weights reads, or 'random'")
+    p.add_argument("--arch", help="resnet18/34/50/101 (required with random; else a check)")
+    p.add_argument("--encoder", default="query", choices=("query", "key"))
+    p.add_argument("--seed", type=int, default=0, help="random trunk init, training seeds, low-shot sampling")
+    p.add_argument("--data", required=True, help="synthetic | image folder | .txt list | VOC devkit | fashion-mnist:ROOT")
+    p.add_argument("--val", default="", help="separate val folder / list (else a deterministic split)")
+    p.add_argument("--root", default="", help="base folder of relative paths in a .txt list")
+    p.add_argument("--max-train", type=int, default=0, help="first N training images (0 = all)")
+    p.add_argument("--max-val", type=int, default=0, help="first N eval images (0 = all)")
+    p.add_argument("--synthetic-images", type=int, default=512)
+    p.add_argument("--synthetic-resolution", type=int, default=160)
+    p.add_argument("--data-cache-dir", default="~/.cache/densecl_fast", help="where the built-in set is generated")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64, help="extraction batch")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--cache-dir", default="~/.cache/densecl_fast/features")
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--k", default="20", help="knn: comma list of k")
+    p.add_argument("--temperature", type=float, default=knn.TEMPERATURE)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", choices=("imagenet",), help="linear: the seed recipe through the trunk (GPU)")
+    g.add_argument("--quick", action="store_true", help="linear: on cached features (the default)")
+    p.add_argument("--epochs", type=int, help="linear / dense: epochs (default: the recipe's)")
+    p.add_argument("--lr", type=float, help="linear quick / dense: learning rate")
+    p.add_argument("--layers", default="c5", help="svm/lowshot: comma list of c2..c5")
+    p.add_argument("--costs", default=",".join(str(c) for c in svm.COSTS), help="svm: costs (+ 0.5**4..0.5**19 unless --no-extra-costs)")
+    p.add_argument("--no-extra-costs", action="store_true")
+    p.add_argument("--shots", default=",".join(map(str, svm.LOWSHOT_K)), help="lowshot: positives per class")
+    p.add_argument("--samples", type=int, default=svm.LOWSHOT_SAMPLES, help="lowshot: independent draws")
+    p.add_argument("--layer", default="c4", choices=("c4", "c5"), help="dense: feature map")
+    return p
+
+
+def run(args) -> tuple[dict, list, str]:
+    if args.mode not in MODES:
+        raise UsageError(f"unknown mode {args.mode!r}: use one of {', '.join(MODES)}")
+    if args.image_size < 32:
+        raise UsageError(f"--image-size {args.image_size}: at least 32")
+    if args.checkpoint == "random" and not args.arch:
+        raise UsageError("--checkpoint random needs --arch (e.g. --arch resnet18)")
+    layers = [s.strip() for s in args.layers.split(",") if s.strip()]
+    if args.mode in ("svm", "lowshot") and (not layers or set(layers) - set(features.SVM_POOL_GRID)):
+        raise UsageError(f"--layers {args.layers!r}: use c2, c3, c4, c5")
+    ks = _ints(args.k, "--k")
+    shots = _ints(args.shots, "--shots")
+    try:
+        costs = svm.cost_list([float(c) for c in args.costs.split(",") if c.strip()], not args.no_extra_costs)
+    except ValueError:
+        raise UsageError(f"--costs {args.costs!r}: give comma-separated numbers") from None
+    if args.preset and args.mode != "linear":
+        raise UsageError("--preset is for the linear mode")
+    try:
+        device = features.resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    progress = not args.no_progress
+    task = {"knn": "cls", "linear": "cls", "svm": "multilabel", "lowshot": "multilabel", "dense": "seg"}[args.mode]
+    train, test = load_eval_data(args.data, task=task, val=args.val, root=args.root, max_train=args.max_train,
+                                 max_val=args.max_val, synthetic_images=args.synthetic_images,
+                                 synthetic_resolution=args.synthetic_resolution, data_cache_dir=args.data_cache_dir)
+    if not len(train) or not len(test):
+        raise DataError(f"--data {args.data}: empty {'train' if not len(train) else 'eval'} split")
+    trunk, arch, trunk_id = features.build_trunk(args.checkpoint, args.arch, args.seed, args.encoder)
+    names = {"knn": ["pool5"], "linear": ["pool5"], "svm": [f"svm_{l}" for l in layers],
+             "lowshot": [f"svm_{l}" for l in layers], "dense": [f"map_{args.layer}"]}[args.mode]
+    cache = None if args.no_cache else args.cache_dir
+    kw = dict(image_size=args.image_size, device=device, cache_dir=cache, batch_size=args.batch_size,
+              workers=args.workers, progress=progress)
+    t0 = time.time()
+    need_train = not (args.mode == "linear" and args.preset)
+    ftr, how_tr = features.get_features(trunk, trunk_id, train, names, **kw) if need_train else ({}, "not needed")
+    fte, how_te = features.get_features(trunk, trunk_id, test, names, **kw)
+    t_feat = time.time() - t0
+    res = {"mode": args.mode, "checkpoint": args.checkpoint, "arch": arch, "encoder": args.encoder, "seed": args.seed,
+           "data": args.data, "image_size": args.image_size, "num_train": len(train), "num_eval": len(test),
+           "train_split": train.name, "eval_split": test.name, "classes": train.classes, "feature_names": names,
+           "features": {"train": how_tr, "eval": how_te, "seconds": round(t_feat, 2)}, "device": str(device)}
+    nc = len(train.classes)
     if args.mode == "knn":
-        accs = knn_accuracy(xtr, ytr, xte, yte, args.ks, n_cls, args.temperature)
-        metrics = {f"top1_k{k}": a for k, a in accs.items()}
-        protocol = f"weighted kNN, cosine, T = {args.temperature}"
+        acc = knn.knn_accuracy(ftr["pool5"], train.labels, fte["pool5"], test.labels, ks, nc, args.temperature)
+        res.update(top1={str(k): v for k, v in acc.items()}, temperature=args.temperature)
+        rows = [(f"top-1 (k={k}, T={args.temperature})", f"{v:.2f}") for k, v in acc.items()]
+        line = ", ".join(f"k={k} top-1 {v:.2f}%" for k, v in acc.items())
+    elif args.mode == "linear":
+        if args.preset == "imagenet":
+            r = linear.train_imagenet_preset(trunk, train, fte["pool5"], test.labels, nc, image_size=args.image_size,
+                                             device=device, workers=args.workers, epochs=args.epochs, seed=args.seed,
+                                             progress=progress)
+            res["recipe"] = "imagenet"
+        else:
+            r = linear.train_quick(ftr["pool5"], train.labels, fte["pool5"], test.labels, nc,
+                                   epochs=args.epochs or linear.QUICK_EPOCHS, lr=args.lr or linear.QUICK_LR,
+                                   seed=args.seed, progress=progress)
+            res["recipe"] = "quick"
+        res.update(r)
+        rows = [("top-1", f"{r['top1']:.2f}"), ("recipe", res["recipe"]), ("epochs", str(r["epochs"]))]
+        line = f"linear ({res['recipe']}) top-1 {r['top1']:.2f}%"
+    elif args.mode == "svm":
+        res["costs"] = costs
+        per_layer, rows = {}, []
+        for n, l in zip(names, layers):
+            r = svm.svm_full(ftr[n], train.multilabel_targets(), fte[n], test.multilabel_targets(), train.classes,
+                             costs, progress)
+            per_layer[l] = r
+            rows.append((f"mAP {l}", f"{r['mAP']:.2f}"))
+        res["layers"] = per_layer
+        line = ", ".join(f"{l} mAP {per_layer[l]['mAP']:.2f}" for l in layers)
+    elif args.mode == "lowshot":
+        res["costs"] = costs
+        per_layer, rows = {}, []
+        for n, l in zip(names, layers):
+            r = svm.svm_lowshot(ftr[n], train.multilabel_targets(), fte[n], test.multilabel_targets(), train.classes,
+                                costs, shots, args.samples, args.seed, progress)
+            if not r["k"]:
+                raise DataError(f"low-shot: no k of {shots} is possible on this training split: {r['skipped']}")
+            per_layer[l] = r
+            rows += [(f"{l} k={k}", f"{v['mean']:.2f} ± {v['std']:.2f}") for k, v in r["k"].items()]
+            rows += [(f"{l} k={k}", f"skipped: {why}") for k, why in r["skipped"].items()]
+        res["layers"] = per_layer
+        line = "; ".join(f"{l}: " + ", ".join(f"k={k} {v['mean']:.2f}±{v['std']:.2f}" for k, v in per_layer[l]["k"].items())
+                         for l in layers)
     else:
-        metrics = quick_linear(xtr, ytr, xte, yte, n_cls)
-        protocol = "quick linear probe (standardised pooled C5, L-BFGS cross-entropy)"
-    return {"mode": args.mode, "checkpoint": args.checkpoint, "weights": weights_id, "encoder": args.encoder,
-            "arch": arch, "data": args.data, "train": train.name,
-            "val": val.name, "n_train": len(train), "n_val": len(val), "classes": n_cls,
-            "image_size": args.image_size, "protocol": protocol, "metrics": metrics,
-            "seconds": round(time.perf_counter() - t0, 1)}
-
-
-def write(result: dict, out: str) -> str:
-    os.makedirs(out, exist_ok=True)
-    base = os.path.join(out, result["mode"])
-    with open(base + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    rows = "\n".join(f"| {k} | {v:.2f} |" for k, v in result["metrics"].items())
-    with open(base + ".md", "w") as f:
-        f.write(f"# {result['mode']}: {result['checkpoint']}\n\n{result['protocol']}; train {result['train']} "
-                f"({result['n_train']}), eval {result['val']} ({result['n_val']}), {result['image_size']} px\n\n"
-                f"| metric | % |\n|---|---|\n{rows}\n")
-    return base
+        n = names[0]
+        r = dense.train_dense(ftr[n], dense.load_masks(train, args.image_size), fte[n],
+                              dense.load_masks(test, args.image_size), nc, epochs=args.epochs or dense.DENSE_EPOCHS,
+                              lr=args.lr or dense.DENSE_LR, seed=args.seed, progress=progress, device=device)
+        res.update(r, layer=args.layer)
+        rows = [(f"mIoU ({args.layer})", f"{r['mIoU']:.2f}"), ("pixel accuracy", f"{r['pixel_acc']:.2f}")]
+        line = f"dense probe ({args.layer}) mIoU {r['mIoU']:.2f}%"
+    return res, rows, line
 
 
 def main(argv=None) -> int:
-    args = parse(argv)
     try:
-        result = run(args)
-    except (DataError, WeightsError, CheckpointError, ValueError, OSError) as e:
+        args = parser().parse_args(argv)
+        res, rows, line = run(args)
+        jpath, mpath = report.write(args.out, args.mode, res, rows)
+    except (UsageError, DataError, WeightsError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
-    base = write(result, args.out)
-    summary = ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items())
-    print(f"{result['mode']} {result['checkpoint']}: {summary} ({result['n_val']} eval images); {base}.json")
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}".replace("error: : ", "error: "), file=sys.stderr)
+        return 2
+    feats = res["features"]
+    print(f"{args.mode} {res['checkpoint']} ({res['arch']}) on {res['data']} [{res['eval_split']}, {res['num_eval']} images]: "
+          f"{line} (features {feats['train']}/{feats['eval']}; wrote {jpath}, {mpath})")
     return 0
 
 

@@ -1,97 +1,180 @@
-"""Frozen-trunk features: extracted once per (weights, split, image size, encoder), cached on disk.
+"""Frozen-trunk features: build the trunk, preprocess, extract once, cache on disk.
 
-The trunk runs in eval mode (BN with its running statistics, as downstream use sees it); on a GPU
-in bf16 autocast and channels-last. Images: short side resized to `image_size`, centre crop,
-ImageNet mean/std (the pretraining normalisation). Feature = global average pool of C5.
-A cache entry is keyed by the weights file's absolute path, size and modification time (or the arch
-and seed of a random trunk), the encoder, the split's name and length and the image size, so a
-rewritten checkpoint or another split never reuses stale features.
+Preprocessing (all modes): resize the short side to `image_size` (bilinear, antialiased), center
+crop `image_size`, ImageNet mean/std; grayscale and palette images become RGB first.
+
+Feature names:
+  pool5                  global average of C5 (k-NN, linear probe)
+  svm_c2 .. svm_c5       C2..C5 average-pooled to a fixed grid and flattened, the grids of
+                         OpenSelfSup's MultiPooling(pool_type="adaptive") (POOL_SIZES resnet50:
+                         C2 6x6, C3 4x4, C4 3x3, C5 2x2 -> 9216/8192/9216/8192 dims for ResNet-50)
+  map_c4, map_c5         the C4 / C5 maps themselves (dense probe), stored as float16
+
+Cache: one .npy per (trunk identity, data fingerprint, split, image size, feature name) under
+`cache_dir`, written atomically. The trunk identity of a file is its real path, size and mtime
+(plus the encoder); of `random` the arch, seed and torch version (the init depends on torch's RNG).
+`EXTRACTED` counts extraction passes in this process (tests check a second run reuses the cache).
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from typing import Optional, Tuple
+import sys
+from typing import Dict, Iterable, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
+import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from ..checkpoint import atomic_save
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..model import ResNetTrunk
-from ..weights import load_backbone_state
+from ..weights import ARCHS, WeightsError, load_backbone_state
 
-extractions = 0  # trunk passes over a split in this process (tests check the cache with it)
+CACHE_VERSION = 1
+SVM_POOL_GRID = {"c2": 6, "c3": 4, "c4": 3, "c5": 2}   # OpenSelfSup MultiPooling POOL_SIZES (resnet50)
+FEATURE_NAMES = ("pool5", "svm_c2", "svm_c3", "svm_c4", "svm_c5", "map_c4", "map_c5")
+EXTRACTED = {"passes": 0, "images": 0}
 
 
-def build_trunk(checkpoint: str, arch: Optional[str], encoder: str = "query",
-                seed: int = 0) -> Tuple[ResNetTrunk, str, str]:
-    """`checkpoint` = a weights file (any layout `weights.read_weights` takes) or 'random'.
-    -> (trunk in eval mode, arch, an id of the weights for the feature cache)."""
+def eval_transform(image_size: int):
+    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+                      T.CenterCrop(image_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def build_trunk(checkpoint: str, arch: Optional[str], seed: int, encoder: str = "query") -> Tuple[ResNetTrunk, str, str]:
+    """-> (trunk in eval mode, arch, identity string). `checkpoint="random"`: the seeded random init."""
     if checkpoint == "random":
         if not arch:
-            raise ValueError("--checkpoint random needs --arch (resnet18/34/50/101)")
+            raise WeightsError("--checkpoint random needs --arch (resnet18/34/50/101)")
+        if arch not in ARCHS:
+            raise WeightsError(f"--arch {arch}: use one of {', '.join(ARCHS)}")
         torch.manual_seed(seed)
-        return ResNetTrunk(arch).eval(), arch, f"random:{arch}:seed{seed}"
-    arch, state = load_backbone_state(checkpoint, encoder=encoder, arch=arch)
-    trunk = ResNetTrunk(arch)
-    trunk.load_state_dict(state)
-    st = os.stat(checkpoint)
-    return trunk.eval(), arch, f"{os.path.abspath(checkpoint)}:{st.st_size}:{int(st.st_mtime_ns)}:{encoder}"
+        trunk = ResNetTrunk(arch)
+        ident = f"random:{arch}:{seed}:torch{torch.__version__}"
+    else:
+        path = os.path.abspath(os.path.expanduser(checkpoint))
+        if not os.path.isfile(path):
+            raise WeightsError(f"{checkpoint}: no such file")
+        arch_found, state = load_backbone_state(path, encoder=encoder, arch=arch)
+        trunk = ResNetTrunk(arch_found)
+        missing, unexpected = trunk.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise WeightsError(f"{checkpoint}: trunk keys do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        arch = arch_found
+        st = os.stat(os.path.realpath(path))
+        ident = f"file:{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}:{encoder}"
+    return trunk.eval(), arch, ident
+
+
+def stages(trunk: ResNetTrunk, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    x = trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(x))))
+    c2 = trunk.layer1(x)
+    c3 = trunk.layer2(c2)
+    c4 = trunk.layer3(c3)
+    return {"c2": c2, "c3": c3, "c4": c4, "c5": trunk.layer4(c4)}
+
+
+def features_from_stages(st: Dict[str, torch.Tensor], names: Iterable[str]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for n in names:
+        if n == "pool5":
+            out[n] = st["c5"].float().mean(dim=(2, 3))
+        elif n.startswith("svm_"):
+            out[n] = F.adaptive_avg_pool2d(st[n[4:]].float(), SVM_POOL_GRID[n[4:]]).flatten(1)
+        elif n.startswith("map_"):
+            out[n] = st[n[4:]].float().half()
+        else:
+            raise ValueError(f"unknown feature {n!r}")
+    return out
 
 
 class _Images(Dataset):
-    def __init__(self, split, image_size: int):
-        self.split, self.size = split, image_size
+    def __init__(self, split, image_size):
+        self.split, self.tf = split, eval_transform(image_size)
 
     def __len__(self):
         return len(self.split)
 
     def __getitem__(self, i):
-        img = TF.resize(self.split.get(i), self.size, antialias=True)
-        img = TF.center_crop(img, [self.size, self.size])
-        return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+        return self.tf(self.split.load(i))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available")
+    return torch.device(device)
 
 
 @torch.no_grad()
-def extract(trunk, split, image_size: int, device: torch.device, batch_size: int = 256,
-            workers: int = 0, progress: bool = True) -> torch.Tensor:
-    """-> float32 [N, C] pooled C5 features of every image of `split`, in order."""
-    global extractions
-    extractions += 1
+def extract(trunk: ResNetTrunk, split, names: List[str], image_size: int, device: torch.device,
+            batch_size: int = 64, workers: int = 0, progress: bool = True) -> Dict[str, np.ndarray]:
+    """One pass over `split`: every requested feature, as numpy arrays in item order. On CUDA the
+    forward runs in bf16 autocast with channels-last; on the CPU in fp32."""
+    from tqdm import tqdm
     trunk = trunk.to(device).eval()
     cuda = device.type == "cuda"
     if cuda:
         trunk = trunk.to(memory_format=torch.channels_last)
-    loader = DataLoader(_Images(split, image_size), batch_size=batch_size, num_workers=workers, pin_memory=cuda)
-    out = []
-    for x in tqdm(loader, desc=f"features {split.name}", unit="batch", disable=not progress, dynamic_ncols=True):
-        x = x.to(device, non_blocking=True, memory_format=torch.channels_last if cuda else torch.contiguous_format)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            c5 = trunk(x)
-        out.append(c5.float().mean(dim=(2, 3)).cpu())
-    return torch.cat(out) if out else torch.zeros(0, trunk.out_channels)
+    loader = DataLoader(_Images(split, image_size), batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=cuda)
+    parts: Dict[str, list] = {n: [] for n in names}
+    bar = tqdm(total=len(split), desc=f"features {split.name}", unit="img", disable=not progress, file=sys.stderr)
+    for x in loader:
+        x = x.to(device, non_blocking=True)
+        if cuda:
+            x = x.to(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            feats = features_from_stages(stages(trunk, x), names)
+        for n, v in feats.items():
+            parts[n].append(v.cpu().numpy())
+        bar.update(len(x))
+    bar.close()
+    EXTRACTED["passes"] += 1
+    EXTRACTED["images"] += len(split)
+    return {n: np.concatenate(v) for n, v in parts.items()}
 
 
-def cached_features(trunk, weights_id: str, split, image_size: int, device: torch.device, cache_dir: str,
-                    **kw) -> torch.Tensor:
-    key = json.dumps({"weights": weights_id, "split": split.name, "n": len(split), "size": image_size, "v": 1})
-    path = os.path.join(os.path.expanduser(cache_dir), hashlib.sha256(key.encode()).hexdigest()[:20] + ".pt")
-    if os.path.isfile(path):
-        try:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-            if entry.get("key") == key:
-                return entry["features"]
-        except Exception:  # a damaged cache entry is recomputed, never trusted
-            pass
-    feats = extract(trunk, split, image_size, device, **kw)
-    atomic_save({"key": key, "features": feats}, path)
-    return feats
+def cache_path(cache_dir: str, trunk_id: str, split, image_size: int, name: str) -> str:
+    key = f"v{CACHE_VERSION}|{trunk_id}|{split.fingerprint()}|{split.name}|{len(split)}|{image_size}|{name}"
+    digest = hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    return os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), f"{name}-{split.name}-{digest}.npy")
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=1)
+def _save_atomic(arr: np.ndarray, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
+
+
+def get_features(trunk, trunk_id: str, split, names: List[str], *, image_size: int, device: torch.device,
+                 cache_dir: Optional[str], batch_size: int = 64, workers: int = 0,
+                 progress: bool = True) -> Tuple[Dict[str, np.ndarray], str]:
+    """Features of `split` from the cache where present, else one extraction pass for the rest.
+    -> (features, "cached" | "extracted")."""
+    out, todo = {}, []
+    for n in names:
+        p = cache_path(cache_dir, trunk_id, split, image_size, n) if cache_dir else None
+        if p and os.path.isfile(p):
+            try:
+                out[n] = np.load(p, allow_pickle=False)
+                continue
+            except (OSError, ValueError):
+                pass  # a damaged cache file: extract again
+        todo.append(n)
+    if not todo:
+        return out, "cached"
+    new = extract(trunk, split, todo, image_size, device, batch_size, workers, progress)
+    for n, v in new.items():
+        if cache_dir:
+            try:
+                _save_atomic(v, cache_path(cache_dir, trunk_id, split, image_size, n))
+            except OSError as e:
+                print(f"warning: cannot write the feature cache under {cache_dir}: {e}", file=sys.stderr)
+        out[n] = v
+    return out, "extracted"
