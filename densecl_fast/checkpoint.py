@@ -98,14 +98,15 @@ def checksum(state: dict) -> str:
     return h.hexdigest()
 
 
-def atomic_save(obj, path: str) -> None:
-    """Write to a temp file in the same folder, fsync, rename: a crash never leaves half a file."""
+def atomic_save(obj, path: str, dump=None) -> None:
+    """Write to a temp file in the same folder, fsync, rename: a crash never leaves half a file.
+    `dump(obj, file)` serialises (default torch.save, looked up at call time)."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            (dump or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

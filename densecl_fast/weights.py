@@ -432,22 +432,6 @@ def load_into_model(model, path: str) -> LoadReport:
 # Writing
 # --------------------------------------------------------------------------------------------
 
-def _atomic_pickle(obj, path: str) -> None:
-    """Pickle to a temp file in the same folder, then rename (as checkpoint.atomic_save does for torch)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            pickle.dump(obj, f, protocol=4)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def export_backbone(state: dict, arch: str, fmt: str, out: str, meta: dict) -> list[str]:
     """Write a trunk (torchvision names) as `fmt`, plus a sidecar `out + '.json'` with `meta`.
 
@@ -471,8 +455,8 @@ def export_backbone(state: dict, arch: str, fmt: str, out: str, meta: dict) -> l
         atomic_save({"state_dict": {"backbone." + k: v for k, v in state.items()}, "meta": {"densecl_fast": meta}}, out)
     else:
         model = {tv_to_d2(k): v.numpy() for k, v in state.items() if not k.endswith("num_batches_tracked")}
-        _atomic_pickle({"model": model, "__author__": "densecl_fast", "matching_heuristics": True,
-                        "densecl_fast": meta}, out)
+        atomic_save({"model": model, "__author__": "densecl_fast", "matching_heuristics": True,
+                     "densecl_fast": meta}, out, dump=lambda o, f: pickle.dump(o, f, protocol=4))
     side = out + ".json"
     with open(side, "w") as f:
         json.dump(meta, f, indent=2, default=str)
