@@ -1,6 +1,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 # Triton kernels run on CPU tensors through the interpreter when there is no GPU. The flag is
@@ -13,3 +14,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    """Where a test module's built-in data set is generated (once per module)."""
+    return str(tmp_path_factory.mktemp("data_cache"))

@@ -24,6 +24,7 @@ from densecl_fast.config import DataConfig, ConfigError, load_config
 from densecl_fast.data import DataError
 from densecl_fast.data.sources import list_images, read_file_list
 from densecl_fast.data.torch_loader import TorchTwoViewLoader
+from helpers import tiny
 from densecl_fast.trainer import NonFiniteLossError, lr_at, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,22 +41,6 @@ def _load_script(name, path):
 
 pretrain_cli = _load_script("pretrain_cli", PRETRAIN)
 scan_cli = _load_script("scan_cli", SCAN)
-
-
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data_cache"))
-
-
-def tiny(out_dir, data_cache, *extra):
-    return [
-        "model.arch=resnet18", "model.hid_dim=32", "model.out_dim=16", "model.queue_len=64", "model.bn_group_size=4",
-        "data.source=synthetic", "data.image_size=64", "data.synthetic_images=32", "data.synthetic_resolution=80",
-        "data.num_workers=0", f"data.cache_dir={data_cache}",
-        "optim.epochs=2", "optim.batch_size=8", f"train.out_dir={out_dir}", "train.log_every=1",
-        "train.tensorboard=false", "train.progress=false", "train.deterministic=true", "train.ckpt_every_epochs=1",
-        *extra,
-    ]
 
 
 @pytest.fixture(scope="module")
