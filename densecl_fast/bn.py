@@ -22,22 +22,28 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x):
         if not self.training or self.groups <= 1:
             return super().forward(x)
-        g, c = self.groups, x.shape[1]
-        xf = x.unflatten(0, (g, x.shape[0] // g)).float()  # G x B x C x H x W; a view in any layout
-        mean = xf.mean(dim=(1, 3, 4), keepdim=True)
-        var = xf.var(dim=(1, 3, 4), unbiased=False, keepdim=True)
-        y = (xf - mean) * torch.rsqrt(var + self.eps)
-        if self.affine:
-            y = y * self.weight.view(1, 1, c, 1, 1) + self.bias.view(1, 1, c, 1, 1)
+        # One fused batch-norm kernel per group (consecutive images: a contiguous slice of the
+        # batch in either memory format), without running stats; the running stats are then
+        # updated once from the groups' saved statistics. Written with mean/var over a 5-D view
+        # instead, the same computation took ~8 passes over every activation in fp32 and made
+        # the eager bf16 step 2.5x slower on an H200 (perf/RESULTS.md, 2026-12-04).
+        outs, means, invstds = [], [], []
+        for xg in x.chunk(self.groups):
+            y, mean, invstd = torch.native_batch_norm(xg, self.weight, self.bias, None, None, True, 0.0, self.eps)
+            outs.append(y)
+            means.append(mean)
+            invstds.append(invstd)
         if self.track_running_stats:
             with torch.no_grad():
-                m = xf.numel() // (g * c)
+                mean, invstd = torch.stack(means), torch.stack(invstds)
+                var = invstd.float().pow(-2) - self.eps  # biased variance of each group
+                m = x.numel() // (self.groups * x.shape[1])
                 self.num_batches_tracked.add_(1)
                 mom = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.lerp_(mean.mean(0).flatten().to(self.running_mean.dtype), mom)
-                unbiased = var.mean(0).flatten() * (m / max(m - 1, 1))
+                self.running_mean.lerp_(mean.float().mean(0).to(self.running_mean.dtype), mom)
+                unbiased = var.mean(0) * (m / max(m - 1, 1))
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), mom)
-        return y.flatten(0, 1).to(x.dtype)
+        return torch.cat(outs)
 
 
 def convert_to_group_bn(module: nn.Module) -> nn.Module:

@@ -16,12 +16,16 @@ import argparse
 import os
 import sys
 
-import pytest
-import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# Run as a script, perf/ comes first on sys.path and perf/profile.py would shadow the standard
+# library's `profile`, which torch.compile imports (through cProfile).
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import kernels  # noqa: E402
 

@@ -210,6 +210,36 @@ def test_group_bn_equals_bn_per_group_and_plain_bn_in_eval():
     torch.testing.assert_close(gbn(x), plain(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_group_bn_backward_equals_bn_per_group(dtype):
+    """Gradients to the input, weight and bias are those of one BatchNorm2d per group, for
+    either memory format and for bf16 activations (as under autocast: fp32 weights)."""
+    torch.manual_seed(1)
+    gbn = GroupBatchNorm2d(6)
+    gbn.weight.data.uniform_(0.5, 1.5)
+    gbn.bias.data.uniform_(-1, 1)
+    gbn.groups = 4
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        gbn.zero_grad()
+        ref = [nn.BatchNorm2d(6) for _ in range(4)]
+        for r in ref:
+            r.load_state_dict(gbn.state_dict())
+        x = (torch.randn(8, 6, 5, 3) * 3 + 1).to(dtype).contiguous(memory_format=fmt)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y = gbn(x1)
+        assert y.dtype == dtype and y.shape == x.shape
+        g = torch.randn(y.shape).to(dtype)
+        (y.float() * g.float()).sum().backward()
+        exp = torch.cat([r(x2.float()[2 * i:2 * i + 2]) for i, r in enumerate(ref)])
+        (exp * g.float()).sum().backward()
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output is rounded to bf16
+        torch.testing.assert_close(y.float(), exp, rtol=tol, atol=tol)
+        torch.testing.assert_close(x1.grad.float(), x2.grad.float(), rtol=tol, atol=tol)
+        ptol = 1e-4 if dtype == torch.float32 else 1e-2  # bf16: sums of bf16-rounded terms
+        torch.testing.assert_close(gbn.weight.grad, sum(r.weight.grad for r in ref), rtol=ptol, atol=ptol)
+        torch.testing.assert_close(gbn.bias.grad, sum(r.bias.grad for r in ref), rtol=ptol, atol=ptol)
+
+
 def test_key_batch_is_shuffled_before_grouped_bn():
     """With groups, a key's BN group is a random subset: its features depend on the shuffle."""
     torch.manual_seed(0)
