@@ -14,6 +14,14 @@ import triton.language as tl
 # one that decides whether the kernels in this package run through the numpy interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
+# Logits are kept in base 2 inside the kernels, so that every exponential is one exp2
+# instruction: s2 = s * LOG2E, and a base-2 log-sum-exp times LN2 is the natural one.
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# The same numbers for @triton.jit code, which may read only constexpr globals.
+LOG2E_C = tl.constexpr(LOG2E)
+LN2_C = tl.constexpr(LN2)
+
 # Dtypes the kernels accept. tl.dot accumulates in fp32 for all three.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -64,6 +72,34 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "tf32x3"
     return "tf32"
+
+
+def grad_dot_precision(dtype: torch.dtype) -> str:
+    """input_precision for the product p @ queue^T that forms a gradient (only fp32 tiles care).
+
+    Single-pass TF32: p <= 1 is a probability, and rounding it and the queue to TF32's 10-bit
+    mantissa costs ~2^-11 relative per term, the fp16 path's accuracy (the bf16 path rounds p
+    to 8 bits, like flash-attention). The three-pass "tf32x3" here makes every fp32 tile of
+    the one-pass kernel spill on sm_90 (180-1,100 bytes at 255 registers, perf/AOT_SM90.md),
+    while the logits, whose rounding moves every probability, keep dot_precision's choice."""
+    if torch.version.hip is not None:
+        return "ieee"
+    return "tf32"
+
+
+ARCH_FAMILIES = ("sm90", "sm80")
+
+
+def arch_family_of(major: int) -> str:
+    """Which tile table a GPU uses: "sm90" (Hopper and later: wgmma, 227 KiB shared memory
+    per block) or "sm80" (Ampere/Ada: mma.sync with register operands, 163 KiB). Tables of
+    later architectures than sm_90 are not compiled or checked here."""
+    return "sm90" if major >= 9 else "sm80"
+
+
+@functools.lru_cache(maxsize=None)
+def arch_family(device_index: int) -> str:
+    return arch_family_of(torch.cuda.get_device_capability(device_index)[0])
 
 
 @functools.lru_cache(maxsize=None)

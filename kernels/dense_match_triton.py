@@ -23,6 +23,7 @@ import triton.language as tl
 
 from ._common import (
     INTERPRET,
+    arch_family,
     autotune_configs,
     can_run_on,
     cast,
@@ -38,22 +39,43 @@ from ._common import (
 _MAX_BLOCK_K = 16 if INTERPRET else 64
 
 
+# (BLOCK_Q, BLOCK_C, num_warps, num_stages) the autotuner may try, per (GPU family, width of
+# the C5 features). Every entry compiles at C = 2048, S^2 = 49 with no register spill and fits
+# shared memory (perf/AOT_SM90.md, tests/test_kernels_aot.py). The model hands over bf16 C5
+# maps under autocast; fp32 features compare through three-pass TF32 (tf32x3), whose split
+# operands need many registers: on sm_90 only these three tiles fit without spills, on sm_80
+# only tiles of at most 32 x 32.
+TILES = {
+    ("sm90", "16bit"): [(64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3), (32, 128, 4, 3), (32, 64, 4, 4),
+                        (16, 128, 4, 3)],
+    ("sm90", "fp32"): [(64, 32, 4, 3), (16, 64, 4, 3), (64, 64, 8, 3)],
+    ("sm80", "16bit"): [(64, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 3), (32, 64, 4, 4), (16, 128, 4, 3)],
+    ("sm80", "fp32"): [(16, 16, 4, 3), (16, 32, 4, 3), (32, 16, 4, 3), (32, 32, 4, 3)],
+}
+
+
+def _width(dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
 def _configs():
-    gpu = [
-        triton.Config({"BLOCK_Q": bq, "BLOCK_C": bc}, num_warps=w, num_stages=s)
-        for bq, bc, w, s in [
-            (64, 64, 4, 3),
-            (64, 128, 4, 3),
-            (64, 128, 8, 3),
-            (32, 128, 4, 3),
-            (32, 64, 4, 4),
-            (16, 128, 4, 3),
-        ]
-    ]
+    gpu = [triton.Config({"BLOCK_Q": bq, "BLOCK_C": bc}, num_warps=w, num_stages=s)
+           for bq, bc, w, s in sorted({c for cs in TILES.values() for c in cs})]
     return autotune_configs(gpu, triton.Config({"BLOCK_Q": 16, "BLOCK_C": 32}, num_warps=4, num_stages=1))
 
 
-@triton.autotune(configs=_configs(), key=["C", "S2", "D"])
+def _prune(configs, named_args, **kwargs):
+    """Keep the configs listed for this GPU and the features' dtype (see TILES)."""
+    if INTERPRET:
+        return configs
+    qb = named_args["qb_ptr"]
+    index = qb.device.index if qb.device.index is not None else torch.cuda.current_device()
+    allowed = set(TILES[arch_family(index), _width(qb.dtype)])
+    return [c for c in configs
+            if (c.kwargs["BLOCK_Q"], c.kwargs["BLOCK_C"], c.num_warps, c.num_stages) in allowed]
+
+
+@triton.autotune(configs=_configs(), key=["C", "S2", "D"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _dense_match_kernel(
     qb_ptr, kb_ptr, qg_ptr, kg_ptr, lpos_ptr, idx_ptr,

@@ -1,28 +1,36 @@
-"""Fused InfoNCE against a queue of negatives (MoCo / DenseCL loss), Triton.
+"""Fused InfoNCE against a queue of negatives (MoCo / DenseCL loss), Triton, in one pass.
 
     loss = mean_i [ logsumexp_j([l_pos_i, q_i . queue_j] / T) - l_pos_i / T ]
 
 q: M x D (grad), l_pos: M (grad), queue: D x K (no grad). The dense DenseCL loss has
-M = N * S^2 = 12,544 rows against K = 65,536 negatives: the M x K logits (and their
-softmax) are 1.6 GB in bf16, which is what the eager loss spends its time and memory on.
-Like flash-attention, the kernels stream the queue through SRAM in BLOCK_N-column tiles and
-keep only a running max / sum per row, so the M x K matrix never reaches HBM.
+M = N * S^2 = 12,544 rows against K = 65,536 negatives: the M x K logits (and their softmax)
+are 1.6 GB in bf16, which is what the eager loss spends its time and memory on. Like
+flash-attention, the kernel streams the queue through SRAM in BLOCK_N-column tiles and keeps
+only running statistics per row, so the M x K matrix never reaches HBM.
 
-Forward  _fwd_kernel:     grid (row blocks, K splits). Each program does an online
-                          log-sum-exp (base 2, fp32) over its share of the queue columns and
-                          writes one partial lse per row.
-         _combine_kernel: merges the split partials with the positive logit into the
-                          per-row lse (saved for backward) and the per-row loss.
-Backward _bwd_kernel:     recomputes the logit tiles from q and the saved lse, so
-                              p_ij     = exp(q_i . queue_j / T - lse_i)
-                              dL/dq_i  = g / (T M) * sum_j p_ij queue_j
-                              dL/dl_pos_i = g / (T M) * (p_i0 - 1),  p_i0 = exp(l_pos_i / T - lse_i)
-                          with g the incoming gradient; grid as in the forward, one fp32
-                          partial grad_q per split (summed afterwards; deterministic).
+The gradient is a by-product of the forward. With p_ij the softmax over [l_pos_i, q_i . queue_j] / T
+(j = 0 the positive):
+    dL/dq_i     = 1/(T M) * sum_{j>=1} p_ij queue_j      (flash-attention's output, with the
+                                                          queue as both keys and values)
+    dL/dl_pos_i = 1/(T M) * (p_i0 - 1) = -1/(T M) * sum_{j>=1} p_ij
+so the forward accumulates, next to the online log-sum-exp, O_i = sum_j 2^(s_ij - m_i) queue_j
+(rescaled whenever the running max m_i grows), and the backward is a scale by the incoming
+gradient. Against a backward that recomputes the logits (kernels/queue_infonce_recompute_triton.py):
+two matmuls over the queue instead of three, one exponential per logit instead of two, one read
+of the queue instead of two, and no second kernel over the queue.
 
-Why split K: rows alone give too few programs (M = 256 for the global loss is 2-4 row
-blocks; even M = 12,544 is 98 blocks of 128 on 132 SMs), so the columns are split until
-there are about two waves of programs.
+_fwd_kernel      grid (row blocks, K splits). Per split: running max m (base 2), sum l of
+                 2^(s - m), and O (BLOCK_M x D, fp32).
+_combine_kernel  merges the splits' (m, l, O) with the positive logit into the row loss and
+                 dL/dq, dL/dl_pos per unit of incoming gradient.
+backward         grad_q = g * dq_unit, grad_l_pos = g * dlpos_unit (elementwise torch ops).
+
+Precision: every exponential is of a difference against a running max, never of a large
+log-sum-exp, and 1 - p_i0 is summed from the negatives rather than subtracted from 1, so
+d l_pos keeps plain fp32 accuracy when the positive dominates with large logits. (The two-pass
+design rounded lse ~ 1,800 to fp32 and exponentiated l_pos / T - lse: 1.7e-4 relative error.)
+p_ij is rounded to the queue's dtype for the second tensor-core product, as flash-attention
+does; p_ij <= 1, so bf16 keeps ~3 significant digits of each term, accumulated in fp32.
 """
 
 import torch
@@ -31,52 +39,77 @@ import triton.language as tl
 
 from ._common import (
     INTERPRET,
-    cast,
+    LN2_C,
+    arch_family,
+    LOG2E,
+    LOG2E_C,
+    SUPPORTED_DTYPES,
     autotune_configs,
     can_run_on,
+    cast,
     device_guard,
     dot_precision,
+    grad_dot_precision,
     next_power_of_2,
     sm_count,
     upcast_for_interpreter,
-    SUPPORTED_DTYPES,
 )
 
-LOG2E = 1.4426950408889634
-
 MAX_D = 256
+
+# Tiles per (GPU family, input width): BLOCK_M rows per program, and the (BLOCK_N, num_warps,
+# num_stages) the autotuner may try. BLOCK_M is fixed, not autotuned, so that the host can plan
+# the split count for full waves before launching (_split_layout). Every entry compiles at
+# D = 128 with no register spill and fits shared memory: the table perf/AOT_SM90.md, checked
+# by tests/test_kernels_aot.py. Why these:
+# - 16-bit: 128 rows feed the tensor cores best (sm_90 wgmma works on 64-row warpgroups); 8
+#   warps hold the 128 x D fp32 accumulator and the 128 x BLOCK_N logits (199 registers at
+#   BLOCK_N = 128 on sm_90). On sm_80, BLOCK_N = 128 with 2 stages spills and is left out.
+# - fp32 (a reference mode: the trainer runs bf16 on GPUs): the logits use three-pass TF32
+#   (tf32x3, ~fp32 accuracy), whose split operands need many registers. On sm_90 only 64 rows x
+#   64 columns with 8 warps fit without spills (255 registers); on sm_80 only 16-row tiles do.
+TILES = {
+    ("sm90", "16bit"): (128, [(128, 8, 3), (64, 8, 3), (128, 8, 2), (64, 8, 4)]),
+    ("sm90", "fp32"): (64, [(64, 8, 2), (64, 8, 3)]),
+    ("sm80", "16bit"): (128, [(128, 8, 3), (64, 8, 3), (64, 8, 4)]),
+    ("sm80", "fp32"): (16, [(16, 4, 2), (32, 4, 2)]),
+}
+BLOCK_M_INTERPRET = 16   # small, so that the CPU tests cross several row tiles and tails
+
 # Every split covers a multiple of this many columns, so it is a multiple of any BLOCK_N
-# below and every split but the last is made of whole tiles.
+# above and every split but the last is made of whole tiles.
 _SPLIT_ALIGN = 128
 _MIN_COLS_PER_SPLIT = 512          # amortises the q-tile load and the epilogue of a program
-_MAX_PARTIAL_BYTES = 32 << 20      # backward fp32 partial grad_q buffers, all splits together
+_MAX_PARTIAL_BYTES = 48 << 20      # fp32 partial O of all splits together (M x D x 4 per split)
+# Programs resident per SM when planning waves: one 128-row program (8 warps at 199 registers
+# a thread on sm_90) fills more than half an SM's register file.
+PROGRAMS_PER_SM = 1
+
+
+def _width(dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
 
 
 def _configs():
-    gpu = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            # Chosen from sm_90 builds (ptxas, no spills for bf16 at D = 64 / 128).
-            (128, 128, 8, 3),
-            (128, 64, 8, 3),
-            (64, 128, 4, 3),
-            (64, 64, 4, 4),
-            (128, 128, 8, 2),
-            # Fits shared memory for every case (fp32 tiles at D = 256 included), so the
-            # autotuner always has at least one config that launches.
-            (64, 32, 4, 2),
-        ]
-    ]
-    # Small tiles in the interpreter: the tests then cross several row/column tiles and tails.
-    return autotune_configs(gpu, triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1))
+    gpu = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+           for bn, w, s in sorted({c for _, cs in TILES.values() for c in cs})]
+    return autotune_configs(gpu, triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1))
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep the configs listed for this GPU and q's dtype (see TILES)."""
+    if INTERPRET:
+        return configs
+    q = named_args["q_ptr"]
+    allowed = set(TILES[arch_family(q.device.index), _width(q.dtype)][1])
+    return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
 
 
 _HEURISTICS = {"EVEN_K": lambda a: a["K"] % a["BLOCK_N"] == 0}
 
 
 @triton.jit
-def _load_q_tile(q_ptr, offs_m, offs_d, M, D, stride_qm, stride_qd,
-                 EVEN_D: tl.constexpr):
+def _load_q_tile(q_ptr, offs_m, offs_d, M, D, stride_qm, stride_qd, EVEN_D: tl.constexpr):
     ptrs = q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
     if EVEN_D:
         mask = offs_m[:, None] < M
@@ -102,17 +135,18 @@ def _load_queue_tile(queue_ptr, offs_d, offs_n, D, k_end, stride_kd, stride_kn,
     return t
 
 
-@triton.autotune(configs=_configs(), key=["M", "K", "D"])
+@triton.autotune(configs=_configs(), key=["M", "K", "D", "WITH_GRAD"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics(_HEURISTICS)
 @triton.jit
 def _fwd_kernel(
-    q_ptr, queue_ptr, part_ptr,
+    q_ptr, queue_ptr, m_ptr, l_ptr, o_ptr,
     M, K, D, cols_per_split,
     stride_qm, stride_qd, stride_kd, stride_kn,
-    qk_scale,  # log2(e) / T: logits are kept in base 2 so exp2 is a single instruction
+    qk_scale,  # log2(e) / T: logits in base 2
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    GRAD_DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr, WITH_GRAD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -126,102 +160,70 @@ def _fwd_kernel(
     k_end = tl.minimum(k_start + cols_per_split, K)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(k_start, k_end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         # queue_infonce_triton hands over the queue in q's dtype; the cast only matters for
-        # direct callers of queue_infonce_forward with mixed dtypes (reference: queue.to(q.dtype)).
-        kt = _load_queue_tile(queue_ptr, offs_d, offs_n, D, k_end, stride_kd, stride_kn,
-                              EVEN_K, EVEN_D)
-        kt = cast(kt, q_ptr.dtype.element_ty, INTERPRET)
+        # direct callers of the op with mixed dtypes (reference: queue.to(q.dtype)).
+        kt = cast(_load_queue_tile(queue_ptr, offs_d, offs_n, D, k_end, stride_kd, stride_kn, EVEN_K, EVEN_D),
+                  q_ptr.dtype.element_ty, INTERPRET)
+        kt_dot = kt
         if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+            kt_dot = kt.to(tl.float32)
+        s = tl.dot(q, kt_dot, input_precision=DOT_PREC) * qk_scale
         if not EVEN_K:
             s = tl.where((offs_n < k_end)[None, :], s, float("-inf"))
-        # Every split has at least one real column, so m_new is finite from the first tile on.
+        # Every split has at least one real column, so m_new is finite from the first tile on
+        # and alpha = 2^(-inf) = 0 clears the empty start state.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if WITH_GRAD:
+            pb = cast(p, kt.dtype, INTERPRET)
+            if UPCAST:
+                pb = pb.to(tl.float32)
+            acc = tl.dot(pb, tl.trans(kt_dot), acc * alpha[:, None], input_precision=GRAD_DOT_PREC)
         m_i = m_new
-    tl.store(part_ptr + pid_s * M + offs_m, m_i + tl.log2(l_i), mask=offs_m < M)
+
+    m_mask = offs_m < M
+    tl.store(m_ptr + pid_s * M + offs_m, m_i, mask=m_mask)
+    tl.store(l_ptr + pid_s * M + offs_m, l_i, mask=m_mask)
+    if WITH_GRAD:
+        rows = pid_s.to(tl.int64) * M + offs_m
+        tl.store(o_ptr + rows[:, None] * BLOCK_D + offs_d[None, :], acc, mask=m_mask[:, None])
 
 
 @triton.jit
 def _combine_kernel(
-    part_ptr, lpos_ptr, lse_ptr, loss_ptr,
-    M, n_split, stride_lpos, inv_t,
-    BLOCK: tl.constexpr,
+    m_ptr, l_ptr, o_ptr, lpos_ptr, loss_ptr, dlpos_ptr, dq_ptr,
+    M, D, n_split, stride_lpos, inv_t, scale,  # scale = 1 / (T M): the mean and the 1/T
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, WITH_GRAD: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
-    pos = tl.load(lpos_ptr + offs * stride_lpos, mask=mask, other=0.0).to(tl.float32) * inv_t
-    pos2 = pos * 1.4426950408889634
+    pos2 = tl.load(lpos_ptr + offs * stride_lpos, mask=mask, other=0.0).to(tl.float32) * (inv_t * LOG2E_C)
     m = pos2
     for s in range(n_split):
-        m = tl.maximum(m, tl.load(part_ptr + s * M + offs, mask=mask, other=0.0))
-    acc = tl.exp2(pos2 - m)
+        m = tl.maximum(m, tl.load(m_ptr + s * M + offs, mask=mask, other=0.0))
+    neg = tl.zeros([BLOCK], tl.float32)
     for s in range(n_split):
-        acc += tl.exp2(tl.load(part_ptr + s * M + offs, mask=mask, other=0.0) - m)
-    lse = (m + tl.log2(acc)) * 0.6931471805599453
-    tl.store(lse_ptr + offs, lse, mask=mask)
-    tl.store(loss_ptr + offs, lse - pos, mask=mask)
-
-
-@triton.autotune(configs=_configs(), key=["M", "K", "D"])
-@triton.heuristics(_HEURISTICS)
-@triton.jit
-def _bwd_kernel(
-    q_ptr, queue_ptr, lse_ptr, lpos_ptr, grad_ptr, dq_ptr, dlpos_ptr,
-    M, K, D, cols_per_split,
-    stride_qm, stride_qd, stride_kd, stride_kn, stride_lpos, stride_dlpos,
-    stride_dqs, stride_dqm, stride_dqd,
-    qk_scale, scale,  # scale = 1 / (T * M): the mean over rows and the 1/T of the logits
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < M
-    # The incoming gradient is read on the device: no host sync, CUDA-graph friendly.
-    g = tl.load(grad_ptr).to(tl.float32) * scale
-    q = _load_q_tile(q_ptr, offs_m, offs_d, M, D, stride_qm, stride_qd, EVEN_D)
-    if UPCAST:
-        q = q.to(tl.float32)
-    lse2 = tl.load(lse_ptr + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
-
-    k_start = pid_s * cols_per_split
-    k_end = tl.minimum(k_start + cols_per_split, K)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(k_start, k_end, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        kt = _load_queue_tile(queue_ptr, offs_d, offs_n, D, k_end, stride_kd, stride_kn,
-                              EVEN_K, EVEN_D)
-        kt = cast(kt, q_ptr.dtype.element_ty, INTERPRET)
-        s = tl.dot(q, kt.to(q.dtype), input_precision=DOT_PREC) * qk_scale
-        p = tl.exp2(s - lse2[:, None])
-        if not EVEN_K:
-            # Padded columns load zeros and would add nothing, but exp2 of a zero logit can
-            # overflow when lse is very negative, and inf * 0 is NaN.
-            p = tl.where((offs_n < k_end)[None, :], p, 0.0)
-        # p is rounded to the queue's dtype for the second tensor-core product, as in
-        # flash-attention's backward; p <= 1, so bf16 keeps ~3 significant digits of each term.
-        pb = cast(p, kt.dtype, INTERPRET)
-        if UPCAST:
-            pb = pb.to(tl.float32)
-            kt = kt.to(tl.float32)
-        acc = tl.dot(pb, tl.trans(kt), acc, input_precision=DOT_PREC)
-
-    dq_ptrs = dq_ptr + pid_s * stride_dqs + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
-    tl.store(dq_ptrs, cast(acc * g, dq_ptr.dtype.element_ty, INTERPRET),
-             mask=m_mask[:, None] & (offs_d[None, :] < D))
-
-    # d/dl_pos only needs lse, so only the first split writes it.
-    pos2 = tl.load(lpos_ptr + offs_m * stride_lpos, mask=m_mask, other=0.0).to(tl.float32) * qk_scale
-    dlpos = (tl.exp2(pos2 - lse2) - 1.0) * g
-    tl.store(dlpos_ptr + offs_m * stride_dlpos, cast(dlpos, dlpos_ptr.dtype.element_ty, INTERPRET),
-             mask=m_mask & (pid_s == 0))
+        w = tl.exp2(tl.load(m_ptr + s * M + offs, mask=mask, other=0.0) - m)
+        neg += tl.load(l_ptr + s * M + offs, mask=mask, other=0.0) * w
+    denom = tl.exp2(pos2 - m) + neg
+    # lse - l_pos/T in base 2 is (m - pos2) + log2(denom): no large lse is formed and subtracted.
+    tl.store(loss_ptr + offs, (m - pos2 + tl.log2(denom)) * LN2_C, mask=mask)
+    tl.store(dlpos_ptr + offs, -(neg / denom) * scale, mask=mask)
+    if WITH_GRAD:
+        offs_d = tl.arange(0, BLOCK_D)
+        acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+        for s in range(n_split):
+            w = tl.exp2(tl.load(m_ptr + s * M + offs, mask=mask, other=0.0) - m) / denom
+            rows = s * M + offs.to(tl.int64)
+            o = tl.load(o_ptr + rows[:, None] * BLOCK_D + offs_d[None, :], mask=mask[:, None], other=0.0)
+            acc += o * w[:, None]
+        tl.store(dq_ptr + offs[:, None] * D + offs_d[None, :], acc * scale,
+                 mask=mask[:, None] & (offs_d[None, :] < D))
 
 
 # ----------------------------------------------------------------------------- host side
@@ -249,120 +251,120 @@ def _check(q, l_pos, queue):
                            "(CUDA tensors, or CPU tensors with TRITON_INTERPRET=1)")
 
 
-def _num_splits(M: int, K: int, D: int, device: torch.device) -> int:
-    """How many column ranges the queue is cut into (see the module docstring)."""
+def block_m(dtype: torch.dtype, device: torch.device) -> int:
+    if INTERPRET or device.type != "cuda":
+        return BLOCK_M_INTERPRET
+    return TILES[arch_family(_index(device)), _width(dtype)][0]
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _aligned_cols(K: int, n: int) -> int:
+    return triton.cdiv(triton.cdiv(K, n), _SPLIT_ALIGN) * _SPLIT_ALIGN
+
+
+def _num_splits(M: int, K: int, D: int, rows_per_program: int, device: torch.device) -> int:
+    """How many column ranges the queue is cut into: the count that minimises the modelled
+    time, waves x columns per program, on this GPU's SMs (the last wave as full as possible),
+    and the smallest such count (fewer partials to combine). E.g. M = 12,544 rows in 98 blocks
+    on 132 SMs: 4 splits = 392 programs = 2.97 waves (99% full) beats 3 splits (2.23 waves)."""
     if device.type != "cuda":
         return 1
-    want = triton.cdiv(2 * sm_count(device.index or 0), triton.cdiv(M, 128))
-    max_by_k = max(1, K // _MIN_COLS_PER_SPLIT)
-    max_by_mem = max(1, _MAX_PARTIAL_BYTES // (M * D * 4))
-    return max(1, min(want, max_by_k, max_by_mem))
+    slots = sm_count(_index(device)) * PROGRAMS_PER_SM
+    rows = triton.cdiv(M, rows_per_program)
+    n_max = max(1, min(K // _MIN_COLS_PER_SPLIT, _MAX_PARTIAL_BYTES // (M * D * 4)))
+    best_n, best_cost = 1, None
+    for n in range(1, n_max + 1):
+        cols = _aligned_cols(K, n)
+        n_real = triton.cdiv(K, cols)
+        cost = triton.cdiv(rows * n_real, slots) * cols
+        if best_cost is None or cost < best_cost:
+            best_n, best_cost = n_real, cost
+    return best_n
 
 
-def _split_layout(M, K, D, device):
-    n = _num_splits(M, K, D, device)
-    cols = triton.cdiv(triton.cdiv(K, n), _SPLIT_ALIGN) * _SPLIT_ALIGN
+def _split_layout(M, K, D, dtype, device):
+    n = _num_splits(M, K, D, block_m(dtype, device), device)
+    cols = _aligned_cols(K, n)
     return triton.cdiv(K, cols), cols
 
 
-def _common_meta(q, queue):
-    D = q.shape[1]
-    block_d = max(16, next_power_of_2(D))
-    return dict(
-        BLOCK_D=block_d,
-        EVEN_D=block_d == D,
-        UPCAST=upcast_for_interpreter(q.dtype),
-        DOT_PREC=dot_precision(q.dtype),
-        INTERPRET=INTERPRET,
-    )
-
-
-def queue_infonce_forward(q, l_pos, queue, temperature):
-    """Returns (loss fp32 scalar, lse fp32 M)."""
+def queue_infonce_forward(q, l_pos, queue, temperature, with_grad=True):
+    """Returns (loss fp32 scalar, dq_unit fp32 M x D, dlpos_unit fp32 M): the loss and its
+    gradients to q and l_pos per unit of incoming gradient. Without with_grad, dq_unit is an
+    empty M x 0 tensor and the second product of the forward is skipped."""
     _check(q, l_pos, queue)
     M, D = q.shape
     K = queue.shape[1]
-    n_split, cols = _split_layout(M, K, D, q.device)
-    part = torch.empty((n_split, M), device=q.device, dtype=torch.float32)
-    lse = torch.empty((M,), device=q.device, dtype=torch.float32)
-    row_loss = torch.empty((M,), device=q.device, dtype=torch.float32)
+    n_split, cols = _split_layout(M, K, D, q.dtype, q.device)
+    block_d = max(16, next_power_of_2(D))
+    f32 = dict(device=q.device, dtype=torch.float32)
+    m_part = torch.empty((n_split, M), **f32)
+    l_part = torch.empty((n_split, M), **f32)
+    o_part = torch.empty((n_split, M, block_d) if with_grad else (1,), **f32)
+    row_loss = torch.empty((M,), **f32)
+    dlpos_unit = torch.empty((M,), **f32)
+    dq_unit = torch.empty((M, D) if with_grad else (M, 0), **f32)
+    bm = block_m(q.dtype, q.device)
     with device_guard(q.device):
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_split)
-        _fwd_kernel[grid](
-            q, queue, part, M, K, D, cols,
+        _fwd_kernel[(triton.cdiv(M, bm), n_split)](
+            q, queue, m_part, l_part, o_part, M, K, D, cols,
             q.stride(0), q.stride(1), queue.stride(0), queue.stride(1),
-            LOG2E / temperature, **_common_meta(q, queue))
-        block = 256
+            LOG2E / temperature,
+            BLOCK_M=bm, BLOCK_D=block_d, EVEN_D=block_d == D, UPCAST=upcast_for_interpreter(q.dtype),
+            DOT_PREC=dot_precision(q.dtype), GRAD_DOT_PREC=grad_dot_precision(q.dtype), INTERPRET=INTERPRET,
+            WITH_GRAD=with_grad)
+        block = 16 if INTERPRET else max(8, min(64, 8192 // block_d))
         _combine_kernel[(triton.cdiv(M, block),)](
-            part, l_pos, lse, row_loss, M, n_split, l_pos.stride(0), 1.0 / temperature, BLOCK=block)
-    return row_loss.mean(), lse
-
-
-def queue_infonce_backward(grad, q, l_pos, queue, lse, temperature):
-    """Returns (grad_q like q, grad_l_pos like l_pos)."""
-    M, D = q.shape
-    K = queue.shape[1]
-    n_split, cols = _split_layout(M, K, D, q.device)
-    grad = grad.reshape(1).to(torch.float32)
-    dlpos = torch.empty(l_pos.shape, device=l_pos.device, dtype=l_pos.dtype)
-    if n_split == 1:
-        dq = torch.empty((1, M, D), device=q.device, dtype=q.dtype)
-    else:
-        dq = torch.empty((n_split, M, D), device=q.device, dtype=torch.float32)
-    with device_guard(q.device):
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_split)
-        _bwd_kernel[grid](
-            q, queue, lse, l_pos, grad, dq, dlpos, M, K, D, cols,
-            q.stride(0), q.stride(1), queue.stride(0), queue.stride(1), l_pos.stride(0), dlpos.stride(0),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            LOG2E / temperature, 1.0 / (temperature * M), **_common_meta(q, queue))
-    dq = dq[0] if n_split == 1 else dq.sum(0).to(q.dtype)
-    return dq, dlpos
+            m_part, l_part, o_part, l_pos, row_loss, dlpos_unit, dq_unit,
+            M, D, n_split, l_pos.stride(0), 1.0 / temperature, 1.0 / (temperature * M),
+            BLOCK=block, BLOCK_D=block_d, WITH_GRAD=with_grad)
+    return row_loss.mean(), dq_unit, dlpos_unit
 
 
 # ----------------------------------------------------------------- torch.library registration
-# Custom ops make torch.compile see one opaque node per direction (no graph break, no tracing
-# into Triton); the fake implementations give it shapes, register_autograd the backward.
+# A custom op makes torch.compile see one opaque node (no graph break, no tracing into Triton);
+# the fake implementation gives it shapes, register_autograd the backward, which is two
+# elementwise products that torch.compile fuses into the surrounding graph.
 
 
 @torch.library.custom_op("densecl::queue_infonce", mutates_args=())
-def _queue_infonce_op(q: torch.Tensor, l_pos: torch.Tensor, queue: torch.Tensor,
-                      temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return queue_infonce_forward(q, l_pos, queue, temperature)
+def _queue_infonce_op(q: torch.Tensor, l_pos: torch.Tensor, queue: torch.Tensor, temperature: float,
+                      with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return queue_infonce_forward(q, l_pos, queue, temperature, with_grad)
 
 
 @_queue_infonce_op.register_fake
-def _(q, l_pos, queue, temperature):
-    return q.new_empty((), dtype=torch.float32), q.new_empty((q.shape[0],), dtype=torch.float32)
-
-
-@torch.library.custom_op("densecl::queue_infonce_backward", mutates_args=())
-def _queue_infonce_backward_op(grad: torch.Tensor, q: torch.Tensor, l_pos: torch.Tensor,
-                               queue: torch.Tensor, lse: torch.Tensor,
-                               temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return queue_infonce_backward(grad, q, l_pos, queue, lse, temperature)
-
-
-@_queue_infonce_backward_op.register_fake
-def _(grad, q, l_pos, queue, lse, temperature):
-    return q.new_empty(q.shape), l_pos.new_empty(l_pos.shape)
+def _(q, l_pos, queue, temperature, with_grad):
+    M, D = q.shape
+    f32 = dict(dtype=torch.float32)
+    return q.new_empty((), **f32), q.new_empty((M, D if with_grad else 0), **f32), q.new_empty((M,), **f32)
 
 
 def _setup_context(ctx, inputs, output):
-    q, l_pos, queue, temperature = inputs
-    _, lse = output
-    ctx.mark_non_differentiable(lse)
-    # queue is saved by reference and version-checked: modifying it in place before backward
-    # raises, exactly as with the reference (which saves it for q @ queue's backward).
-    ctx.save_for_backward(q, l_pos, queue, lse)
-    ctx.temperature = temperature
+    q, l_pos, _queue, _temperature, with_grad = inputs
+    _, dq_unit, dlpos_unit = output
+    ctx.mark_non_differentiable(dq_unit, dlpos_unit)
+    # Only the two per-unit gradients are kept: the queue is not needed after the forward, so
+    # updating it in place before backward (the model's enqueue) cannot change the gradient.
+    ctx.save_for_backward(dq_unit, dlpos_unit)
+    ctx.dtypes = (q.dtype, l_pos.dtype)
+    ctx.with_grad = with_grad
 
 
-def _backward(ctx, grad_loss, _grad_lse):
-    q, l_pos, queue, lse = ctx.saved_tensors
-    grad_q, grad_l_pos = torch.ops.densecl.queue_infonce_backward(
-        grad_loss, q, l_pos, queue, lse, ctx.temperature)
-    return grad_q, grad_l_pos, None, None
+def _backward(ctx, grad_loss, _grad_dq_unit, _grad_dlpos_unit):
+    dq_unit, dlpos_unit = ctx.saved_tensors
+    grad_q = grad_l_pos = None
+    if ctx.needs_input_grad[0]:
+        if not ctx.with_grad:
+            raise RuntimeError("densecl::queue_infonce was called with with_grad=False, so it kept no "
+                               "gradient for q; call it through kernels.queue_infonce")
+        grad_q = (dq_unit * grad_loss).to(ctx.dtypes[0])
+    if ctx.needs_input_grad[1]:
+        grad_l_pos = (dlpos_unit * grad_loss).to(ctx.dtypes[1])
+    return grad_q, grad_l_pos, None, None, None
 
 
 _queue_infonce_op.register_autograd(_backward, setup_context=_setup_context)
@@ -390,5 +392,7 @@ def queue_infonce_triton(q: torch.Tensor, l_pos: torch.Tensor, queue: torch.Tens
         # tile instead would stage fp32 tiles in shared memory (twice the bytes per pipeline
         # stage) and stream twice the bytes from L2 once per row block.
         queue = queue.to(q.dtype)
-    loss, _ = torch.ops.densecl.queue_infonce(q, l_pos, queue, float(temperature))
+    # The second product of the forward only serves q's gradient: skipped when none is wanted.
+    with_grad = torch.is_grad_enabled() and q.requires_grad
+    loss, _, _ = torch.ops.densecl.queue_infonce(q, l_pos, queue, float(temperature), with_grad)
     return loss

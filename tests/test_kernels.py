@@ -60,7 +60,7 @@ def _isolated_backend(monkeypatch):
 
 
 def force_splits(monkeypatch, n):
-    monkeypatch.setattr(qi_mod, "_num_splits", lambda M, K, D, device: n)
+    monkeypatch.setattr(qi_mod, "_num_splits", lambda M, K, D, rows, device: n)
 
 
 # ------------------------------------------------------------------------ queue InfoNCE
@@ -174,7 +174,7 @@ def test_queue_infonce_strided_and_mixed_dtype_inputs(monkeypatch, q_dtype):
     assert rel_err(q_store.grad.t(), ref_dq) < BWD_TOL[q_dtype]
     assert rel_err(lp_store.grad[:, 0], ref_dlpos) < 2e-6
     assert (lp_store.grad[:, 1] == 0).all()
-    direct, _ = torch.ops.densecl.queue_infonce(q.detach(), l_pos.detach(), queue, T)
+    direct, _, _ = torch.ops.densecl.queue_infonce(q.detach(), l_pos.detach(), queue, T, False)
     assert rel_err(direct, ref) < FWD_TOL
 
 
@@ -201,29 +201,115 @@ def test_queue_infonce_grad_to_q_only(monkeypatch):
     assert rel_err(q.grad, ref_dq) < BWD_TOL[torch.float32]
 
 
-def test_queue_infonce_queue_modified_before_backward_raises():
-    """Like the reference, the op saves the queue for backward and autograd's version check
-    catches an in-place update between forward and backward (the model clones for that)."""
+def test_queue_infonce_gradient_does_not_depend_on_later_queue_updates():
+    """The gradient is formed in the forward, so updating the queue in place before backward
+    (the model's enqueue) leaves it unchanged, where the reference would raise autograd's
+    version-check error (it saves the queue for q @ queue's backward; the model clones)."""
     q, l_pos, queue = make_infonce_inputs(8, 64, 64, torch.float32, seed=6)
+    _, ref_dq, ref_dlpos = f64_loss_and_grads(q, l_pos, queue, T)
     loss = kernels.queue_infonce(q, l_pos, queue, T)
     queue.mul_(2)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+    loss.backward()
+    assert rel_err(q.grad, ref_dq) < BWD_TOL[torch.float32]
+    assert rel_err(l_pos.grad, ref_dlpos) < 2e-6
+
+
+@pytest.mark.parametrize("M,D,K,splits", [(37, 72, 259, 1), (37, 72, 259, 2), (50, 100, 777, 5)])
+def test_queue_infonce_one_pass_gradient_against_reference_autograd(monkeypatch, M, D, K, splits):
+    """The gradient accumulated in the forward against autograd through the reference, at M, K
+    and D that are multiples of no block size, with and without column splits."""
+    force_splits(monkeypatch, splits)
+    q, l_pos, queue = make_infonce_inputs(M, D, K, torch.float32, seed=M * K + D)
+    loss = kernels.queue_infonce(q, l_pos, queue, T)
+    (loss * -1.5).backward()
+    q2, lp2 = q.detach().clone().requires_grad_(), l_pos.detach().clone().requires_grad_()
+    ref = kernels.queue_infonce_ref(q2, lp2, queue, T)
+    (ref * -1.5).backward()
+    torch.testing.assert_close(loss, ref, rtol=2e-6, atol=0)
+    assert rel_err(q.grad, q2.grad) < 2e-6
+    assert rel_err(l_pos.grad, lp2.grad) < 2e-6
+
+
+@pytest.mark.parametrize("margin", [0.4, 1.0])
+def test_queue_infonce_large_logits_keep_plain_fp32_accuracy(monkeypatch, margin):
+    """Logits near 1,800 (T = 0.05), the positive just above a near-copy negative (by up to
+    `margin` / T logit units): the gradients are differences of large exponentials. Their error
+    against float64 must stay at the level of the plain fp32 formula (the reference run in fp32,
+    whose error is that of rounding logits of 1,800 to fp32); the two-pass design was ~2x worse
+    in d l_pos here because it exponentiated l_pos / T - lse with lse rounded to fp32."""
+    force_splits(monkeypatch, 3)
+    temp, M, D, K = 0.05, 21, 64, 300
+    g = torch.Generator().manual_seed(8)
+    q = torch.nn.functional.normalize(torch.randn(M, D, generator=g), dim=1) * 9.5
+    queue = torch.randn(D, K, generator=g)
+    queue[:, :M] = q.t() + 0.02 * torch.randn(D, M, generator=g)   # one near-copy of every query
+    queue = torch.nn.functional.normalize(queue, dim=0) * 9.5
+    l_pos = (q @ queue).max(1).values + torch.rand(M, generator=g) * margin
+    assert (l_pos / temp).min() > 1500
+    ref, ref_dq, ref_dlpos = f64_loss_and_grads(q, l_pos, queue, temp)
+    errors = {}
+    for name, fn in (("plain", kernels.queue_infonce_ref), ("fused", kernels.queue_infonce)):
+        a, b = q.clone().to(DEVICE).requires_grad_(), l_pos.clone().to(DEVICE).requires_grad_()
+        loss = fn(a, b, queue.to(DEVICE), temp)
         loss.backward()
+        errors[name] = (rel_err(loss, ref), rel_err(a.grad, ref_dq), rel_err(b.grad, ref_dlpos))
+    assert errors["fused"][0] < 1e-4
+    assert errors["fused"][1] <= 2 * errors["plain"][1] + 2e-6, errors
+    assert errors["fused"][2] <= 2 * errors["plain"][2] + 2e-6, errors
 
 
-def test_split_heuristic_for_the_design_shapes(monkeypatch):
-    """Splits for the two DenseCL cases on a 132-SM H100: enough programs for two waves,
-    whole 128-column tiles per split, fp32 partial grad_q within 32 MiB."""
+def test_queue_infonce_without_q_gradient(monkeypatch):
+    """Under no_grad, or with only l_pos requiring grad, the forward skips the second product
+    (with_grad=False); the loss and d l_pos are unchanged."""
+    force_splits(monkeypatch, 2)
+    q, l_pos, queue = make_infonce_inputs(30, 64, 200, torch.float32, seed=9)
+    ref, _, ref_dlpos = f64_loss_and_grads(q, l_pos, queue, T)
+    calls = []
+    real = qi_mod.queue_infonce_forward
+    monkeypatch.setattr(qi_mod, "queue_infonce_forward", lambda *a: calls.append(a[-1]) or real(*a))
+    with torch.no_grad():
+        assert rel_err(kernels.queue_infonce(q, l_pos, queue, T), ref) < FWD_TOL
+    loss = kernels.queue_infonce(q.detach(), l_pos, queue, T)
+    loss.backward()
+    assert calls == [False, False]
+    assert rel_err(loss, ref) < FWD_TOL and rel_err(l_pos.grad, ref_dlpos) < 2e-6
+    _, dq_unit, _ = torch.ops.densecl.queue_infonce(q, l_pos, queue, T, False)
+    assert dq_unit.shape == (30, 0)
+    with pytest.raises(RuntimeError, match="with_grad=False"):
+        torch.ops.densecl.queue_infonce(q, l_pos, queue, T, False)[0].backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_queue_infonce_recompute_variant_still_matches(monkeypatch, dtype):
+    """The earlier two-pass kernel, kept selectable for perf/bench_kernels.py."""
+    rc = importlib.import_module("kernels.queue_infonce_recompute_triton")
+    monkeypatch.setattr(rc, "_num_splits", lambda M, K, D, device: 2)
+    q, l_pos, queue = make_infonce_inputs(33, 48, 300, dtype, seed=10)
+    loss = rc.queue_infonce_recompute_triton(q, l_pos, queue, T)
+    loss.backward()
+    ref, ref_dq, ref_dlpos = f64_loss_and_grads(q, l_pos, queue, T)
+    assert rel_err(loss, ref) < FWD_TOL
+    assert rel_err(q.grad, ref_dq) < BWD_TOL[dtype]
+    assert rel_err(l_pos.grad, ref_dlpos) < BWD_TOL[dtype]
+
+
+def test_split_heuristic_fills_the_last_wave(monkeypatch):
+    """Splits for the DenseCL cases on a 132-SM H100/H200: whole 128-column tiles per split,
+    fp32 partials within their budget, and the count that minimises waves x columns."""
     monkeypatch.setattr(qi_mod, "sm_count", lambda index: 132)
+    monkeypatch.setattr(qi_mod, "INTERPRET", False)   # the GPU's row tiles, not the interpreter's
+    monkeypatch.setattr(qi_mod, "arch_family", lambda index: "sm90")
     cuda = torch.device("cuda", 0)
-    for M, K, D in [(12544, 65536, 128), (256, 65536, 128), (256, 4096, 128), (1, 65536, 64)]:
-        n, cols = qi_mod._split_layout(M, K, D, cuda)
-        assert cols % 128 == 0 and (n - 1) * cols < K <= n * cols
-        assert n * M * D * 4 <= 32 << 20 or n == 1
-        assert triton_cdiv(M, 128) * n >= min(2 * 132, triton_cdiv(M, 128) * (K // 512))
-    assert qi_mod._split_layout(12544, 65536, 128, cuda)[0] == 3
-    assert qi_mod._split_layout(256, 65536, 128, cuda)[0] == 128
-    assert qi_mod._split_layout(64, 1000, 128, torch.device("cpu"))[0] == 1
+    for M, K, D in [(12544, 65536, 128), (256, 65536, 128), (256, 4096, 128), (1, 65536, 64), (12544, 65536, 256)]:
+        for dtype in (torch.bfloat16, torch.float32):
+            n, cols = qi_mod._split_layout(M, K, D, dtype, cuda)
+            assert cols % 128 == 0 and (n - 1) * cols < K <= n * cols
+            assert n * M * D * 4 <= qi_mod._MAX_PARTIAL_BYTES or n == 1
+    # Dense loss, bf16: 98 row blocks; 4 splits = 392 programs = 2.97 waves of 132 (99% full).
+    assert qi_mod._split_layout(12544, 65536, 128, torch.bfloat16, cuda) == (4, 16384)
+    # Global loss: 2 row blocks; 64 splits of 1,024 columns = 128 programs, one wave.
+    assert qi_mod._split_layout(256, 65536, 128, torch.bfloat16, cuda) == (64, 1024)
+    assert qi_mod._split_layout(64, 1000, 128, torch.bfloat16, torch.device("cpu"))[0] == 1
 
 
 def triton_cdiv(a, b):
@@ -466,10 +552,8 @@ def test_dispatch_routes_to_the_right_implementation(monkeypatch):
 
 def test_opcheck_custom_ops():
     q, l_pos, queue = make_infonce_inputs(20, 64, 100, torch.float32, seed=12)
-    torch.library.opcheck(torch.ops.densecl.queue_infonce.default, (q, l_pos, queue, T))
-    lse = qi_mod.queue_infonce_forward(q.detach(), l_pos.detach(), queue, T)[1]
-    torch.library.opcheck(torch.ops.densecl.queue_infonce_backward.default,
-                          (torch.tensor(1.0, device=DEVICE), q.detach(), l_pos.detach(), queue, lse, T))
+    torch.library.opcheck(torch.ops.densecl.queue_infonce.default, (q, l_pos, queue, T, True))
+    torch.library.opcheck(torch.ops.densecl.queue_infonce.default, (q.detach(), l_pos, queue, T, False))
     dense = make_dense_inputs(2, 32, 16, 16, torch.float32, seed=13)
     torch.library.opcheck(torch.ops.densecl.dense_positive_logits.default, dense)
 
@@ -524,7 +608,9 @@ def test_torch_compile_fullgraph(backend):
     if backend == "triton":
         assert graphs["fw"].count("densecl.queue_infonce.default") == 2
         assert graphs["fw"].count("densecl.dense_positive_logits.default") == 1
-        assert graphs["bw"].count("densecl.queue_infonce_backward.default") == 2
+        # One pass: the backward is a scale of what the forward kept, no product over the queue.
+        assert "densecl" not in " ".join(graphs["bw"])
+        assert not {"aten.mm.default", "aten.bmm.default"} & set(graphs["bw"])
         assert "logsumexp" not in ops
     else:
         assert "densecl" not in ops and "aten.logsumexp.default" in ops

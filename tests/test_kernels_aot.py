@@ -1,0 +1,66 @@
+"""Every Triton kernel config the model may run compiles for sm_90 and sm_80 without a GPU,
+with no register spill and within shared memory (kernels/aot.py; the table is perf/AOT_SM90.md).
+
+Runs `python -m kernels.aot --json` in a subprocess: the compiler needs TRITON_INTERPRET unset,
+which conftest.py sets for the other kernel tests on a machine without CUDA.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import kernels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not kernels.HAS_TRITON, reason="Triton is not importable")]
+
+
+@pytest.fixture(scope="module")
+def rows():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "kernels.aot", "--json"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.stdout, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    from kernels.aot import markdown
+    print(f"Triton {report['triton']}\n" + markdown(report["rows"]))  # shown with pytest -s / on failure
+    return report["rows"]
+
+
+def test_every_config_compiles_without_spills_and_fits_shared_memory(rows):
+    bad = [r for r in rows if not r["ok"]]
+    assert not bad, "\n".join(f"{r['arch']} {r['kernel']} {r['dtype']} {r['config']}: "
+                              f"{r.get('error') or (r['registers'], r['spill_stores'], r['spill_loads'], r['shared'])}"
+                              for r in bad)
+
+
+def test_the_table_covers_every_kernel_dtype_and_architecture(rows):
+    seen = {(r["arch"], r["kernel"], r["dtype"]) for r in rows}
+    for arch in ("sm_90", "sm_80"):
+        for dtype in ("bf16", "fp16", "fp32"):
+            assert (arch, "queue_infonce fwd", dtype) in seen
+            assert (arch, "queue_infonce fwd (no grad)", dtype) in seen
+        assert (arch, "queue_infonce combine", "fp32") in seen
+        for dtype in ("bf16", "fp32"):
+            assert (arch, "dense matching", dtype) in seen
+
+
+def test_a_spilling_config_is_caught():
+    """The check itself: a tile known to spill (fp32 logits at 64 x 64 with 4 warps on sm_90,
+    180-1,000 bytes of spill stores under tf32x3) is reported as not ok."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import torch, kernels.aot as a, kernels.queue_infonce_triton as qi\n"
+            "f = torch.empty(1)\n"
+            "c = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, EVEN_K=True, EVEN_D=True, UPCAST=False,"
+            " DOT_PREC='tf32x3', GRAD_DOT_PREC='tf32x3', INTERPRET=False, WITH_GRAD=True)\n"
+            "k = a._compile(qi._fwd_kernel, [f, f, f, f, f, 12544, 65536, 128, 16384, 128, 1, 65536, 1, 7.2],"
+            " c, 4, 2, 90)\n"
+            "print(a._ptxas_usage(k, 90)['spill_stores'])\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) > 0
