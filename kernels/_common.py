@@ -114,6 +114,13 @@ def device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
+def first_config_only() -> bool:
+    """DENSECL_AUTOTUNE=0: the autotuners take the first config listed for the GPU instead of
+    timing them all. The GPU test suite sets it (every new shape would otherwise be tuned:
+    minutes of benchmarking for tiny tensors); training and perf/ leave it unset."""
+    return os.environ.get("DENSECL_AUTOTUNE", "1").strip() == "0"
+
+
 def autotune_configs(gpu_configs, interpreter_config):
     """Autotuning several configs needs a GPU to time them (it fails under the interpreter
     without a driver), so the interpreter gets exactly one config, which skips benchmarking."""

@@ -29,6 +29,7 @@ from ._common import (
     cast,
     device_guard,
     dot_precision,
+    first_config_only,
     next_power_of_2,
     upcast_for_interpreter,
     SUPPORTED_DTYPES,
@@ -70,7 +71,8 @@ def _prune(configs, named_args, **kwargs):
         return configs
     qb = named_args["qb_ptr"]
     index = qb.device.index if qb.device.index is not None else torch.cuda.current_device()
-    allowed = set(TILES[arch_family(index), _width(qb.dtype)])
+    tiles = TILES[arch_family(index), _width(qb.dtype)]
+    allowed = set(tiles[:1] if first_config_only() else tiles)
     return [c for c in configs
             if (c.kwargs["BLOCK_Q"], c.kwargs["BLOCK_C"], c.num_warps, c.num_stages) in allowed]
 

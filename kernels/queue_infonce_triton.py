@@ -49,6 +49,7 @@ from ._common import (
     cast,
     device_guard,
     dot_precision,
+    first_config_only,
     grad_dot_precision,
     next_power_of_2,
     sm_count,
@@ -101,7 +102,8 @@ def _prune(configs, named_args, **kwargs):
     if INTERPRET:
         return configs
     q = named_args["q_ptr"]
-    allowed = set(TILES[arch_family(q.device.index), _width(q.dtype)][1])
+    tiles = TILES[arch_family(_index(q.device)), _width(q.dtype)][1]
+    allowed = set(tiles[:1] if first_config_only() else tiles)
     return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
 
 

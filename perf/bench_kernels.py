@@ -1,7 +1,13 @@
 """Fused Triton loss kernels vs the eager reference vs the torch.compile'd reference.
 
     python perf/bench_kernels.py            # one table, all measured in this run (needs CUDA)
+    python perf/bench_kernels.py --sweep-splits 1,2,3,4,6,8   # + the one-pass kernel per split count
     pytest perf/bench_kernels.py            # pytest-benchmark; skipped without CUDA
+
+Implementations: `fused` (the one-pass queue InfoNCE, kernels/queue_infonce_triton.py, and the
+dense matching kernel), `recompute` (the earlier two-pass queue InfoNCE whose backward recomputes
+the logits, kernels/queue_infonce_recompute_triton.py, kept for this comparison), `eager` (the
+references of kernels/reference.py) and `compiled` (the same under torch.compile).
 
 Cases (the shapes of DenseCL R50, batch 256, 224 px, queue 65,536, bf16):
     queue InfoNCE, dense:  M = 256 * 7 * 7 = 12,544 rows, K = 65,536, D = 128
@@ -32,7 +38,8 @@ import kernels  # noqa: E402
 T = 0.2
 INFONCE_CASES = {"dense": (12544, 65536, 128), "global": (256, 65536, 128)}
 MATCH_CASE = (256, 2048, 49, 128)  # N, C, S^2, D
-IMPLS = ("fused", "eager", "compiled")
+IMPLS = ("fused", "recompute", "eager", "compiled")
+MATCH_IMPLS = ("fused", "eager", "compiled")
 
 _compiled = {}
 
@@ -42,6 +49,9 @@ def _fn(op, impl):
         from kernels import dense_match_triton, queue_infonce_triton
         return {"infonce": queue_infonce_triton.queue_infonce_triton,
                 "match": dense_match_triton.dense_positive_logits_triton}[op]
+    if impl == "recompute":
+        from kernels import queue_infonce_recompute_triton
+        return queue_infonce_recompute_triton.queue_infonce_recompute_triton
     ref = {"infonce": kernels.queue_infonce_ref, "match": kernels.dense_positive_logits_ref}[op]
     if impl == "eager":
         return ref
@@ -93,6 +103,16 @@ def match_step(impl, inputs):
     return step, [q_grid]
 
 
+def measure(rows, name, impl, step, grads):
+    """Append (name, impl, median ms, peak extra MiB), or (name, impl, error text, None)."""
+    try:
+        step()  # compile / autotune outside the timings
+        rows.append((name, impl, median_ms(step, grads), peak_extra_mib(step, grads)))
+    except Exception as e:  # noqa: BLE001 (reported in the table; the other rows still run)
+        rows.append((name, impl, f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300], None))
+        torch.cuda.empty_cache()
+
+
 def median_ms(step, grads):
     import triton.testing
     return triton.testing.do_bench(step, warmup=25, rep=200, grad_to_none=grads, return_mode="median")
@@ -114,11 +134,11 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def infonce_check(inputs):
-    """Fused vs eager on the same inputs: loss, grad_q, grad_l_pos (relative to max)."""
+def infonce_check(inputs, impl="fused"):
+    """A fused implementation vs eager on the same inputs: loss, grad_q, grad_l_pos (relative to max)."""
     q, l_pos, queue = inputs
     out = []
-    for impl in ("fused", "eager"):
+    for impl in (impl, "eager"):
         qq, ll = q.detach().clone().requires_grad_(), l_pos.detach().clone().requires_grad_()
         loss = _fn("infonce", impl)(qq, ll, queue, T)
         loss.backward()
@@ -138,6 +158,9 @@ def match_check(inputs):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="queue InfoNCE input dtype")
+    parser.add_argument("--sweep-splits", default="", help="comma-separated split counts to time the one-pass "
+                        "kernel with (dense case), next to the count the heuristic picks")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels: CUDA is not available on this machine: nothing measured, no GPU numbers. "
@@ -145,49 +168,60 @@ def main(argv=None):
         return 0
     kernels.set_backend("triton")
     impls = [i for i in IMPLS if not (args.no_compile and i == "compiled")]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
-          f"triton {__import__('triton').__version__}  bf16")
+          f"triton {__import__('triton').__version__}  queue InfoNCE in {args.dtype}")
+    from kernels import queue_infonce_triton as qi
     rows = []
     for case in INFONCE_CASES:
         M, K, D = INFONCE_CASES[case]
+        n_split = qi._split_layout(M, K, D, dtype, torch.device("cuda"))[0]
         name = f"queue InfoNCE {case} M={M} K={K} D={D}"
-        inputs = infonce_inputs(case)
+        inputs = infonce_inputs(case, dtype)
         for impl in impls:
-            step, grads = infonce_step(impl, inputs)
-            step()  # compile / autotune outside the timings
-            rows.append((name, impl, median_ms(step, grads), peak_extra_mib(step, grads)))
-        rows.append((name, "check", infonce_check(inputs), None))
+            measure(rows, name, impl, *infonce_step(impl, inputs))
+        for impl, note in (("fused", f"; {n_split} splits"), ("recompute", " (recompute)")):
+            try:
+                rows.append((name, "check", infonce_check(inputs, impl) + note, None))
+            except Exception as e:  # noqa: BLE001 (reported, the other cases still run)
+                rows.append((name, "check", f"{impl} failed: {type(e).__name__}: {e}"[:300], None))
+        if case == "dense" and args.sweep_splits:
+            real = qi._num_splits
+            for n in [int(x) for x in args.sweep_splits.split(",") if x.strip()]:
+                qi._num_splits = lambda *a, n=n: n
+                measure(rows, name, f"fused/{n}sp", *infonce_step("fused", inputs))
+            qi._num_splits = real
         del inputs
         torch.cuda.empty_cache()
     N, C, S2, D = MATCH_CASE
     name = f"dense matching N={N} C={C} S2={S2} D={D}"
     inputs = match_inputs()
-    for impl in impls:
-        step, grads = match_step(impl, inputs)
-        step()
-        rows.append((name, impl, median_ms(step, grads), peak_extra_mib(step, grads)))
+    for impl in [i for i in impls if i in MATCH_IMPLS]:
+        measure(rows, name, impl, *match_step(impl, inputs))
     rows.append((name, "check", match_check(inputs), None))
 
-    print(f"{'case':<48} {'impl':<9} {'fwd+bwd ms':>11} {'peak extra MiB':>15}  vs eager")
-    base = {}
+    print(f"{'case':<48} {'impl':<10} {'fwd+bwd ms':>11} {'peak extra MiB':>15}  vs eager")
+    base = {name: ms for name, impl, ms, _ in rows if impl == "eager" and isinstance(ms, float)}
     for name, impl, ms, mib in rows:
-        if impl == "check":
-            print(f"{name:<48} {'fused':<9} {'':>11} {'':>15}  {ms}")
+        if impl == "check" or not isinstance(ms, float):
+            print(f"{name:<48} {'error' if impl == 'check' else impl:<10} {'':>11} {'':>15}  {ms}")
             continue
-        if impl == "eager":
-            base[name] = ms
-        print(f"{name:<48} {impl:<9} {ms:>11.3f} {mib:>15.1f}")
+        vs = f"{base[name] / ms:.2f}x" if name in base else "–"
+        print(f"{name:<48} {impl:<10} {ms:>11.3f} {mib:>15.1f}  {vs}")
     for name in base:
-        times = {impl: ms for n, impl, ms, _ in rows if n == name and impl in IMPLS}
+        times = {impl: ms for n, impl, ms, _ in rows if n == name and impl in IMPLS and isinstance(ms, float)}
+        if "fused" not in times:
+            continue
         print(f"speed-up of fused over eager, {name}: {times['eager'] / times['fused']:.1f}x"
-              + (f", over compiled: {times['compiled'] / times['fused']:.1f}x" if "compiled" in times else ""))
-    from kernels import dense_match_triton, queue_infonce_triton
-    for kern in (queue_infonce_triton._fwd_kernel, queue_infonce_triton._bwd_kernel,
-                 dense_match_triton._dense_match_kernel):
+              + (f", over compiled: {times['compiled'] / times['fused']:.1f}x" if "compiled" in times else "")
+              + (f", over recompute: {times['recompute'] / times['fused']:.2f}x" if "recompute" in times else ""))
+    from kernels import dense_match_triton, queue_infonce_recompute_triton, queue_infonce_triton
+    for kern in (queue_infonce_triton._fwd_kernel, queue_infonce_recompute_triton._fwd_kernel,
+                 queue_infonce_recompute_triton._bwd_kernel, dense_match_triton._dense_match_kernel):
         fn = kern
         while hasattr(fn, "fn"):
             fn = fn.fn
-        print(f"autotuned {fn.__name__}: {getattr(kern, 'best_config', None)}")
+        print(f"autotuned {fn.__module__.split('.')[-1]}.{fn.__name__}: {getattr(kern, 'best_config', None)}")
     return 0
 
 
@@ -223,7 +257,7 @@ def test_bench_queue_infonce(benchmark, case, impl):
 
 
 @needs_cuda
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", MATCH_IMPLS)
 def test_bench_dense_matching(benchmark, impl):
     _run(benchmark, *match_step(impl, match_inputs()))
 
