@@ -33,6 +33,8 @@ p_ij is rounded to the queue's dtype for the second tensor-core product, as flas
 does; p_ij <= 1, so bf16 keeps ~3 significant digits of each term, accumulated in fp32.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -56,7 +58,10 @@ from ._common import (
     upcast_for_interpreter,
 )
 
-MAX_D = 256
+# The accumulator of dL/dq is a BLOCK_M x D fp32 tile in registers: D = 128 (DenseCL's out_dim)
+# fits beside the logit tile (199 registers at 128 x 128 on sm_90); at D = 256 the 128-row tiles
+# no longer fit (seen on an H200: out of resources), so larger D goes to the reference.
+MAX_D = 128
 
 # Tiles per (GPU family, input width): BLOCK_M rows per program, and the (BLOCK_N, num_warps,
 # num_stages) the autotuner may try. BLOCK_M is fixed, not autotuned, so that the host can plan
@@ -271,10 +276,17 @@ def _num_splits(M: int, K: int, D: int, rows_per_program: int, device: torch.dev
     """How many column ranges the queue is cut into: the count that minimises the modelled
     time, waves x columns per program, on this GPU's SMs (the last wave as full as possible),
     and the smallest such count (fewer partials to combine). E.g. M = 12,544 rows in 98 blocks
-    on 132 SMs: 4 splits = 392 programs = 2.97 waves (99% full) beats 3 splits (2.23 waves)."""
+    on 132 SMs: 4 splits = 392 programs = 2.97 waves (99% full) beats 3 splits (2.23 waves);
+    measured on an H200: 0.88 ms against 1.15 ms (perf/RESULTS.md)."""
     if device.type != "cuda":
         return 1
-    slots = sm_count(_index(device)) * PROGRAMS_PER_SM
+    return _planned_splits(M, K, D, rows_per_program, sm_count(_index(device)) * PROGRAMS_PER_SM)
+
+
+@functools.lru_cache(maxsize=256)
+def _planned_splits(M: int, K: int, D: int, rows_per_program: int, slots: int) -> int:
+    # Cached: the search costs ~1 ms of Python at M = 256 (128 candidates), which on an H200
+    # made the global loss host-bound at 2.5 ms a call (perf/RESULTS.md, 2026-12-04).
     rows = triton.cdiv(M, rows_per_program)
     n_max = max(1, min(K // _MIN_COLS_PER_SPLIT, _MAX_PARTIAL_BYTES // (M * D * 4)))
     best_n, best_cost = 1, None
