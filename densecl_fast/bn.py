@@ -24,9 +24,9 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         # One fused batch-norm kernel per group (consecutive images: a contiguous slice of the
         # batch in either memory format), without running stats; the running stats are then
-        # updated once from the groups' saved statistics. Written with mean/var over a 5-D view
-        # instead, the same computation took ~8 passes over every activation in fp32 and made
-        # the eager bf16 step 2.5x slower on an H200 (perf/RESULTS.md, 2026-12-04).
+        # updated once from the groups' saved statistics. Written as mean/var over a 5-D view
+        # in fp32 elementwise ops instead, the eager bf16 step ran at half the speed on an H200
+        # (814 against 1,639 images/s, 53.5 against 27.1 GiB; perf/RESULTS.md, 2026-12-04).
         outs, means, invstds = [], [], []
         for xg in x.chunk(self.groups):
             y, mean, invstd = torch.native_batch_norm(xg, self.weight, self.bias, None, None, True, 0.0, self.eps)

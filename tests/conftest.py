@@ -14,6 +14,28 @@ else:
     # tests/test_kernels_aot.py.
     os.environ.setdefault("DENSECL_AUTOTUNE", "0")
 
+def _interpreter_numpy_problem():
+    """Triton 3.6's interpreter crashes on numpy >= 2.4 in the kernels' range() loops (3.8 is fine):
+    say so once instead of failing every kernel test with a numpy traceback."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return None
+    tv = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    nv = tuple(int(x) for x in numpy.__version__.split(".")[:2])
+    if tv < (3, 7) and nv >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter does not work with numpy {numpy.__version__}: "
+                "pip install 'numpy<2.4' (or Triton >= 3.7) to run the kernel tests on the CPU")
+    return None
+
+
+_problem = _interpreter_numpy_problem()
+if _problem:
+    pytest.exit(_problem, returncode=2)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
