@@ -102,7 +102,7 @@ def _cases(arch: int):
         args = [f32, f32, f32, f32, f32, f32, f32, M, D, 4, 1, 5.0, 1e-5]
         yield ("queue_infonce combine" + ("" if with_grad else " (no grad)"), "fp32", f"BLOCK={block}",
                qi._combine_kernel, args, dict(BLOCK=block, BLOCK_D=D, WITH_GRAD=with_grad), 4, 1)
-    N, C, S2 = 256, PRODUCT_C, PRODUCT_S2
+    C, S2 = PRODUCT_C, PRODUCT_S2
     for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         feat, grid = torch.empty(1, dtype=dt), torch.empty(1, dtype=torch.float32)
         for bq, bc, warps, stages in dm.TILES[family, dm._width(dt)]:

@@ -21,14 +21,13 @@ from ._common import (
     INTERPRET,
     cast,
     autotune_configs,
-    can_run_on,
     device_guard,
     dot_precision,
     next_power_of_2,
     sm_count,
     upcast_for_interpreter,
-    SUPPORTED_DTYPES,
 )
+from .queue_infonce_triton import _load_q_tile, _load_queue_tile, cast_like_autocast, check_inputs
 
 
 MAX_D = 256
@@ -59,34 +58,6 @@ def _configs():
 
 
 _HEURISTICS = {"EVEN_K": lambda a: a["K"] % a["BLOCK_N"] == 0}
-
-
-@triton.jit
-def _load_q_tile(q_ptr, offs_m, offs_d, M, D, stride_qm, stride_qd,
-                 EVEN_D: tl.constexpr):
-    ptrs = q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    if EVEN_D:
-        mask = offs_m[:, None] < M
-    else:
-        mask = (offs_m[:, None] < M) & (offs_d[None, :] < D)
-    return tl.load(ptrs, mask=mask, other=0.0)
-
-
-@triton.jit
-def _load_queue_tile(queue_ptr, offs_d, offs_n, D, k_end, stride_kd, stride_kn,
-                     EVEN_K: tl.constexpr, EVEN_D: tl.constexpr):
-    ptrs = queue_ptr + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
-    if EVEN_K:
-        if EVEN_D:
-            t = tl.load(ptrs)
-        else:
-            t = tl.load(ptrs, mask=offs_d[:, None] < D, other=0.0)
-    else:
-        if EVEN_D:
-            t = tl.load(ptrs, mask=offs_n[None, :] < k_end, other=0.0)
-        else:
-            t = tl.load(ptrs, mask=(offs_d[:, None] < D) & (offs_n[None, :] < k_end), other=0.0)
-    return t
 
 
 @triton.autotune(configs=_configs(), key=["M", "K", "D"])
@@ -214,28 +185,6 @@ def _bwd_kernel(
 # ----------------------------------------------------------------------------- host side
 
 
-def supports(q: torch.Tensor, l_pos: torch.Tensor, queue: torch.Tensor) -> bool:
-    """Shapes and dtypes the kernels handle; anything else goes to the reference."""
-    return (
-        q.dim() == 2 and l_pos.dim() == 1 and queue.dim() == 2
-        and q.shape[1] == queue.shape[0] and l_pos.shape[0] == q.shape[0]
-        and 1 <= q.shape[1] <= MAX_D and q.shape[0] >= 1 and queue.shape[1] >= 1
-        and q.dtype in SUPPORTED_DTYPES and queue.dtype in SUPPORTED_DTYPES
-        and l_pos.dtype in SUPPORTED_DTYPES
-    )
-
-
-def _check(q, l_pos, queue):
-    if not supports(q, l_pos, queue):
-        raise ValueError(
-            f"queue_infonce (triton): unsupported inputs q {tuple(q.shape)} {q.dtype}, l_pos "
-            f"{tuple(l_pos.shape)} {l_pos.dtype}, queue {tuple(queue.shape)} {queue.dtype}; need q M x D, "
-            f"l_pos M, queue D x K with D <= {MAX_D} and fp32/fp16/bf16")
-    if not (q.device == l_pos.device == queue.device) or not can_run_on(q.device):
-        raise RuntimeError(f"queue_infonce (triton): cannot launch on {q.device} "
-                           "(CUDA tensors, or CPU tensors with TRITON_INTERPRET=1)")
-
-
 def _num_splits(M: int, K: int, D: int, device: torch.device) -> int:
     """How many column ranges the queue is cut into (see the module docstring)."""
     if device.type != "cuda":
@@ -266,7 +215,7 @@ def _common_meta(q, queue):
 
 def queue_infonce_forward(q, l_pos, queue, temperature):
     """Returns (loss fp32 scalar, lse fp32 M)."""
-    _check(q, l_pos, queue)
+    check_inputs(q, l_pos, queue, MAX_D)
     M, D = q.shape
     K = queue.shape[1]
     n_split, cols = _split_layout(M, K, D, q.device)
@@ -355,27 +304,9 @@ def _backward(ctx, grad_loss, _grad_lse):
 _queue_infonce_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _autocast_dtype(device: torch.device):
-    """The dtype torch.autocast would run `q @ queue` in, or None when autocast is off."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
-
-
 def queue_infonce_recompute_triton(q: torch.Tensor, l_pos: torch.Tensor, queue: torch.Tensor,
-                         temperature: float) -> torch.Tensor:
-    """Fused queue InfoNCE: same value and gradients as kernels.reference.queue_infonce_ref."""
-    # Custom ops are invisible to autocast. In the reference, q @ queue is an autocast op, so
-    # under AMP it runs on bf16/fp16 inputs; cast here the same way (q's gradient goes back
-    # through the cast) so the fused path gets tensor-core inputs too instead of fp32.
-    amp = _autocast_dtype(q.device)
-    if amp is not None and q.dtype != amp:
-        q = q.to(amp)
-    queue = queue.detach()
-    if queue.dtype != q.dtype:
-        # One 8-16 MB copy per call, as the reference's queue.to(q.dtype) does. Casting tile by
-        # tile instead would stage fp32 tiles in shared memory (twice the bytes per pipeline
-        # stage) and stream twice the bytes from L2 once per row block.
-        queue = queue.to(q.dtype)
+                                   temperature: float) -> torch.Tensor:
+    """Same value and gradients as kernels.reference.queue_infonce_ref (two-pass kernels)."""
+    q, queue = cast_like_autocast(q, queue)
     loss, _ = torch.ops.densecl.queue_infonce_recompute(q, l_pos, queue, float(temperature))
     return loss

@@ -236,23 +236,23 @@ def _combine_kernel(
 # ----------------------------------------------------------------------------- host side
 
 
-def supports(q: torch.Tensor, l_pos: torch.Tensor, queue: torch.Tensor) -> bool:
+def supports(q: torch.Tensor, l_pos: torch.Tensor, queue: torch.Tensor, max_d: int = MAX_D) -> bool:
     """Shapes and dtypes the kernels handle; anything else goes to the reference."""
     return (
         q.dim() == 2 and l_pos.dim() == 1 and queue.dim() == 2
         and q.shape[1] == queue.shape[0] and l_pos.shape[0] == q.shape[0]
-        and 1 <= q.shape[1] <= MAX_D and q.shape[0] >= 1 and queue.shape[1] >= 1
+        and 1 <= q.shape[1] <= max_d and q.shape[0] >= 1 and queue.shape[1] >= 1
         and q.dtype in SUPPORTED_DTYPES and queue.dtype in SUPPORTED_DTYPES
         and l_pos.dtype in SUPPORTED_DTYPES
     )
 
 
-def _check(q, l_pos, queue):
-    if not supports(q, l_pos, queue):
+def check_inputs(q, l_pos, queue, max_d: int = MAX_D):
+    if not supports(q, l_pos, queue, max_d):
         raise ValueError(
             f"queue_infonce (triton): unsupported inputs q {tuple(q.shape)} {q.dtype}, l_pos "
             f"{tuple(l_pos.shape)} {l_pos.dtype}, queue {tuple(queue.shape)} {queue.dtype}; need q M x D, "
-            f"l_pos M, queue D x K with D <= {MAX_D} and fp32/fp16/bf16")
+            f"l_pos M, queue D x K with D <= {max_d} and fp32/fp16/bf16")
     if not (q.device == l_pos.device == queue.device) or not can_run_on(q.device):
         raise RuntimeError(f"queue_infonce (triton): cannot launch on {q.device} "
                            "(CUDA tensors, or CPU tensors with TRITON_INTERPRET=1)")
@@ -309,7 +309,7 @@ def queue_infonce_forward(q, l_pos, queue, temperature, with_grad=True):
     """Returns (loss fp32 scalar, dq_unit fp32 M x D, dlpos_unit fp32 M): the loss and its
     gradients to q and l_pos per unit of incoming gradient. Without with_grad, dq_unit is an
     empty M x 0 tensor and the second product of the forward is skipped."""
-    _check(q, l_pos, queue)
+    check_inputs(q, l_pos, queue)
     M, D = q.shape
     K = queue.shape[1]
     n_split, cols = _split_layout(M, K, D, q.dtype, q.device)
@@ -391,9 +391,9 @@ def _autocast_dtype(device: torch.device):
     return None
 
 
-def queue_infonce_triton(q: torch.Tensor, l_pos: torch.Tensor, queue: torch.Tensor,
-                         temperature: float) -> torch.Tensor:
-    """Fused queue InfoNCE: same value and gradients as kernels.reference.queue_infonce_ref."""
+def cast_like_autocast(q: torch.Tensor, queue: torch.Tensor):
+    """(q, queue) as the reference's `q @ queue` would see them: in the autocast dtype under AMP,
+    and the queue (no gradient) in q's dtype."""
     # Custom ops are invisible to autocast. In the reference, q @ queue is an autocast op, so
     # under AMP it runs on bf16/fp16 inputs; cast here the same way (q's gradient goes back
     # through the cast) so the fused path gets tensor-core inputs too instead of fp32.
@@ -406,6 +406,13 @@ def queue_infonce_triton(q: torch.Tensor, l_pos: torch.Tensor, queue: torch.Tens
         # tile instead would stage fp32 tiles in shared memory (twice the bytes per pipeline
         # stage) and stream twice the bytes from L2 once per row block.
         queue = queue.to(q.dtype)
+    return q, queue
+
+
+def queue_infonce_triton(q: torch.Tensor, l_pos: torch.Tensor, queue: torch.Tensor,
+                         temperature: float) -> torch.Tensor:
+    """Fused queue InfoNCE: same value and gradients as kernels.reference.queue_infonce_ref."""
+    q, queue = cast_like_autocast(q, queue)
     # The second product of the forward only serves q's gradient: skipped when none is wanted.
     with_grad = torch.is_grad_enabled() and q.requires_grad
     loss, _, _ = torch.ops.densecl.queue_infonce(q, l_pos, queue, float(temperature), with_grad)
