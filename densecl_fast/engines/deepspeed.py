@@ -85,6 +85,8 @@ def resolve_ds_config(cfg, world_size: int, precision: str) -> dict:
     d = {**d, **ours, "zero_optimization": {**zo, "stage": stage}}
     d.setdefault("zero_allow_untested_optimizer", True)
     d.setdefault("steps_per_print", 10 ** 9)
+    # DeepSpeed clips the gradient norm at 1.0 unless told otherwise; the recipe does not clip.
+    d.setdefault("gradient_clipping", 0.0)
     if precision == "bf16":
         d["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     else:
@@ -118,6 +120,9 @@ class DeepSpeedEngine(Engine):
         ds_logger.setLevel(logging.WARNING)  # its INFO lines on every rank would drown our summary
         ensure_process_group(self.device)
         self.model = model
+        # DeepSpeed flattens and broadcasts parameters as contiguous buffers: channels-last weights
+        # go back to the default layout (the input batch may still be channels-last).
+        model.to(memory_format=torch.contiguous_format)
         self.optimizer = make_optimizer(model, optim_cfg, self.device, base_lr)
         enc = model.encoder_q
         self.ds, _, _, _ = deepspeed.initialize(model=enc, optimizer=self.optimizer, config=self.ds_config,
