@@ -26,6 +26,7 @@ import random
 import re
 import shutil
 import socket
+import tempfile
 import warnings
 
 import numpy as np
@@ -41,6 +42,8 @@ _NAME = re.compile(r"ckpt_(\d{9})\.(pt|dcp|ds)$")
 KINDS = {"pt": "train.engine=single or ddp", "dcp": "train.engine=fsdp", "ds": "train.engine=deepspeed"}
 _TEMP_GLOB = ".ckpt_*.tmp*"
 META_NAME = "meta.pt"
+DS_CLIENT_KEY = "densecl_outside_engine"  # DeepSpeed client state: the DenseCL tensors outside its engine
+DS_MODEL_FILE = "mp_rank_00_model_states.pt"
 LOCK_NAME = ".lock"
 
 
@@ -201,6 +204,29 @@ def commit_dir(tmp: str, final: str) -> None:
         remove_path(final)
     os.replace(tmp, final)
     fsync_dir(os.path.dirname(final))
+
+
+def folder_model_state(path: str) -> dict:
+    """The whole DenseCL state dict (both encoders, queues, pointer) of a folder checkpoint, on the
+    CPU, without a process group: for export and inspection (weights.read_weights)."""
+    kind = checkpoint_kind(path)
+    try:
+        if kind == "ds":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ms = torch.load(os.path.join(path, DS_MODEL_FILE), map_location="cpu", weights_only=True)
+            state = {f"encoder_q.{k}": v for k, v in ms["module"].items()}
+            state.update(ms[DS_CLIENT_KEY])
+            return state
+        if kind == "dcp":
+            from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+            with tempfile.TemporaryDirectory() as d:
+                flat = os.path.join(d, "flat.pt")
+                dcp_to_torch_save(path, flat)
+                return torch.load(flat, map_location="cpu", weights_only=True)["model"]
+    except Exception as e:
+        raise CheckpointError(f"cannot read the model of checkpoint {path}: {_write_failure(e)}") from None
+    raise CheckpointError(f"{path} is not a folder checkpoint of densecl_fast (ckpt_<step>.dcp or .ds)")
 
 
 def read_checkpoint_meta(path: str) -> dict:

@@ -21,6 +21,7 @@ from densecl_fast.checkpoint import CheckpointError, list_checkpoints
 from densecl_fast.config import ConfigError, load_config
 from densecl_fast.engines import resolve_engine
 from densecl_fast.trainer import train
+from densecl_fast.weights import load_backbone_state
 from helpers import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,21 +153,10 @@ def test_two_rank_shuffle_bn_equals_one_process_grouped_bn(engine, one_process_r
 # ---- save on 2 ranks -> resume == uninterrupted, per engine -----------------------------------------
 
 def _state_of(path):
-    """Comparable tensors of a checkpoint of any format (the model part)."""
-    kind = ckpt_io.checkpoint_kind(path)
-    if kind == "pt":
+    """The whole model state of a checkpoint of any format (folders: as export reads them)."""
+    if ckpt_io.checkpoint_kind(path) == "pt":
         return ckpt_io.load_checkpoint(path)["model"]
-    if kind == "ds":
-        ms = torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
-        state = {f"encoder_q.{k}": v for k, v in ms["module"].items()}
-        state.update(ms["densecl_outside_engine"])
-        return state
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    tmp = path + ".flat.pt"
-    dcp_to_torch_save(path, tmp)
-    state = torch.load(tmp, weights_only=False)["model"]
-    os.remove(tmp)
-    return state
+    return ckpt_io.folder_model_state(path)
 
 
 @pytest.mark.distributed
@@ -193,6 +183,8 @@ def test_resume_on_two_ranks_equals_the_uninterrupted_run(engine, tmp_path, data
         assert torch.equal(sa[k], sb[k]), k
     kind = {"ddp": "pt", "fsdp": "dcp", "deepspeed": "ds"}[engine]
     assert ckpt_io.checkpoint_kind(list_checkpoints(split)[-1]) == kind
+    arch, trunk = load_backbone_state(list_checkpoints(split)[-1])  # export reads every engine's checkpoints
+    assert arch == "resnet18" and torch.equal(trunk["conv1.weight"], sa["encoder_q.backbone.conv1.weight"])
     if engine == "fsdp":  # DCP reshards: the 2-rank checkpoint continues on one process
         more = str(tmp_path / "one")
         shutil.copytree(split, more)

@@ -34,7 +34,7 @@ from .base import Engine, make_optimizer, reject_fp16
 from .fsdp import ensure_process_group
 
 LAUNCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "launch")
-CLIENT_KEY = "densecl_outside_engine"  # client-state entry: the DenseCL tensors outside the engine
+CLIENT_KEY = ckpt_io.DS_CLIENT_KEY  # client-state entry: the DenseCL tensors outside the engine
 
 
 def default_config_path(stage: int) -> str:
