@@ -8,8 +8,6 @@ single-file format of the single engine (the model is identical on every rank).
 """
 from __future__ import annotations
 
-import warnings
-
 from .base import Engine
 
 
@@ -22,7 +20,5 @@ class DDPEngine(Engine):
     def wrap(self, model) -> None:
         from torch.distributed._composable import replicate
         kw = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "replicate is experimental": noise on every rank
-            # broadcast_buffers=False: each rank keeps its own BN running statistics (rank 0's are saved).
-            replicate(model.encoder_q, broadcast_buffers=False, **kw)
+        # broadcast_buffers=False: each rank keeps its own BN running statistics (rank 0's are saved).
+        replicate(model.encoder_q, broadcast_buffers=False, **kw)
