@@ -24,8 +24,8 @@ import kernels
 from . import checkpoint as ckpt_io
 from .config import Config, ConfigError, check_environment, config_to_dict, to_yaml
 from .data import DataError, build_loader, resolve_backend
-from .distributed import all_reduce_max, barrier, cleanup, init_distributed
-from .engines import Engine, autocast_for, build_engine, make_optimizer  # noqa: F401 (perf/ imports these here)
+from .distributed import all_reduce_max, cleanup, init_distributed
+from .engines import Engine, autocast_for, build_engine, make_optimizer  # noqa: F401 (still importable from here)
 from .model import DenseCL
 from .weights import WeightsError, load_into_model
 

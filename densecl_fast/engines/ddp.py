@@ -20,5 +20,7 @@ class DDPEngine(Engine):
     def wrap(self, model) -> None:
         from torch.distributed._composable import replicate
         kw = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
-        # broadcast_buffers=False: each rank keeps its own BN running statistics (rank 0's are saved).
-        replicate(model.encoder_q, broadcast_buffers=False, **kw)
+        # No buffer sync in forward: each rank keeps its own BN running statistics (rank 0's are
+        # saved), as with the original's per-GPU BN. (The sync at construction copies rank 0's
+        # buffers, which are identical on every rank then.) broadcast_buffers is deprecated.
+        replicate(model.encoder_q, forward_sync_buffers=False, **kw)
