@@ -182,6 +182,12 @@ class DeepSpeedEngine(Engine):
     def load(self, path: str, meta: dict | None = None) -> dict:
         meta = meta if meta is not None else ckpt_io.read_checkpoint_meta(path)
         path = os.path.normpath(path)
+        world = self.dist.world_size if self.dist else 1
+        saved = meta.get("world_size", len(meta["shuffle_rng"]))
+        if saved != world:  # ZeRO optimizer states are saved per rank: DeepSpeed reloads them on as many
+            raise ckpt_io.CheckpointError(
+                f"checkpoint {path} was written by {saved} DeepSpeed rank(s), this run has {world}; resume it "
+                f"on {saved} (DeepSpeed checkpoints hold per-rank optimizer shards)")
         try:
             loaded, client = self.ds.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path),
                                                      load_optimizer_states=True, load_lr_scheduler_states=False)

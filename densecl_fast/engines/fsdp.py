@@ -33,9 +33,11 @@ from .base import Engine, reject_fp16
 
 
 def ensure_process_group(device: torch.device) -> None:
-    """FSDP2 and DCP need a process group even on one process (python launch/pretrain.py)."""
+    """FSDP2, DCP and DeepSpeed need a process group even on one process (python launch/pretrain.py)."""
     if dist.is_initialized():
         return
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):  # DeepSpeed reads these
+        os.environ.setdefault(k, v)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         with socket.socket() as s:
