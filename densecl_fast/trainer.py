@@ -130,6 +130,7 @@ def _train(cfg: Config, held: list) -> dict:
         ckpt_io.check_kind(resume_path, engine.ckpt_kind, f"train.engine={engine.name}")
         ck = ckpt_io.read_checkpoint_meta(resume_path)  # structure and checksum
         check_compatible(ckpt_io.saved_config(ck, resume_path), cfg, resume_path)
+        engine.check_resume(resume_path, ck)
     problem = None
     if main:
         try:

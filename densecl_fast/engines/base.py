@@ -81,6 +81,9 @@ class Engine:
             self.scaler.update()
 
     # ---- checkpoints -------------------------------------------------------------------------------
+    def check_resume(self, path: str, meta: dict) -> None:
+        """Called with a checkpoint's meta before any data or model: engine-specific refusals."""
+
     def save(self, out_dir: str, step: int, extra: dict, keep_last: int) -> str | None:
         """Rank 0 writes one checksummed file atomically (the model is identical on every rank)."""
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

@@ -151,6 +151,15 @@ class DeepSpeedEngine(Engine):
             self.ds.step()  # zeroes the gradients after the update
 
     # ---- checkpoints: DeepSpeed's own, our state as client state ---------------------------------
+    def check_resume(self, path: str, meta: dict) -> None:
+        """ZeRO optimizer states are saved per rank, and DeepSpeed reloads them on as many ranks."""
+        world = self.dist.world_size if self.dist else 1
+        saved = meta.get("world_size", len(meta["shuffle_rng"]))
+        if saved != world:
+            raise ckpt_io.CheckpointError(
+                f"checkpoint {path} was written by {saved} DeepSpeed rank(s), this run has {world}; resume it "
+                f"on {saved} (DeepSpeed checkpoints hold per-rank optimizer shards)")
+
     def _outside_state(self) -> dict:
         return {k: v for k, v in self.model.state_dict().items() if not k.startswith("encoder_q.")}
 
@@ -181,13 +190,8 @@ class DeepSpeedEngine(Engine):
 
     def load(self, path: str, meta: dict | None = None) -> dict:
         meta = meta if meta is not None else ckpt_io.read_checkpoint_meta(path)
+        self.check_resume(path, meta)
         path = os.path.normpath(path)
-        world = self.dist.world_size if self.dist else 1
-        saved = meta.get("world_size", len(meta["shuffle_rng"]))
-        if saved != world:  # ZeRO optimizer states are saved per rank: DeepSpeed reloads them on as many
-            raise ckpt_io.CheckpointError(
-                f"checkpoint {path} was written by {saved} DeepSpeed rank(s), this run has {world}; resume it "
-                f"on {saved} (DeepSpeed checkpoints hold per-rank optimizer shards)")
         try:
             loaded, client = self.ds.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path),
                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
