@@ -6,6 +6,11 @@ optimizer and grad scaler, step/epoch/position in the epoch, RNG states and the 
 
 Integrity: every checkpoint stores a SHA-256 over all its tensors' bytes (and the other values),
 verified on load, so a file damaged after it was written is refused instead of silently loaded.
+Formats (one per engine family, named by the suffix): `ckpt_<step>.pt`, one file (single, ddp);
+`ckpt_<step>.dcp/`, a torch.distributed.checkpoint folder (fsdp); `ckpt_<step>.ds/`, a DeepSpeed
+checkpoint folder (deepspeed). A folder holds `meta.pt`: the same step/RNG/config entries as a file
+checkpoint, checksummed, so the trainer reads any checkpoint's position before building a model.
+
 A run directory belongs to one run: `prepare_run_dir` takes a lock file (`<out_dir>/.lock`, an
 flock released when the process dies), removes temp files of killed writes, and refuses a fresh
 run into a directory that already holds checkpoints.
@@ -19,7 +24,9 @@ import os
 import pickle
 import random
 import re
+import shutil
 import socket
+import tempfile
 import warnings
 
 import numpy as np
@@ -30,8 +37,13 @@ from .config import ConfigError
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # 1: before checksums (loaded without verification)
 REQUIRED_KEYS = ("model", "optimizer", "scaler", "step", "rng", "shuffle_rng", "config")
-_NAME = re.compile(r"ckpt_(\d{9})\.pt$")
-_TEMP_GLOB = ".ckpt_*.pt.tmp*"
+META_REQUIRED_KEYS = ("step", "rng", "shuffle_rng", "config")
+_NAME = re.compile(r"ckpt_(\d{9})\.(pt|dcp|ds)$")
+KINDS = {"pt": "train.engine=single or ddp", "dcp": "train.engine=fsdp", "ds": "train.engine=deepspeed"}
+_TEMP_GLOB = ".ckpt_*.tmp*"
+META_NAME = "meta.pt"
+DS_CLIENT_KEY = "densecl_outside_engine"  # DeepSpeed client state: the DenseCL tensors outside its engine
+DS_MODEL_FILE = "mp_rank_00_model_states.pt"
 LOCK_NAME = ".lock"
 
 
@@ -124,8 +136,123 @@ def atomic_save(obj, path: str, dump=None) -> None:
 
 
 def list_checkpoints(out_dir: str) -> list[str]:
-    paths = [p for p in glob.glob(os.path.join(checkpoint_dir(out_dir), "ckpt_*.pt")) if _NAME.search(p)]
+    """Every checkpoint of the run, of any engine's format, oldest first."""
+    paths = [p for p in glob.glob(os.path.join(checkpoint_dir(out_dir), "ckpt_*")) if _NAME.search(p)]
     return sorted(paths, key=lambda p: int(_NAME.search(p).group(1)))
+
+
+def checkpoint_kind(path: str) -> str:
+    """'pt' | 'dcp' | 'ds' by the name (a file given by the user with another name: 'pt')."""
+    m = _NAME.search(os.path.normpath(path))
+    return m.group(2) if m else ("pt" if not os.path.isdir(path) else "unknown")
+
+
+def check_kind(path: str, kind: str, engine: str) -> None:
+    """A checkpoint of another engine's format is a one-line error naming the engine that reads it."""
+    found = checkpoint_kind(path)
+    if found != kind:
+        hint = f"resume with {KINDS[found]}" if found in KINDS else "not a checkpoint written by densecl_fast"
+        raise CheckpointError(f"checkpoint {path} was written in the {found!r} format, which {engine} does not "
+                              f"read ({KINDS.get(kind, kind)} writes {kind!r}); {hint}, or start a new run in "
+                              f"another train.out_dir")
+
+
+def remove_path(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def prune(out_dir: str, keep_last: int, keep: str) -> None:
+    """Keep the newest `keep_last` checkpoints (never `keep`, the one just written)."""
+    for old in list_checkpoints(out_dir)[:-keep_last]:
+        if os.path.realpath(old) != os.path.realpath(keep):
+            remove_path(old)
+
+
+def fsync_dir(d: str) -> None:
+    dfd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def temp_dir_for(out_dir: str, step: int, kind: str) -> str:
+    """Where a folder checkpoint is written before its rename (removed at the next start if killed)."""
+    return os.path.join(checkpoint_dir(out_dir), f".ckpt_{step:09d}.{kind}.tmp")
+
+
+def final_dir_for(out_dir: str, step: int, kind: str) -> str:
+    return os.path.join(checkpoint_dir(out_dir), f"ckpt_{step:09d}.{kind}")
+
+
+def write_meta(folder: str, extra: dict) -> None:
+    """meta.pt of a folder checkpoint: the file format's non-tensor-state entries, checksummed."""
+    meta = {"format_version": FORMAT_VERSION, **extra}
+    meta["checksum"] = checksum(meta)
+    atomic_save(meta, os.path.join(folder, META_NAME))
+
+
+def commit_dir(tmp: str, final: str) -> None:
+    """Rename a completely written folder checkpoint into place (rank 0, after every rank wrote)."""
+    if os.path.exists(final):
+        remove_path(final)
+    os.replace(tmp, final)
+    fsync_dir(os.path.dirname(final))
+
+
+def folder_model_state(path: str) -> dict:
+    """The whole DenseCL state dict (both encoders, queues, pointer) of a folder checkpoint, on the
+    CPU, without a process group: for export and inspection (weights.read_weights)."""
+    kind = checkpoint_kind(path)
+    try:
+        if kind == "ds":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ms = torch.load(os.path.join(path, DS_MODEL_FILE), map_location="cpu", weights_only=True)
+            state = {f"encoder_q.{k}": v for k, v in ms["module"].items()}
+            state.update(ms[DS_CLIENT_KEY])
+            return state
+        if kind == "dcp":
+            from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+            with tempfile.TemporaryDirectory() as d:
+                flat = os.path.join(d, "flat.pt")
+                dcp_to_torch_save(path, flat)
+                return torch.load(flat, map_location="cpu", weights_only=True)["model"]
+    except Exception as e:
+        raise CheckpointError(f"cannot read the model of checkpoint {path}: {_write_failure(e)}") from None
+    raise CheckpointError(f"{path} is not a folder checkpoint of densecl_fast (ckpt_<step>.dcp or .ds)")
+
+
+def read_checkpoint_meta(path: str) -> dict:
+    """What the trainer needs before it builds a model (step, RNGs, config, ...), for any format:
+    the whole file of a file checkpoint, meta.pt of a folder one. One-line CheckpointError otherwise."""
+    if not os.path.isdir(path):
+        return load_checkpoint(path)
+    meta_path = os.path.join(path, META_NAME)
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"checkpoint {path} is incomplete: it has no {META_NAME} (the write was "
+                              f"interrupted, or it is not a densecl_fast checkpoint)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            meta = torch.load(meta_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {meta_path}: {_write_failure(e)}") from None
+    if not isinstance(meta, dict) or meta.get("format_version") not in READABLE_FORMATS:
+        raise CheckpointError(f"{meta_path} is not a densecl_fast checkpoint's meta.pt")
+    missing = [k for k in META_REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: its {META_NAME} has no "
+                              f"{', '.join(repr(k) for k in missing)}")
+    if checksum(meta) != meta.get("checksum"):
+        raise CheckpointError(f"checkpoint {path} is corrupt: {META_NAME} does not match its checksum")
+    return meta
 
 
 def _write_failure(e: BaseException) -> str:
@@ -151,13 +278,7 @@ def save_checkpoint(state: dict, out_dir: str, step: int, keep_last: int) -> str
             f"cannot write checkpoint {path}: {_write_failure(e)}. The last good checkpoint is "
             f"{good[-1] if good else 'none (no checkpoint was written yet)'}; free some space and "
             f"continue with --resume auto") from e
-    for old in list_checkpoints(out_dir)[:-keep_last]:
-        if old == path:
-            continue  # never the one just written (one run per directory makes this moot; belt and braces)
-        try:
-            os.remove(old)
-        except FileNotFoundError:
-            pass
+    prune(out_dir, keep_last, path)
     return path
 
 
@@ -166,7 +287,10 @@ def remove_stale_temps(out_dir: str) -> list[str]:
     removed = []
     for p in glob.glob(os.path.join(checkpoint_dir(out_dir), _TEMP_GLOB)):
         try:
-            os.remove(p)
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            else:
+                os.remove(p)
             removed.append(p)
         except OSError:
             pass
@@ -269,7 +393,7 @@ def resolve_resume(resume: str, out_dir: str) -> str | None:
     if resume == "auto":
         ckpts = list_checkpoints(out_dir)
         return ckpts[-1] if ckpts else None
-    if not os.path.isfile(resume):
+    if not os.path.exists(resume):
         raise CheckpointError(f"--resume {resume}: no such checkpoint file")
     return resume
 

@@ -27,7 +27,10 @@ class ModelConfig:
     dense_warmup_iters: int = 0       # λ = 0 for these many first iterations (0 = recipe)
     bn_group_size: int = 32           # single process: BN statistics over groups of this many
                                       # images (key batch shuffled first); 0 = whole batch
-    sync_bn: bool = True              # distributed on CUDA: SyncBatchNorm across ranks
+    bn: str = "shuffle"               # several ranks: shuffle (the recipe's cross-rank shuffle-BN, per-rank
+                                      # statistics) | group (per-rank grouped BN, per-rank shuffle) |
+                                      # sync (SyncBatchNorm over the global batch; CUDA; not the recipe).
+                                      # One process: grouped BN with a whole-batch shuffle in every mode
 
 
 @dataclass
@@ -85,6 +88,16 @@ class TrainConfig:
     deterministic: bool = False       # torch deterministic algorithms (for exact-resume tests)
     tensorboard: bool = True
     progress: bool = True             # tqdm progress bar
+    engine: str = "auto"              # auto | single | ddp | fsdp | deepspeed (densecl_fast/engines); auto:
+                                      # deepspeed under the deepspeed launcher, ddp under torchrun on >1 rank
+
+
+@dataclass
+class DeepSpeedSection:
+    """train.engine=deepspeed only. The JSON is launch/ds_zero<zero_stage>.json unless `config` names one;
+    batch sizes, optimizer and precision always come from this config (a JSON that contradicts them is an error)."""
+    config: str = ""                  # path of a DeepSpeed JSON config ("" = launch/ds_zero<zero_stage>.json)
+    zero_stage: Optional[int] = None  # 0 | 1 | 2; overrides the JSON's zero_optimization.stage (None: the JSON's, or 1)
 
 
 @dataclass
@@ -94,6 +107,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
 
 class ConfigError(ValueError):
@@ -126,6 +140,10 @@ def load_config(preset_or_path: Optional[str] = "smoke", overrides: Optional[Lis
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
         layers.append(OmegaConf.from_dotlist(list(overrides)))
+    for layer in layers[1:]:
+        if OmegaConf.select(layer, "model.sync_bn") is not None:
+            raise ConfigError("model.sync_bn was replaced by model.bn=shuffle|sync|group (shuffle: the recipe's "
+                              "cross-rank shuffle-BN, the default; sync: SyncBatchNorm); remove model.sync_bn")
     try:
         merged = OmegaConf.merge(*layers)
     except Exception as e:  # omegaconf raises several types; all mean a bad key or value
@@ -175,7 +193,9 @@ def check_environment(cfg: Config, world_size: Optional[int] = None) -> None:
     need(o.batch_size % world_size == 0,
          f"optim.batch_size={o.batch_size} (the global batch) is not divisible by {world_size} processes")
     per = o.batch_size // world_size
-    grouped = not (world_size > 1 and on_cuda and m.sync_bn)  # SyncBatchNorm replaces the groups
+    need(m.bn != "sync" or on_cuda,
+         "model.bn=sync (SyncBatchNorm) needs CUDA; use model.bn=shuffle (the recipe) or group on the CPU")
+    grouped = not (world_size > 1 and m.bn == "sync")  # SyncBatchNorm replaces the groups
     need(not grouped or m.bn_group_size <= 0 or m.bn_group_size >= per or per % m.bn_group_size == 0,
          f"optim.batch_size={o.batch_size} gives {per} images per process, not a multiple of "
          f"model.bn_group_size={m.bn_group_size}; change one of them (bn_group_size=0: the whole batch)")
@@ -186,6 +206,10 @@ def to_yaml(cfg: Config) -> str:
 
 
 def config_from_dict(d: dict) -> Config:
+    """A saved config (checkpoint). Checkpoints written before model.bn existed hold model.sync_bn:
+    dropped (BN mode shapes no tensor; the resumed run uses this run's model.bn)."""
+    if isinstance(d, dict) and isinstance(d.get("model"), dict) and "sync_bn" in d["model"]:
+        d = {**d, "model": {k: v for k, v in d["model"].items() if k != "sync_bn"}}
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))
     validate(cfg)
     return cfg
@@ -208,6 +232,12 @@ def validate(cfg: Config) -> None:
     need(0.0 <= m.loss_lambda <= 1.0, f"model.loss_lambda={m.loss_lambda} must be in [0, 1]")
     need(m.queue_len > 0 and m.out_dim > 0 and m.hid_dim > 0, "model.queue_len, out_dim, hid_dim must be > 0")
     need(m.dense_warmup_iters >= 0 and m.bn_group_size >= 0, "model.dense_warmup_iters and bn_group_size must be >= 0")
+    need(m.bn in ("shuffle", "sync", "group"), f"model.bn={m.bn!r}: use shuffle, sync or group")
+    need(t.engine in ("auto", "single", "ddp", "fsdp", "deepspeed"),
+         f"train.engine={t.engine!r}: use auto, single, ddp, fsdp or deepspeed")
+    need(cfg.deepspeed.zero_stage in (None, 0, 1, 2),
+         f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: use 0, 1 or 2 (ZeRO-3 shards parameters, which the "
+         f"momentum encoder's update does not support)")
     need(d.backend in ("auto", "torch", "dali"), f"data.backend={d.backend!r}: use auto, torch or dali")
     need(d.image_size >= 32, f"data.image_size={d.image_size} must be >= 32 (C5 is image_size/32 on a side)")
     need(0.0 < d.min_scale <= 1.0, f"data.min_scale={d.min_scale} must be in (0, 1]")

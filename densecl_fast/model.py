@@ -96,10 +96,8 @@ class DenseCL(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(cfg.out_dim, cfg.queue_len), dim=0))
         self.register_buffer("queue2", F.normalize(torch.randn(cfg.out_dim, cfg.queue_len), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        # What runs the query encoder: the module itself, or a DDP/compiled wrapper of it set by the
-        # trainer. Kept out of the module tree so state_dict keys never change.
-        object.__setattr__(self, "_run_q", self.encoder_q)
-        object.__setattr__(self, "_run_k", self.encoder_k)
+        # "shuffle" | "sync" | "group": how BN sees the key batch on several ranks (see _key_forward).
+        self.bn_mode = getattr(cfg, "bn", "shuffle")
         self._pairs = None
         self._shuffle_gen = None  # own RNG for the key shuffle: resumable, untouched by data loaders
         self.shuffle_seed = 0
@@ -109,11 +107,6 @@ class DenseCL(nn.Module):
     neck = property(lambda self: self.encoder_q.neck)
     backbone_k = property(lambda self: self.encoder_k.backbone)
     neck_k = property(lambda self: self.encoder_k.neck)
-
-    def set_runners(self, run_q=None, run_k=None):
-        """Use wrappers (DDP, torch.compile) of the encoders in forward; None = the module itself."""
-        object.__setattr__(self, "_run_q", run_q if run_q is not None else self.encoder_q)
-        object.__setattr__(self, "_run_k", run_k if run_k is not None else self.encoder_k)
 
     def shuffle_generator(self, device) -> torch.Generator:
         if self._shuffle_gen is None or self._shuffle_gen.device != torch.device(device):
@@ -135,6 +128,11 @@ class DenseCL(nn.Module):
         self._pairs = None
         return super()._apply(fn, *args, **kwargs)
 
+    def parameters_replaced(self) -> None:
+        """Engines that swap parameter objects in place (FSDP2 shards them) call this, so the momentum
+        update pairs the new (sharded) query and key parameters."""
+        self._pairs = None
+
     @torch.no_grad()
     def _enqueue(self, k: torch.Tensor, k2: torch.Tensor):
         k, k2 = concat_all_gather(k), concat_all_gather(k2)
@@ -155,6 +153,43 @@ class DenseCL(nn.Module):
             raise ValueError(f"batch {n} per process is not a multiple of model.bn_group_size={g}")
         return n // g
 
+    @torch.no_grad()
+    def _key_forward(self, im_k, groups: int):
+        """The key encoder on a shuffled batch, outputs returned in the original order.
+
+        The key batch is shuffled before (grouped) BN, so no key shares its BN statistics with the
+        query of the same image: the loss cannot be lowered through batch statistics.
+        One process: one permutation of the whole batch, grouped BN (bn.py).
+        Several ranks with bn_mode "shuffle" (the recipe's shuffle-BN): the key images of all ranks
+        are gathered, rank 0 draws one permutation of the global batch from its key-shuffle
+        generator and broadcasts it, each rank forwards its slice of the permuted batch with its own
+        (grouped) BN, the outputs are gathered and every rank takes back its own images. This is the
+        one-process computation on the global batch with groups of the per-rank batch, slice by slice.
+        """
+        set_bn_groups(self.encoder_k, groups)
+        n = im_k.shape[0]
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world > 1 and self.bn_mode == "shuffle" and self.training:
+            rank = dist.get_rank()
+            all_k = concat_all_gather(im_k)
+            total = all_k.shape[0]
+            if rank == 0:
+                perm = torch.randperm(total, device=im_k.device, generator=self.shuffle_generator(im_k.device))
+            else:
+                perm = torch.empty(total, dtype=torch.long, device=im_k.device)
+            dist.broadcast(perm, src=0)
+            outs = self.encoder_k(all_k[perm.view(world, n)[rank]])
+            mine = torch.argsort(perm).view(world, n)[rank]  # where this rank's images sit in the permuted batch
+            return tuple(concat_all_gather(o)[mine] for o in outs)
+        # One process, or per-rank grouped BN ("group"), or SyncBatchNorm ("sync").
+        perm = (torch.randperm(n, device=im_k.device, generator=self.shuffle_generator(im_k.device))
+                if groups > 1 else None)
+        outs = self.encoder_k(im_k[perm] if perm is not None else im_k)
+        if perm is None:
+            return outs
+        inv = torch.argsort(perm)
+        return tuple(o[inv] for o in outs)
+
     def forward(self, im_q, im_k, loss_lambda: float | None = None):
         lam = self.loss_lambda if loss_lambda is None else loss_lambda
         n = im_q.shape[0]
@@ -162,7 +197,7 @@ class DenseCL(nn.Module):
 
         with stage("query_forward"):
             set_bn_groups(self.encoder_q, groups)
-            q_b, q, q_grid, _ = self._run_q(im_q)
+            q_b, q, q_grid, _ = self.encoder_q(im_q)
             q = F.normalize(q, dim=1)
             q_grid = F.normalize(q_grid, dim=1)
 
@@ -170,16 +205,7 @@ class DenseCL(nn.Module):
             with stage("momentum_update"):
                 self.momentum_update()
             with stage("key_forward"):
-                # The key batch is shuffled before grouped BN, so no key shares its BN group with the
-                # query of the same image: the loss cannot be lowered through batch statistics.
-                set_bn_groups(self.encoder_k, groups)
-                perm = (torch.randperm(n, device=im_k.device, generator=self.shuffle_generator(im_k.device))
-                        if groups > 1 else None)
-                k_in = im_k[perm] if perm is not None else im_k
-                k_b, k, k_grid, k2 = self._run_k(k_in)
-                if perm is not None:
-                    inv = torch.argsort(perm)
-                    k_b, k, k_grid, k2 = k_b[inv], k[inv], k_grid[inv], k2[inv]
+                k_b, k, k_grid, k2 = self._key_forward(im_k, groups)
                 k = F.normalize(k, dim=1)
                 k_grid = F.normalize(k_grid, dim=1)
                 k2 = F.normalize(k2, dim=1)

@@ -2,8 +2,9 @@
 
     summary = train(load_config("smoke"))
 
-Order of business: processes and device -> data (fails early on bad data) -> model, optimizer
--> resume -> wrappers (DDP, torch.compile) -> the loop (lr, λ, step, log, checkpoint, signals).
+Order of business: processes, device and engine -> data (fails early on bad data) -> model,
+engine set-up (torch.compile and DDP/FSDP/DeepSpeed applied in place, optimizer) -> resume -> the
+loop (lr, λ, step, log, checkpoint, signals).
 """
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -25,8 +24,9 @@ import kernels
 from . import checkpoint as ckpt_io
 from .config import Config, ConfigError, check_environment, config_to_dict, to_yaml
 from .data import DataError, build_loader, resolve_backend
-from .distributed import all_reduce_max, barrier, cleanup, init_distributed
-from .model import DenseCL, stage
+from .distributed import all_reduce_max, cleanup, init_distributed
+from .engines import Engine, autocast_for, build_engine, make_optimizer  # noqa: F401 (still importable from here)
+from .model import DenseCL
 from .weights import WeightsError, load_into_model
 
 
@@ -50,31 +50,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def autocast_for(precision: str, device: torch.device):
-    if precision in ("bf16", "fp16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    return nullcontext()
-
-
-def make_optimizer(model: DenseCL, optim_cfg, device: torch.device, base_lr: float) -> torch.optim.SGD:
-    """SGD over the query encoder only (the key encoder follows by momentum); one fused update."""
-    kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.SGD(model.encoder_q.parameters(), lr=base_lr, momentum=optim_cfg.momentum,
-                           weight_decay=optim_cfg.weight_decay, **kw)
-
-
-def train_step(model, optimizer, scaler, autocast, im_q, im_k, lr: float, lam: float) -> dict:
-    """One optimisation step; the trainer and perf/ both run exactly this."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    with autocast:
+def train_step(model, engine: Engine, im_q, im_k, lr: float, lam: float) -> dict:
+    """One optimisation step; the trainer and perf/ both run exactly this, under every engine."""
+    with engine.autocast():
         out = model(im_q, im_k, loss_lambda=lam)
-    optimizer.zero_grad(set_to_none=True)
-    with stage("backward"):
-        scaler.scale(out["loss"]).backward()
-    with stage("optimizer"):
-        scaler.step(optimizer)
-        scaler.update()
+    engine.step(out["loss"], lr)
     return out
 
 
@@ -139,13 +119,18 @@ def _train(cfg: Config, held: list) -> dict:
     dist_info, device = init_distributed(t_cfg.device)
     main = dist_info.is_main
     say = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
+    precision = resolve_precision(t_cfg.precision, device)
+    engine = build_engine(cfg, dist_info, device, precision)  # engine problems: one line, before anything else
+    say(f"engine {engine.describe()}")
 
     # ---- run directory and resume point: checked, locked and read before any data or model ----
     resume_path = ckpt_io.resolve_resume(t_cfg.resume, t_cfg.out_dir)
     ck = None
     if resume_path:
-        ck = ckpt_io.load_checkpoint(resume_path)  # structure and checksum
+        ckpt_io.check_kind(resume_path, engine.ckpt_kind, f"train.engine={engine.name}")
+        ck = ckpt_io.read_checkpoint_meta(resume_path)  # structure and checksum
         check_compatible(ckpt_io.saved_config(ck, resume_path), cfg, resume_path)
+        engine.check_resume(resume_path, ck)
     problem = None
     if main:
         try:
@@ -163,7 +148,6 @@ def _train(cfg: Config, held: list) -> dict:
     if o_cfg.batch_size % dist_info.world_size:
         raise ValueError(f"optim.batch_size={o_cfg.batch_size} is not divisible by {dist_info.world_size} processes")
     per_rank_batch = o_cfg.batch_size // dist_info.world_size
-    precision = resolve_precision(t_cfg.precision, device)
     if t_cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     kernels.set_backend(t_cfg.kernels)
@@ -182,18 +166,25 @@ def _train(cfg: Config, held: list) -> dict:
     # ---- model and optimizer (same seed on every rank: identical initial weights and queues) ----
     torch.manual_seed(t_cfg.seed)
     model = DenseCL(cfg.model)
+    # Rank 0's key-shuffle stream draws the cross-rank permutation (model.bn=shuffle); the others
+    # draw their own permutations with model.bn=group.
     model.shuffle_seed = t_cfg.seed * 1000 + dist_info.rank
-    if dist_info.enabled and device.type == "cuda" and cfg.model.sync_bn:
+    if dist_info.enabled and cfg.model.bn == "sync":  # a departure from the recipe (global-batch BN)
         model.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q)
         model.encoder_k = nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_k)
-        model.set_runners()
+    if t_cfg.init_from and not resume_path:  # weights only: a new run (step 0, fresh optimizer)
+        try:  # before the engine shards or wraps anything: plain tensors, every rank the same
+            report = load_into_model(model, t_cfg.init_from)
+        except WeightsError as e:
+            raise ckpt_io.CheckpointError(f"train.init_from: {e}") from e
+        say(f"initialised from {report}")
     model.to(device)
     if t_cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    base_lr = o_cfg.lr * o_cfg.batch_size / 256
-    optimizer = make_optimizer(model, o_cfg, device, base_lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    autocast = autocast_for(precision, device)
+    base_lr = o_cfg.lr * o_cfg.batch_size / 256  # linear scaling with the global batch
+    # In place: torch.compile, then the engine's DDP/FSDP/DeepSpeed wrapping; builds the optimizer.
+    engine.setup(model, o_cfg, base_lr, compile=t_cfg.compile)
+    model.train()
     warmup_steps = int(o_cfg.warmup_epochs * steps_per_epoch)
 
     # ---- resume ------------------------------------------------------------------------------------
@@ -201,18 +192,16 @@ def _train(cfg: Config, held: list) -> dict:
     if resume_path:
         check_resume_point(ck, resume_path, steps_per_epoch, total_steps, getattr(loader, "num_samples", None),
                            dist_info.world_size, o_cfg.batch_size, warn if main else (lambda m: None))
+        engine.load(resume_path, ck)  # model (both encoders, queues, pointer), optimizer, scaler
         try:
-            model.load_state_dict(ck["model"])
-        except RuntimeError as e:
-            raise ckpt_io.CheckpointError(f"checkpoint {resume_path} does not fit the model: "
-                                          f"{str(e).splitlines()[0]}") from e
-        try:
-            optimizer.load_state_dict(ck["optimizer"])
-            scaler.load_state_dict(ck["scaler"])
-            ckpt_io.set_rng_state(ck["rng"])
+            # Every rank's own RNG states when the run had as many ranks (checkpoints before "rngs":
+            # rank 0's for all).
+            rngs = ck.get("rngs")
+            own = rngs[dist_info.rank] if isinstance(rngs, list) and len(rngs) == dist_info.world_size else ck["rng"]
+            ckpt_io.set_rng_state(own)
             model.shuffle_generator(device).set_state(ck["shuffle_rng"][dist_info.rank % len(ck["shuffle_rng"])])
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError, ZeroDivisionError) as e:
-            raise ckpt_io.CheckpointError(f"checkpoint {resume_path} has a malformed optimizer, scaler or RNG "
+            raise ckpt_io.CheckpointError(f"checkpoint {resume_path} has a malformed RNG "
                                           f"state: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
         step, skipped_before = ck["step"], ck.get("data_skipped", 0)
         say(f"resumed from {resume_path} at step {step} (epoch {step // steps_per_epoch}, "
@@ -220,26 +209,7 @@ def _train(cfg: Config, held: list) -> dict:
     else:
         if t_cfg.resume == "auto":
             say(f"--resume auto: no checkpoint in {ckpt_io.checkpoint_dir(t_cfg.out_dir)}, starting fresh")
-        if t_cfg.init_from:  # weights only: a new run (step 0, fresh optimizer) from pretrained weights
-            try:
-                report = load_into_model(model, t_cfg.init_from)
-            except WeightsError as e:
-                raise ckpt_io.CheckpointError(f"train.init_from: {e}") from e
-            say(f"initialised from {report}")
         torch.manual_seed(t_cfg.seed + dist_info.rank)
-
-    # ---- wrappers ------------------------------------------------------------------------------------
-    run_q, run_k = model.encoder_q, model.encoder_k
-    if dist_info.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        # Only the query encoder is wrapped: the momentum encoder has no gradients, so DDP needs
-        # no find_unused_parameters.
-        run_q = DDP(model.encoder_q, device_ids=[device.index] if device.type == "cuda" else None,
-                    broadcast_buffers=False)
-    if t_cfg.compile:
-        run_q, run_k = torch.compile(run_q), torch.compile(run_k)
-    model.set_runners(run_q, run_k)
-    model.train()
 
     # ---- run directory (checked and locked at the start) ---------------------------------------------
     if main:
@@ -247,21 +217,21 @@ def _train(cfg: Config, held: list) -> dict:
             f.write(to_yaml(cfg))
     log = MetricsLog(t_cfg.out_dir, main, t_cfg.tensorboard)
     backend = resolve_backend(cfg.data, device)
-    say(f"DenseCL {cfg.model.arch} | {cfg.name} | device {device} x{dist_info.world_size} | {precision} | "
+    say(f"DenseCL {cfg.model.arch} | {cfg.name} | engine {engine.name} | device {device} x{dist_info.world_size} | "
+        f"{precision} | bn {cfg.model.bn if dist_info.enabled else 'group'} | "
         f"data {backend} | kernels {kernels.active_backend(device)} | compile {t_cfg.compile} | "
         f"batch {o_cfg.batch_size} | lr {base_lr:g} | {steps_per_epoch} steps/epoch, {total_steps} total")
 
     def save(reason: str) -> str | None:
         skipped = skipped_before + loader.skipped
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "step": step, "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
-                 "rng": ckpt_io.rng_state(), "shuffle_rng": gather_shuffle_states(model, device),
+        rngs = gather_objects(ckpt_io.rng_state())
+        extra = {"step": step, "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
+                 "rng": rngs[0], "rngs": rngs, "shuffle_rng": gather_shuffle_states(model, device),
                  "config": config_to_dict(cfg), "data_skipped": skipped, "reason": reason,
                  "steps_per_epoch": steps_per_epoch, "world_size": dist_info.world_size,
-                 "batch_size": o_cfg.batch_size, "num_samples": getattr(loader, "num_samples", None)}
-        path = ckpt_io.save_checkpoint(state, t_cfg.out_dir, step, t_cfg.keep_last) if main else None
-        barrier()
-        return path
+                 "batch_size": o_cfg.batch_size, "num_samples": getattr(loader, "num_samples", None),
+                 "engine": engine.name}
+        return engine.save(t_cfg.out_dir, step, extra, t_cfg.keep_last)
 
     stop = {"signal": None}
 
@@ -279,7 +249,7 @@ def _train(cfg: Config, held: list) -> dict:
             for im_q, im_k in loader:
                 lr = lr_at(step, total_steps, base_lr, warmup_steps, o_cfg.min_lr)
                 lam = 0.0 if step < cfg.model.dense_warmup_iters else cfg.model.loss_lambda
-                out = train_step(model, optimizer, scaler, autocast, im_q, im_k, lr, lam)
+                out = train_step(model, engine, im_q, im_k, lr, lam)
                 step += 1
                 # Losses stay on the device until the log step: no host sync on every iteration.
                 window.append(torch.stack([out["loss"].detach(), out["loss_single"].detach(),
@@ -373,11 +343,15 @@ def check_resume_point(ck: dict, path: str, steps_per_epoch: int, total_steps: i
              f"reproduce the uninterrupted one")
 
 
+def gather_objects(obj) -> list:
+    """`obj` of every rank, in rank order (one process: [obj])."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def gather_shuffle_states(model: DenseCL, device: torch.device) -> list:
     """The key-shuffle RNG state of every rank (each rank shuffles with its own stream)."""
-    state = model.shuffle_generator(device).get_state()
-    if not (dist.is_available() and dist.is_initialized()):
-        return [state]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, state)
-    return out
+    return gather_objects(model.shuffle_generator(device).get_state())

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torchvision
 
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint
+from .checkpoint import (CheckpointError, atomic_save, checkpoint_kind, folder_model_state, load_checkpoint,
+                         read_checkpoint_meta)
 
 
 class WeightsError(ValueError):
@@ -295,6 +296,14 @@ def _from_d2(sd: dict, path: str) -> Optional[dict]:
 
 def read_weights(path: str, arch: Optional[str] = None) -> Weights:
     """Read any supported file into a `Weights`. `arch` given: a file of another arch is an error."""
+    if os.path.isdir(path) and checkpoint_kind(path) in ("dcp", "ds"):  # fsdp / deepspeed checkpoint folder
+        try:
+            meta, state = read_checkpoint_meta(path), folder_model_state(path)
+        except CheckpointError as e:
+            raise WeightsError(_first_line(e)) from None
+        w = _parse_state(state, path, "densecl_fast", arch)
+        w.step, w.config = meta.get("step"), meta.get("config") or {}
+        return w
     obj = read_file(path)
     if isinstance(obj, dict) and "format_version" in obj and "model" in obj:  # our training checkpoint
         try:

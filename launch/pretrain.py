@@ -5,7 +5,8 @@
     python launch/pretrain.py --config densecl_r50_200e_in1k data.source=/data/imagenet/train
     python launch/pretrain.py --resume auto train.out_dir=runs/smoke
     torchrun --nproc_per_node 8 launch/pretrain.py --config densecl_r50_200e_in1k data.source=...
-    deepspeed launch/pretrain.py --config ...                   # the deepspeed launcher: same DDP training
+    torchrun --nproc_per_node 8 launch/pretrain.py ... train.engine=fsdp     # FSDP2
+    deepspeed --num_gpus 8 launch/pretrain.py --config ...      # the DeepSpeed engine (ZeRO-1; deepspeed.zero_stage=0|1|2)
 
 Everything after the options is a `key=value` override of the config (see README).
 """

@@ -28,7 +28,8 @@ import torch
 import kernels
 from densecl_fast.config import load_config, validate
 from densecl_fast.model import DenseCL
-from densecl_fast.trainer import autocast_for, make_optimizer, train_step
+from densecl_fast.engines.single import SingleEngine
+from densecl_fast.trainer import train_step
 
 from . import _report
 from ._jpegs import ensure_jpeg_folder
@@ -178,7 +179,7 @@ class Suite:
         self.workers = args.workers if args.workers is not None else min(16, os.cpu_count() or 1)
         self.variants = select_variants(args)
         self.records: List[dict] = []
-        self._model = None           # (key, model, optimizer, scaler) reused by variants with the same key
+        self._model = None           # (key, model, engine) reused by variants with the same key
         self._model_dtypes = set()   # input dtypes the cached model has seen (a compiled one retraces on a new one)
         self.jpegs = None
         self.compile_failed = {}     # model key -> (variant, error): a failed compile is not retried
@@ -286,14 +287,13 @@ class Suite:
         model = DenseCL(cfg.model).to(self.device)
         if s["channels_last"]:
             model.to(memory_format=torch.channels_last)
-        optimizer = make_optimizer(model, cfg.optim, self.device, cfg.optim.lr * s["batch"] / 256)
-        if s["compile"]:
-            mode = None if self.args.compile_mode == "default" else self.args.compile_mode
-            model.set_runners(torch.compile(model.encoder_q, mode=mode), torch.compile(model.encoder_k, mode=mode))
+        # The trainer's single-process engine: same optimizer, autocast and step body as a training run.
+        engine = SingleEngine(self.device, s["precision"])
+        mode = None if self.args.compile_mode == "default" else self.args.compile_mode
+        engine.setup(model, cfg.optim, cfg.optim.lr * s["batch"] / 256, compile=s["compile"], compile_mode=mode)
         model.train()
-        scaler = torch.amp.GradScaler(self.device.type, enabled=False)
         self.est["build_s"] = time.perf_counter() - t + 0.5
-        self._model = (key, model, optimizer, scaler)
+        self._model = (key, model, engine)
         self._model_dtypes = set()
         return self._model[1:], False
 
@@ -494,10 +494,9 @@ class Suite:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         rec["phase"] = "build"
-        (model, optimizer, scaler), reused = self.get_model(s)
+        (model, engine), reused = self.get_model(s)
         rec["phase"] = "data set-up"
         rec["model_reused"] = reused
-        autocast = autocast_for(s["precision"], dev)
         lr = self.cfg.optim.lr * s["batch"] / 256
         lam = self.cfg.model.loss_lambda
         source = self.make_source(s, rec["notes"])
@@ -521,7 +520,7 @@ class Suite:
                 im_q, im_k = source.next()
                 if measure:
                     host_wait.append(time.perf_counter() - t)
-            out = train_step(model, optimizer, scaler, autocast, im_q, im_k, lr, lam)
+            out = train_step(model, engine, im_q, im_k, lr, lam)
             if measure:
                 clock.end_step()
 

@@ -16,7 +16,8 @@ import torch
 import kernels
 from densecl_fast.config import load_config
 from densecl_fast.model import DenseCL
-from densecl_fast.trainer import autocast_for, make_optimizer, train_step
+from densecl_fast.engines.single import SingleEngine
+from densecl_fast.trainer import train_step
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -43,16 +44,15 @@ def _step_case(preset, overrides, device, batch, precision, channels_last, bn_gr
     if channels_last:
         model.to(memory_format=torch.channels_last)
     model.train()
-    opt = make_optimizer(model, cfg.optim, device, cfg.optim.lr * batch / 256)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    autocast = autocast_for(precision, device)
+    engine = SingleEngine(device, precision)  # the trainer's one-process engine: optimizer, autocast, step
+    engine.setup(model, cfg.optim, cfg.optim.lr * batch / 256)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     size = cfg.data.image_size
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
     y = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
 
     def step():
-        train_step(model, opt, scaler, autocast, x, y, 0.03, cfg.model.loss_lambda)
+        train_step(model, engine, x, y, 0.03, cfg.model.loss_lambda)
         _sync()
     return step
 

@@ -152,7 +152,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, data_cache):
 @pytest.mark.distributed
 def test_two_process_gloo_run_gathers_keys_from_both_ranks(tmp_path, data_cache):
     out = str(tmp_path / "ddp")
-    args = tiny(out, data_cache, "optim.max_steps=3")
+    # model.bn=group (per-rank grouped BN and shuffle); the default, shuffle, is covered by test_engines.py
+    args = tiny(out, data_cache, "optim.max_steps=3", "model.bn=group")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_port", "29517", os.path.join(ROOT, "launch", "pretrain.py"), *args],
                        capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -161,6 +162,8 @@ def test_two_process_gloo_run_gathers_keys_from_both_ranks(tmp_path, data_cache)
     assert ck["step"] == 3 and len(ck["shuffle_rng"]) == 2
     assert int(ck["model"]["queue_ptr"]) == 3 * 8 % 64  # the global batch (2 ranks x 4) went into the queue
     assert len(read_metrics(out)) == 3
+    assert r.stdout.splitlines()[0] == "engine ddp (2 ranks, cpu)"  # auto under torchrun with 2 ranks
+    assert "bn group" in r.stdout
 
 
 @pytest.mark.dali

@@ -1,0 +1,115 @@
+"""The engine interface, and the single-file checkpoint format shared by the single and DDP engines.
+
+Problem: the step body (autocast, backward, optimizer) and the checkpoint format differ between
+plain PyTorch, DDP, FSDP2 and DeepSpeed, and the trainer and perf/ must run the same step.
+Fix: an Engine owns the optimizer (and grad scaler), applies its wrapping in place (the model's
+module tree and state_dict keys never change), and exposes autocast(), step(loss, lr), save and
+load. `train_step` (trainer.py) is engine-agnostic.
+Guarantee: the momentum encoder and both queues stay outside anything an engine wraps: no
+gradients there, no find_unused_parameters.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from .. import checkpoint as ckpt_io
+from ..config import ConfigError
+from ..distributed import barrier
+from .. import model as model_mod  # model_mod.stage looked up per call: perf/ routes it to its clock
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return nullcontext()
+
+
+def make_optimizer(model, optim_cfg, device: torch.device, base_lr: float) -> torch.optim.SGD:
+    """SGD over the query encoder only (the key encoder follows by momentum); one fused update."""
+    kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.SGD(model.encoder_q.parameters(), lr=base_lr, momentum=optim_cfg.momentum,
+                           weight_decay=optim_cfg.weight_decay, **kw)
+
+
+class Engine:
+    """One process, no wrapper (also the base of the others). Checkpoints: one file ckpt_<step>.pt."""
+
+    name = "single"
+    ckpt_kind = "pt"  # the checkpoint format this engine writes and reads (checkpoint.KINDS)
+
+    def __init__(self, device: torch.device, precision: str, dist_info=None, cfg=None):
+        self.device, self.precision, self.dist, self.cfg = device, precision, dist_info, cfg
+        self.model = self.optimizer = self.scaler = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.is_main
+
+    def describe(self) -> str:
+        """The engine as the first line of a run names it."""
+        return self.name
+
+    # ---- set-up ------------------------------------------------------------------------------------
+    def setup(self, model, optim_cfg, base_lr: float, compile: bool = False, compile_mode=None) -> None:
+        """Compile (in place, before any wrapping, as torchtitan does), wrap, build the optimizer."""
+        self.model = model
+        if compile:
+            model.encoder_q.compile(mode=compile_mode)
+            model.encoder_k.compile(mode=compile_mode)
+        self.wrap(model)
+        self.optimizer = make_optimizer(model, optim_cfg, self.device, base_lr)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def wrap(self, model) -> None:
+        pass
+
+    # ---- the step ----------------------------------------------------------------------------------
+    def autocast(self):
+        return autocast_for(self.precision, self.device)
+
+    def step(self, loss: torch.Tensor, lr: float) -> None:
+        """zero_grad, backward (through the grad scaler), optimizer step at learning rate `lr`."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        with model_mod.stage("backward"):
+            self.scaler.scale(loss).backward()
+        with model_mod.stage("optimizer"):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def check_resume(self, path: str, meta: dict) -> None:
+        """Called with a checkpoint's meta before any data or model: engine-specific refusals."""
+
+    def save(self, out_dir: str, step: int, extra: dict, keep_last: int) -> str | None:
+        """Rank 0 writes one checksummed file atomically (the model is identical on every rank)."""
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), **extra}
+        path = ckpt_io.save_checkpoint(state, out_dir, step, keep_last) if self.is_main else None
+        barrier()
+        return path
+
+    def load(self, path: str, meta: dict | None = None) -> dict:
+        """Load model, optimizer and scaler from `path` (`meta`: the file already read); returns it."""
+        ck = meta if meta is not None else ckpt_io.load_checkpoint(path)
+        try:
+            self.model.load_state_dict(ck["model"])
+        except RuntimeError as e:
+            raise ckpt_io.CheckpointError(f"checkpoint {path} does not fit the model: "
+                                          f"{str(e).splitlines()[0]}") from e
+        try:
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.scaler.load_state_dict(ck["scaler"])
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+            raise ckpt_io.CheckpointError(f"checkpoint {path} has a malformed optimizer or scaler state: "
+                                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        return ck
+
+
+def reject_fp16(engine: str, precision: str) -> None:
+    if precision == "fp16":
+        raise ConfigError(f"train.precision=fp16 is not supported with train.engine={engine}; use bf16 "
+                          f"(no loss scaling needed)")

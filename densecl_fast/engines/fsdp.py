@@ -1,0 +1,136 @@
+"""FSDP2 (`fully_shard`) behind the engine interface.
+
+Sharding: the query and the key encoder are sharded the same way (one unit per ResNet stage, the
+rest of the encoder as one unit, the DenseCL module as the root), so their parameters are DTensors with identical placements
+and the momentum update stays one local foreach lerp over matching shards (model.momentum_update).
+The queues stay plain, replicated buffers of the DenseCL module (updated identically on every rank
+from the gathered keys). Gradient reduce-scatter runs per unit during backward (overlapped).
+
+Precision: fp32, or bf16 through a MixedPrecisionPolicy (bf16 parameters in the forward, fp32
+gradient reduction). Every BatchNorm is then its own unit with an fp32 policy: its statistics and
+affine parameters stay fp32 (a bf16 BN unit fails on the CPU and loses precision on CUDA); its
+output goes back to bf16 for the next convolution.
+
+Checkpoints: `ckpt_<step>.dcp/`, torch.distributed.checkpoint of the state dicts from
+`get_state_dict` (model and optimizer, sharded: each rank writes its shards) plus meta.pt, written
+to a temp folder and renamed by rank 0 after every rank finished. DCP reshards on load, so a run
+saved on N ranks resumes on M (tests: 2 -> 1); the data shards and shuffle streams then differ.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .. import checkpoint as ckpt_io
+from ..config import ConfigError
+from ..distributed import barrier
+from .base import Engine, reject_fp16
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """FSDP2, DCP and DeepSpeed need a process group even on one process (python launch/pretrain.py)."""
+    if dist.is_initialized():
+        return
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):  # DeepSpeed reads these
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
+class FSDPEngine(Engine):
+    name = "fsdp"
+    ckpt_kind = "dcp"
+
+    def __init__(self, device, precision, dist_info=None, cfg=None):
+        super().__init__(device, precision, dist_info, cfg)
+        reject_fp16("fsdp", precision)
+        if cfg is not None and cfg.train.compile:
+            # Compiling the encoders before fully_shard failed in inductor on the CPU (2 ranks, torch
+            # 2.14: "Cannot convert expression to float" on a recompile); not tested on CUDA.
+            raise ConfigError("train.compile=true is not supported with train.engine=fsdp yet; use "
+                              "train.engine=ddp to compile")
+
+    def describe(self) -> str:
+        world = self.dist.world_size if self.dist else 1
+        return f"fsdp (FSDP2 fully_shard, {world} rank{'s' if world > 1 else ''}, {self.device.type}, {self.precision})"
+
+    def wrap(self, model) -> None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        ensure_process_group(self.device)
+        mp = bn_mp = None
+        if self.precision == "bf16":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            bn_mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                         output_dtype=torch.bfloat16)
+        kw = {} if mp is None else {"mp_policy": mp}
+        # FSDP2 shards contiguous parameters only: channels-last weights go back to the default
+        # layout (the input batch may still be channels-last).
+        model.to(memory_format=torch.contiguous_format)
+        for enc in (model.encoder_q, model.encoder_k):  # identical structure -> identical shards
+            if bn_mp is not None:
+                for m in enc.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        fully_shard(m, mp_policy=bn_mp)
+            trunk = enc.backbone
+            for layer in (trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4):
+                fully_shard(layer, **kw)
+            fully_shard(enc, **kw)
+        # The DenseCL module (no parameters of its own) is the root: FSDP2 keeps a root's parameters
+        # unsharded after forward, which would leave the query encoder unsharded and the key encoder
+        # sharded when the momentum update runs between their forwards.
+        fully_shard(model, **kw)
+        model.parameters_replaced()
+        # Encoder outputs are views (c5.flatten(2)); DenseCL never changes them in place, so FSDP2's
+        # warning about in-place ops on views (once per rank and run) is noise here.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+    # ---- checkpoints: torch.distributed.checkpoint ------------------------------------------------
+    def _state(self):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        msd, osd = get_state_dict(self.model, self.optimizer)
+        return {"model": msd, "optimizer": osd}
+
+    def save(self, out_dir: str, step: int, extra: dict, keep_last: int) -> str | None:
+        import torch.distributed.checkpoint as dcp
+        tmp = ckpt_io.temp_dir_for(out_dir, step, self.ckpt_kind)
+        final = ckpt_io.final_dir_for(out_dir, step, self.ckpt_kind)
+        if self.is_main and os.path.exists(tmp):
+            ckpt_io.remove_path(tmp)
+        barrier()
+        try:
+            dcp.save(self._state(), checkpoint_id=tmp)
+            if self.is_main:
+                ckpt_io.write_meta(tmp, extra)
+        except (OSError, RuntimeError) as e:
+            raise ckpt_io.CheckpointWriteError(f"cannot write checkpoint {final}: {ckpt_io._write_failure(e)}; "
+                                               f"continue from the last good one with --resume auto") from e
+        barrier()  # every rank's shards are on disk before the folder gets its final name
+        if self.is_main:
+            ckpt_io.commit_dir(tmp, final)
+            ckpt_io.prune(out_dir, keep_last, final)
+        barrier()
+        return final if self.is_main else None
+
+    def load(self, path: str, meta: dict | None = None) -> dict:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        meta = meta if meta is not None else ckpt_io.read_checkpoint_meta(path)
+        state = self._state()
+        try:
+            dcp.load(state, checkpoint_id=path)
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"])
+        except Exception as e:  # DCP raises CheckpointException (a BaseException subclass is not caught)
+            first = str(e).strip().splitlines()
+            raise ckpt_io.CheckpointError(f"checkpoint {path} cannot be loaded into this model: "
+                                          f"{type(e).__name__}: {first[0] if first else ''}") from e
+        return meta
