@@ -10,7 +10,9 @@ groups of `bn_group_size` consecutive images (32 by default, as one GPU of the r
 shuffles the key batch before its forward, so key groups mix images differently from query
 groups, exactly as the cross-GPU shuffle does. In eval mode, or with one group, it is a plain
 BatchNorm2d with the same state_dict, so exported weights load into torchvision unchanged.
-Distributed on CUDA, the trainer uses SyncBatchNorm instead (statistics of the global batch).
+On several ranks the same layers normalise each rank's own slice of the cross-rank shuffled key
+batch (`model.bn=shuffle`, the recipe) or of the per-rank shuffle (`group`); only `model.bn=sync`
+replaces them by SyncBatchNorm (statistics of the global batch).
 """
 import torch
 import torch.nn as nn
