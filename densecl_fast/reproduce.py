@@ -21,6 +21,7 @@ Only public entry points are used: `load_config`, `train`, launch/pretrain.py (u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -289,7 +290,12 @@ def run_training(args, overrides: list[str], nproc: int) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            os.path.join(REPO, "launch", "pretrain.py"), "--config", args.config, *overrides]
     print("  $ " + " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd)
+    try:  # follow a redirect of sys.stdout (the probe's log) when it is a real file
+        sys.stdout.flush()
+        out = sys.stdout if sys.stdout.fileno() >= 0 else None
+    except (AttributeError, OSError, ValueError):
+        out = None
+    proc = subprocess.Popen(cmd, stdout=out)
     # SIGTERM/SIGINT to this process alone are passed on: torchrun forwards them to every rank,
     # which checkpoints and exits; a signal to the whole group reaches torchrun directly anyway.
     old = {s: signal.signal(s, lambda signum, _f: proc.send_signal(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -330,7 +336,10 @@ def probe(args, state: State, t_start: float) -> dict:
                                          "train.keep_last=1", *extra])
         print(f"plan: timing {n} steps ({PROBE_WARMUP} warm-up) on {nproc} process(es) into {d} ...", flush=True)
         t0 = time.time()
-        run_training(args, ov, nproc)
+        # The trainer's own lines (its banner, "max_steps at step N ... continue with --resume auto")
+        # would read as advice about the reproduction: they go to the probe's log instead.
+        with open(os.path.join(args.out, f"{name}.log"), "w") as log, contextlib.redirect_stdout(log):
+            run_training(args, ov, nproc)
         wall = time.time() - t0
         recs = read_metrics(d)
         batch = base.optim.batch_size  # global batch: what img_per_s in metrics.jsonl counts
