@@ -118,6 +118,8 @@ def make_plan(budget: dict, *, step_s: float, steps_per_epoch: int, num_images: 
     ips = global_batch / step_s
     if nproc > 1 and single_ips:
         eff, eff_note = ips / (nproc * single_ips), f"measured: {nproc} processes vs one at the per-process batch"
+        if eff > 1.05:  # superlinear scaling is a noisy probe (a shared machine, too few steps), not a fact
+            eff_note += "; above 100%: a noisy measurement, rerun with more --probe-steps"
     else:
         eff, eff_note = ASSUMED_SCALING, "assumed (not measured here): give --nproc N to measure it"
     per_device = single_ips if (nproc > 1 and single_ips) else ips / nproc
