@@ -49,6 +49,10 @@ class RunFailed(RuntimeError):
     """The input was fine but a run failed (non-finite loss, a failed checkpoint write): exit status 1."""
 
 
+class Stopped(Exception):
+    """A signal stopped a stage; the reproduction continues with --resume."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(message)
@@ -357,6 +361,9 @@ def probe(args, state: State, t_start: float) -> dict:
         ckpts = list_checkpoints(d)
         if not ckpts:
             raise UsageError(f"the throughput probe in {d} wrote no checkpoint")
+        got = int(re.search(r"ckpt_(\d+)\.pt$", ckpts[-1]).group(1))
+        if got < n:  # SIGTERM/SIGINT: the trainer checkpointed and returned early; do not plan on it
+            raise Stopped(f"the throughput probe was stopped at step {got} of {n}")
         ck = load_checkpoint(ckpts[-1], verify=False)
         info = {"step_s": step_s, "startup_s": max(0.0, wall - steps_total), "wall_s": wall, "batch": batch,
                 "steps_per_epoch": int(ck["steps_per_epoch"]), "num_images": int(ck.get("num_samples") or 0),
@@ -441,9 +448,20 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"{e}; continue with: python launch/reproduce.py --out {os.path.abspath(_out_of(argv))} --resume",
+              flush=True)
+        return 0
     except RunFailed as e:  # a failed run (non-finite loss, a checkpoint write that failed): exit 1
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def _out_of(argv) -> str:
+    try:
+        return parser().parse_known_intermixed_args(argv)[0].out
+    except UsageError:
+        return "OUT"
 
 
 def _main(argv) -> int:
