@@ -352,18 +352,18 @@ def probe(args, state: State, t_start: float) -> dict:
         for e in extra:
             if e.startswith("optim.batch_size="):
                 batch = int(e.split("=", 1)[1])
-        timed_recs = [r for r in recs if r["step"] > PROBE_WARMUP]
-        if not timed_recs:
-            raise UsageError(f"the throughput probe in {d} logged no timed step (is the data set smaller than "
-                             f"{n} batches in total?)")
-        step_s = statistics.median(batch / r["img_per_s"] for r in timed_recs)
-        steps_total = sum(batch / r["img_per_s"] for r in recs)
         ckpts = list_checkpoints(d)
         if not ckpts:
             raise UsageError(f"the throughput probe in {d} wrote no checkpoint")
         got = int(re.search(r"ckpt_(\d+)\.pt$", ckpts[-1]).group(1))
         if got < n:  # SIGTERM/SIGINT: the trainer checkpointed and returned early; do not plan on it
             raise Stopped(f"the throughput probe was stopped at step {got} of {n}")
+        timed_recs = [r for r in recs if r["step"] > PROBE_WARMUP]
+        if not timed_recs:
+            raise UsageError(f"the throughput probe in {d} logged no timed step (is the data set smaller than "
+                             f"{n} batches in total?)")
+        step_s = statistics.median(batch / r["img_per_s"] for r in timed_recs)
+        steps_total = sum(batch / r["img_per_s"] for r in recs)
         ck = load_checkpoint(ckpts[-1], verify=False)
         info = {"step_s": step_s, "startup_s": max(0.0, wall - steps_total), "wall_s": wall, "batch": batch,
                 "steps_per_epoch": int(ck["steps_per_epoch"]), "num_images": int(ck.get("num_samples") or 0),

@@ -181,3 +181,19 @@ def test_a_budget_too_small_for_one_epoch_is_refused_after_measuring(tmp_path, d
     rc = rp.main(["--data", "synthetic", "--budget", "1s", "--out", out, *tiny(data_cache)])
     err = capsys.readouterr().err
     assert rc == 2 and "no full epoch fits" in err and err.count("\n") == 1, err
+
+
+def test_a_signal_during_the_probe_stops_the_reproduction_without_a_plan(tmp_path, data_cache, capsys, monkeypatch):
+    out = str(tmp_path / "repro")
+
+    def stopped_trainer(args, overrides, nproc):  # what the trainer leaves after SIGTERM at step 2
+        run_dir = [o.split("=", 1)[1] for o in overrides if o.startswith("train.out_dir=")][-1]
+        os.makedirs(os.path.join(run_dir, "checkpoints"))
+        open(os.path.join(run_dir, "checkpoints", "ckpt_000000002.pt"), "w").close()
+        return {"status": "stopped by SIGTERM", "step": 2, "total_steps": 1000}
+
+    monkeypatch.setattr(rp, "run_training", stopped_trainer)
+    assert rp.main(["--data", "synthetic", "--budget", "2ep", "--out", out, *tiny(data_cache)]) == 0
+    text = capsys.readouterr().out
+    assert "probe was stopped at step 2 of 5" in text and f"--out {out} --resume" in text
+    assert "plan" not in json.load(open(os.path.join(out, "state.json")))["stages"]
