@@ -138,7 +138,7 @@ def make_plan(budget: dict, *, step_s: float, steps_per_epoch: int, num_images: 
         "steps": epochs * steps_per_epoch, "runs": runs, "global_batch": global_batch, "num_images": num_images,
         "nproc": nproc, "device": device, "step_s": step_s, "images_per_s": ips, "images_per_s_per_device": per_device,
         "startup_s": startup_s, "epoch_s": epoch_s, "run_s": run_s, "pretrain_s": runs * run_s,
-        "expected_finish": now + runs * run_s, "recipe_epochs": RECIPE_EPOCHS,
+        "expected_finish": now + runs * run_s, "planned_at": now, "recipe_epochs": RECIPE_EPOCHS,
         "full_recipe_s_here": full_here, "full_recipe_s_in1k_here": full_in1k,
         "full_recipe_s_1_device": on(1), "full_recipe_s_8_devices": on(8),
         "scaling_efficiency": eff, "scaling_note": eff_note,
@@ -148,6 +148,8 @@ def make_plan(budget: dict, *, step_s: float, steps_per_epoch: int, num_images: 
 def plan_lines(plan: dict) -> list[str]:
     p = plan
     fin = time.strftime("%Y-%m-%d %H:%M", time.localtime(p["expected_finish"]))
+    if p.get("planned_at"):
+        fin += time.strftime(" (planned %Y-%m-%d %H:%M)", time.localtime(p["planned_at"]))
     runs = "DenseCL and MoCo-v2 (λ = 0), one after the other" if p["runs"] == 2 else "DenseCL"
     return [
         f"plan: budget {p['budget']['text']} -> {p['epochs']} epoch(s) of the recipe, cosine compressed to them "
@@ -281,9 +283,12 @@ def load_cfg(args, overrides):
 
 
 def run_training(args, overrides: list[str], nproc: int) -> dict:
-    """One pretraining run; -> {"status", "step", "total_steps"} (read from the run directory for torchrun)."""
+    """One pretraining run; -> {"status", "step", "total_steps"} (read from the run directory for torchrun).
+    In this process when the whole reproduction is one process; else in child processes (torchrun, and
+    plain python for the one-process scaling probe), so this process holds no GPU memory while the
+    ranks train (it evaluates on the GPU afterwards)."""
     cfg = load_cfg(args, overrides)  # every config problem is a one-line error before anything starts
-    if nproc == 1:
+    if nproc == 1 and args.nproc == 1:
         from .checkpoint import CheckpointError, CheckpointWriteError
         from .data import DataError
         from .trainer import NonFiniteLossError, train
@@ -293,8 +298,8 @@ def run_training(args, overrides: list[str], nproc: int) -> dict:
             raise RunFailed(f"{e} (continue with --resume once fixed)") from None
         except (DataError, CheckpointError) as e:
             raise UsageError(str(e)) from None
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           os.path.join(REPO, "launch", "pretrain.py"), "--config", args.config, *overrides]
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    cmd = [sys.executable, *launcher, os.path.join(REPO, "launch", "pretrain.py"), "--config", args.config, *overrides]
     print("  $ " + " ".join(cmd), flush=True)
     try:  # follow a redirect of sys.stdout (the probe's log) when it is a real file
         sys.stdout.flush()
