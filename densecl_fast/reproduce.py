@@ -457,6 +457,10 @@ def main(argv=None) -> int:
         print(f"{e}; continue with: python launch/reproduce.py --out {os.path.abspath(_out_of(argv))} --resume",
               flush=True)
         return 0
+    except KeyboardInterrupt:  # Ctrl-C outside a pretraining run (export, evaluation): that stage is redone
+        print(f"\ninterrupted; continue with: python launch/reproduce.py --out {os.path.abspath(_out_of(argv))} --resume",
+              file=sys.stderr, flush=True)
+        return 130
     except RunFailed as e:  # a failed run (non-finite loss, a checkpoint write that failed): exit 1
         print(f"error: {e}", file=sys.stderr)
         return 1
