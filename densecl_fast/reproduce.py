@@ -494,6 +494,12 @@ def _main(argv) -> int:
     # 2. pretraining ------------------------------------------------------------------------------------
     runs = ["densecl"] + (["mocov2"] if args.baseline else [])
     lam0 = {"densecl": [], "mocov2": ["model.loss_lambda=0"]}
+    # A short run logs often enough for a loss curve (>= ~20 points) unless train.log_every is given:
+    # logging is not part of the recipe.
+    log = []
+    if not any(o.split("=", 1)[0].strip() == "train.log_every" for o in args.overrides):
+        every = load_cfg(args, run_cfg_overrides(args, os.path.join(out, "densecl"))).train.log_every
+        log = [f"train.log_every={max(1, min(every, plan['steps'] // 20))}"]
     finals = {}
     for run in runs:
         stage = f"pretrain:{run}"
@@ -506,7 +512,7 @@ def _main(argv) -> int:
         resume = "auto" if list_checkpoints(run_dir) else ""
         print(f"{stage}: {plan['epochs']} epochs into {run_dir}" + (" (resuming its latest checkpoint)" if resume else ""),
               flush=True)
-        ov = run_cfg_overrides(args, run_dir, [f"optim.epochs={plan['epochs']}", *lam0[run]]
+        ov = run_cfg_overrides(args, run_dir, [f"optim.epochs={plan['epochs']}", *lam0[run], *log]
                                + ([f"train.resume={resume}"] if resume else []))
         t0 = time.time()
         summary = run_training(args, ov, args.nproc)
