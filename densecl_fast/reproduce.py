@@ -258,6 +258,10 @@ def resolve_args(argv) -> tuple[argparse.Namespace, State]:
     for v, name in ((args.val, "--val"), (args.voc, "--voc")):
         if v and not os.path.exists(v):
             raise UsageError(f"{name} {v}: no such folder or file")
+    # Recorded absolute, so `--resume` works from another working directory.
+    args.val, args.voc = (os.path.abspath(v) if v else v for v in (args.val, args.voc))
+    if os.path.exists(args.data):
+        args.data = os.path.abspath(args.data)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
