@@ -260,7 +260,7 @@ def resolve_args(argv) -> tuple[argparse.Namespace, State]:
             raise UsageError(f"{name} {v}: no such folder or file")
     # Recorded absolute, so `--resume` works from another working directory.
     args.val, args.voc = (os.path.abspath(v) if v else v for v in (args.val, args.voc))
-    if os.path.exists(args.data):
+    if args.data != "synthetic" and not args.data.startswith("fashion-mnist:") and os.path.exists(args.data):
         args.data = os.path.abspath(args.data)
     try:
         os.makedirs(out, exist_ok=True)
