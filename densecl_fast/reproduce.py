@@ -302,15 +302,20 @@ def run_training(args, overrides: list[str], nproc: int) -> dict:
             raise RunFailed(f"{e} (continue with --resume once fixed)") from None
         except (DataError, CheckpointError) as e:
             raise UsageError(str(e)) from None
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else []
-    cmd = [sys.executable, *launcher, os.path.join(REPO, "launch", "pretrain.py"), "--config", args.config, *overrides]
+    # torchrun also for the one-process scaling probe: the same launcher and environment as the ranks,
+    # so the measured efficiency compares like with like.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           os.path.join(REPO, "launch", "pretrain.py"), "--config", args.config, *overrides]
     print("  $ " + " ".join(cmd), flush=True)
     try:  # follow a redirect of sys.stdout (the probe's log) when it is a real file
         sys.stdout.flush()
         out = sys.stdout if sys.stdout.fileno() >= 0 else None
     except (AttributeError, OSError, ValueError):
         out = None
-    proc = subprocess.Popen(cmd, stdout=out)
+    env = dict(os.environ)
+    if nproc == 1:  # torchrun sets OMP_NUM_THREADS=1 for the ranks only when it starts several: match it
+        env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.Popen(cmd, stdout=out, env=env)
     # SIGTERM/SIGINT to this process alone are passed on: torchrun forwards them to every rank,
     # which checkpoints and exits; a signal to the whole group reaches torchrun directly anyway.
     old = {s: signal.signal(s, lambda signum, _f: proc.send_signal(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
