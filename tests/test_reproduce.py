@@ -1,0 +1,199 @@
+"""launch/reproduce.py: budget parsing, plan arithmetic, one-line errors, an end-to-end tiny run
+with its report, and resuming (a stopped pretraining continues; finished stages are skipped)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from densecl_fast import reproduce as rp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(data_cache):
+    """A reproduction's overrides for a CPU run of seconds (the data source and out dir come from the CLI)."""
+    return ["--config", "smoke", "--probe-steps", "2", "model.hid_dim=32", "model.out_dim=16", "model.queue_len=64",
+            "model.bn_group_size=4", "data.image_size=64", "data.synthetic_images=40", "data.synthetic_resolution=80",
+            "data.num_workers=0", f"data.cache_dir={data_cache}", "optim.batch_size=8", "train.tensorboard=false",
+            "train.progress=false", "train.log_every=1"]
+
+
+# ---- budget and plan ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, seconds", [("8h", 28800), ("90m", 5400), ("1h30m", 5400), ("45s", 45),
+                                           ("2d", 172800), ("0.5h", 1800), (" 3M ", 180)])
+def test_time_budgets_parse(text, seconds):
+    b = rp.parse_budget(text)
+    assert b["kind"] == "time" and b["seconds"] == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text, epochs", [("20ep", 20), ("1ep", 1), ("200 epochs", 200)])
+def test_epoch_budgets_parse(text, epochs):
+    assert rp.parse_budget(text) == {"kind": "epochs", "epochs": epochs, "text": text}
+
+
+@pytest.mark.parametrize("text", ["", "8", "h", "8x", "8h extra", "0ep", "201ep", "0m", "-3h", "ep20"])
+def test_bad_budgets_are_refused(text):
+    with pytest.raises(rp.UsageError, match="--budget"):
+        rp.parse_budget(text)
+
+
+def plan(budget, **kw):
+    base = dict(step_s=0.5, steps_per_epoch=100, num_images=3200, global_batch=32, startup_s=10.0, runs=2,
+                spent_s=30.0, nproc=1, device="cuda", now=1000.0)
+    base.update(kw)
+    return rp.make_plan(rp.parse_budget(budget), **base)
+
+
+def test_time_budget_fits_whole_epochs_for_every_run():
+    p = plan("1h")
+    # (3600 - 30 spent - 2 x 10 start-up) / (2 runs x 50 s per epoch) = 35.5 -> 35 whole epochs
+    assert p["epoch_s"] == 50.0 and p["epochs"] == 35 and p["epochs_that_fit"] == 35
+    assert p["steps"] == 3500 and p["run_s"] == 10 + 35 * 50
+    assert p["expected_finish"] == 1000.0 + 2 * (10 + 35 * 50)
+    assert p["pretrain_s"] <= 3600 - 30  # the plan keeps inside the budget
+    one = plan("1h", runs=1)
+    assert one["epochs"] == int((3600 - 30 - 10) // 50) == 71
+
+
+def test_plan_projects_the_full_recipe():
+    p = plan("20ep")
+    assert p["epochs"] == 20 and p["epochs_that_fit"] is None
+    assert p["images_per_s"] == 64.0
+    assert p["full_recipe_s_here"] == 200 * 50.0
+    assert p["full_recipe_s_in1k_here"] == pytest.approx(200 * rp.IMAGENET_TRAIN_IMAGES / 64.0)
+    assert p["full_recipe_s_8_devices"] == pytest.approx(200 * 3200 / (64.0 * 8 * rp.ASSUMED_SCALING))
+    assert "assumed" in p["scaling_note"]
+    # With 2 processes measured against one: efficiency = 2-process img/s / (2 x one-process img/s)
+    m = plan("20ep", nproc=2, single_ips=40.0)
+    assert m["scaling_efficiency"] == pytest.approx(64.0 / 80.0) and "measured" in m["scaling_note"]
+    assert m["full_recipe_s_8_devices"] == pytest.approx(200 * 3200 / (40.0 * 8 * 0.8))
+    lines = rp.plan_lines(p)
+    assert lines[0].startswith("plan: budget 20ep -> 20 epoch(s)") and "8 such devices" in lines[-1]
+
+
+def test_a_long_budget_stops_at_the_recipe_and_a_short_one_is_an_error():
+    assert plan("1000h")["epochs"] == rp.RECIPE_EPOCHS
+    with pytest.raises(rp.UsageError, match="no full epoch fits"):
+        plan("2m")  # 120 - 30 - 20 = 70 s < 2 runs x 50 s
+
+
+# ---- bad input: one line, exit 2 ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "--data is required"),
+    (["--data", "synthetic"], "--budget is required"),
+    (["--data", "synthetic", "--budget", "8x"], "--budget"),
+    (["--data", "synthetic", "--budget", "2ep", "optim.epochs=5"], "set by the reproduction"),
+    (["--data", "synthetic", "--budget", "2ep", "--voc", "/nonexistent/VOCdevkit"], "--voc"),
+    (["--data", "synthetic", "--budget", "2ep", "--nproc", "0"], "--nproc"),
+    (["--data", "synthetic", "--budget", "2ep", "--config", "nope"], "unknown config"),
+    (["--data", "synthetic", "--budget", "2ep", "model.arch=vgg16"], "model.arch"),
+    (["--data", "/nonexistent/imagenet/train", "--budget", "2ep", "--config", "smoke"], "nonexistent"),
+    (["--resume"], "holds no reproduction"),
+    (["--data", "synthetic", "--budget", "2ep", "--bogus"], "unrecognized"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    rc = rp.main([*argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_the_launcher_exits_2_with_one_line(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "reproduce.py"), "--data", "synthetic",
+                        "--budget", "soon", "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: --budget"), r.stderr
+
+
+def test_an_existing_reproduction_needs_resume_and_the_same_arguments(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "state.json").write_text(json.dumps({"version": 1, "args": {"data": "synthetic", "budget": "2ep"},
+                                                "plan": None, "stages": {}}))
+    assert rp.main(["--data", "synthetic", "--budget", "2ep", "--out", str(out)]) == 2
+    assert "add --resume" in capsys.readouterr().err
+    assert rp.main(["--resume", "--budget", "3ep", "--out", str(out)]) == 2
+    assert "--budget 3ep differs from the recorded '2ep'" in capsys.readouterr().err
+
+
+# ---- end to end --------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_tiny_reproduction_end_to_end_stops_resumes_and_reports(tmp_path, data_cache, capsys):
+    out = str(tmp_path / "repro")
+    argv = ["--data", "synthetic", "--budget", "2ep", "--baseline", "--out", out, *tiny(data_cache)]
+    # 1. a pretraining stopped after 3 of its 10 steps (40 images, batch 8: 5 steps per epoch)
+    assert rp.main([*argv, "optim.max_steps=3"]) == 0
+    text = capsys.readouterr().out
+    assert "plan: budget 2ep -> 2 epoch(s)" in text and "10 steps of 5 per epoch" in text
+    assert "pretrain:densecl stopped" in text and "--resume" in text
+    state = json.load(open(os.path.join(out, "state.json")))
+    assert "plan" in state["stages"] and "pretrain:densecl" not in state["stages"]
+    assert not os.path.exists(os.path.join(out, "report.md"))
+
+    # 2. --resume continues that run from its checkpoint (a later override lifts the stop) and finishes
+    assert rp.main(["--resume", "--out", out, "optim.max_steps=0"]) == 0
+    text = capsys.readouterr().out
+    assert "skip plan (done)" in text and "resuming its latest checkpoint" in text
+    assert "resumed from" in text and "at step 3" in text
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "densecl", "metrics.jsonl"))]
+    assert steps == list(range(1, 11))  # steps 1-3, then 4-10 after the resume: nothing repeated or lost
+    mocov2 = [json.loads(line) for line in open(os.path.join(out, "mocov2", "metrics.jsonl"))]
+    assert len(mocov2) == 10 and all(r["lambda"] == 0.0 for r in mocov2)
+
+    rep = json.load(open(os.path.join(out, "report.json")))
+    assert rep["plan"]["epochs"] == 2 and rep["runs"]["densecl"]["steps"] == 10
+    for trunk in ("densecl", "mocov2", "random"):
+        assert 0 <= rep["eval"][trunk]["knn_k20"] <= 100 and 0 <= rep["eval"][trunk]["dense_miou"] <= 100
+    d = rep["densecl_minus_mocov2"]["dense_miou"]
+    assert d == pytest.approx(rep["eval"]["densecl"]["dense_miou"] - rep["eval"]["mocov2"]["dense_miou"])
+    assert rep["published_200ep"]["voc07_svm_c5"] == 82.5 and "svm" in rep["not_evaluated"]
+    md = open(os.path.join(out, "report.md")).read()
+    assert "DenseCL − MoCo-v2" in md and "(200 ep)" in md and "train_net.py" in md and "mim_dist_train_c4.sh" in md
+    for png in ("loss.png", "throughput.png", "eval.png"):
+        with open(os.path.join(out, png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    for run in ("densecl", "mocov2"):
+        for fmt, ext in rp.EXPORT_FORMATS:
+            assert os.path.getsize(os.path.join(out, "export", f"{run}_{fmt}.{ext}")) > 0
+
+    # 3. --resume after a lost report: every finished stage is skipped, only the report is redone
+    state = json.load(open(os.path.join(out, "state.json")))
+    del state["stages"]["report"], state["stages"]["eval:mocov2:dense"]
+    json.dump(state, open(os.path.join(out, "state.json"), "w"))
+    os.remove(os.path.join(out, "report.md"))
+    ckpt = os.path.join(out, "densecl", "checkpoints", "ckpt_000000010.pt")
+    stamp = os.path.getmtime(ckpt)
+    assert rp.main(["--resume", "--out", out]) == 0
+    text = capsys.readouterr().out
+    for stage in ("plan", "pretrain:densecl", "pretrain:mocov2", "export:densecl", "eval:densecl:knn"):
+        assert f"skip {stage} (done)" in text
+    assert "eval:mocov2:dense ..." in text and "eval:densecl:dense ..." not in text
+    assert os.path.getmtime(ckpt) == stamp and os.path.exists(os.path.join(out, "report.md"))
+    assert len(open(os.path.join(out, "densecl", "metrics.jsonl")).readlines()) == 10
+
+
+def test_a_budget_too_small_for_one_epoch_is_refused_after_measuring(tmp_path, data_cache, capsys):
+    out = str(tmp_path / "repro")
+    rc = rp.main(["--data", "synthetic", "--budget", "1s", "--out", out, *tiny(data_cache)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no full epoch fits" in err and err.count("\n") == 1, err
+
+
+def test_a_signal_during_the_probe_stops_the_reproduction_without_a_plan(tmp_path, data_cache, capsys, monkeypatch):
+    out = str(tmp_path / "repro")
+
+    def stopped_trainer(args, overrides, nproc):  # what the trainer leaves after SIGTERM at step 2
+        run_dir = [o.split("=", 1)[1] for o in overrides if o.startswith("train.out_dir=")][-1]
+        os.makedirs(os.path.join(run_dir, "checkpoints"))
+        open(os.path.join(run_dir, "checkpoints", "ckpt_000000002.pt"), "w").close()
+        return {"status": "stopped by SIGTERM", "step": 2, "total_steps": 1000}
+
+    monkeypatch.setattr(rp, "run_training", stopped_trainer)
+    assert rp.main(["--data", "synthetic", "--budget", "2ep", "--out", out, *tiny(data_cache)]) == 0
+    text = capsys.readouterr().out
+    assert "probe was stopped at step 2 of 5" in text and f"--out {out} --resume" in text
+    assert "plan" not in json.load(open(os.path.join(out, "state.json")))["stages"]
