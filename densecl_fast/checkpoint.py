@@ -225,7 +225,7 @@ def folder_model_state(path: str) -> dict:
                 dcp_to_torch_save(path, flat)
                 return torch.load(flat, map_location="cpu", weights_only=True)["model"]
     except Exception as e:
-        raise CheckpointError(f"cannot read the model of checkpoint {path}: {_write_failure(e)}") from None
+        raise CheckpointError(f"cannot read the model of checkpoint {path}: {io_error_text(e)}") from None
     raise CheckpointError(f"{path} is not a folder checkpoint of densecl_fast (ckpt_<step>.dcp or .ds)")
 
 
@@ -243,7 +243,7 @@ def read_checkpoint_meta(path: str) -> dict:
             warnings.simplefilter("ignore")
             meta = torch.load(meta_path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {meta_path}: {_write_failure(e)}") from None
+        raise CheckpointError(f"cannot read checkpoint {meta_path}: {io_error_text(e)}") from None
     if not isinstance(meta, dict) or meta.get("format_version") not in READABLE_FORMATS:
         raise CheckpointError(f"{meta_path} is not a densecl_fast checkpoint's meta.pt")
     missing = [k for k in META_REQUIRED_KEYS if k not in meta]
@@ -255,7 +255,7 @@ def read_checkpoint_meta(path: str) -> dict:
     return meta
 
 
-def _write_failure(e: BaseException) -> str:
+def io_error_text(e: BaseException) -> str:
     if isinstance(e, OSError):
         name = errno.errorcode.get(e.errno, "")
         why = e.strerror or str(e) or type(e).__name__
@@ -275,7 +275,7 @@ def save_checkpoint(state: dict, out_dir: str, step: int, keep_last: int) -> str
     except (OSError, RuntimeError) as e:  # torch.save may wrap a failed write in a RuntimeError
         good = [p for p in list_checkpoints(out_dir) if p != path]
         raise CheckpointWriteError(
-            f"cannot write checkpoint {path}: {_write_failure(e)}. The last good checkpoint is "
+            f"cannot write checkpoint {path}: {io_error_text(e)}. The last good checkpoint is "
             f"{good[-1] if good else 'none (no checkpoint was written yet)'}; free some space and "
             f"continue with --resume auto") from e
     prune(out_dir, keep_last, path)
@@ -431,9 +431,9 @@ def load_checkpoint(path: str, verify: bool = True) -> dict:
                                       f"loaded, not only tensors and plain data ({detail})") from None
             raise CheckpointError(f"cannot read checkpoint {path}: not a checkpoint written by torch.save, or "
                                   f"not one that can be read safely ({detail})") from None
-        raise CheckpointError(f"cannot read checkpoint {path}: {_write_failure(e)}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {io_error_text(e)}") from None
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {_write_failure(e)} "
+        raise CheckpointError(f"cannot read checkpoint {path}: {io_error_text(e)} "
                               f"(truncated or not a checkpoint)") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a densecl_fast checkpoint (no 'model' entry)")

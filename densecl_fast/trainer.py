@@ -25,7 +25,7 @@ from . import checkpoint as ckpt_io
 from .config import Config, ConfigError, check_environment, config_to_dict, to_yaml
 from .data import DataError, build_loader, resolve_backend
 from .distributed import all_reduce_max, cleanup, init_distributed
-from .engines import Engine, autocast_for, build_engine, make_optimizer  # noqa: F401 (still importable from here)
+from .engines import Engine, build_engine
 from .model import DenseCL
 from .weights import WeightsError, load_into_model
 

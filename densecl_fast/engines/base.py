@@ -10,6 +10,7 @@ gradients there, no find_unused_parameters.
 """
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import torch
@@ -91,6 +92,29 @@ class Engine:
         path = ckpt_io.save_checkpoint(state, out_dir, step, keep_last) if self.is_main else None
         barrier()
         return path
+
+    def save_folder(self, out_dir: str, step: int, keep_last: int, write) -> str | None:
+        """A checkpoint folder written by every rank (FSDP's DCP shards, DeepSpeed's files): `write(tmp)`
+        fills a temp folder on each rank and returns the folder to publish; rank 0 renames it to its
+        final name only after every rank is done, then prunes old checkpoints."""
+        tmp = ckpt_io.temp_dir_for(out_dir, step, self.ckpt_kind)
+        final = ckpt_io.final_dir_for(out_dir, step, self.ckpt_kind)
+        if self.is_main and os.path.exists(tmp):
+            ckpt_io.remove_path(tmp)
+        barrier()
+        try:
+            done = write(tmp)
+        except (OSError, RuntimeError) as e:
+            raise ckpt_io.CheckpointWriteError(f"cannot write checkpoint {final}: {ckpt_io.io_error_text(e)}; "
+                                               f"continue from the last good one with --resume auto") from e
+        barrier()  # every rank's files are on disk before the folder gets its final name
+        if self.is_main:
+            ckpt_io.commit_dir(done, final)
+            if done != tmp:
+                ckpt_io.remove_path(tmp)
+            ckpt_io.prune(out_dir, keep_last, final)
+        barrier()
+        return final if self.is_main else None
 
     def load(self, path: str, meta: dict | None = None) -> dict:
         """Load model, optimizer and scaler from `path` (`meta`: the file already read); returns it."""

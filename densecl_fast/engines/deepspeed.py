@@ -28,10 +28,9 @@ import torch
 
 from .. import checkpoint as ckpt_io
 from ..config import ConfigError
-from ..distributed import barrier
+from ..distributed import ensure_process_group
 from .. import model as model_mod
 from .base import Engine, make_optimizer, reject_fp16
-from .fsdp import ensure_process_group
 
 LAUNCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "launch")
 CLIENT_KEY = ckpt_io.DS_CLIENT_KEY  # client-state entry: the DenseCL tensors outside the engine
@@ -164,29 +163,16 @@ class DeepSpeedEngine(Engine):
         return {k: v for k, v in self.model.state_dict().items() if not k.startswith("encoder_q.")}
 
     def save(self, out_dir: str, step: int, extra: dict, keep_last: int) -> str | None:
-        tmp = ckpt_io.temp_dir_for(out_dir, step, self.ckpt_kind)
-        final = ckpt_io.final_dir_for(out_dir, step, self.ckpt_kind)
-        tag = os.path.basename(final)
-        if self.is_main and os.path.exists(tmp):
-            ckpt_io.remove_path(tmp)
-        barrier()
         client = {**extra, CLIENT_KEY: self._outside_state()}
-        try:
-            ok = self.ds.save_checkpoint(tmp, tag=tag, client_state=client, save_latest=False)
-            if ok is False:
+
+        def write(tmp):
+            tag = os.path.basename(ckpt_io.final_dir_for(out_dir, step, self.ckpt_kind))
+            if self.ds.save_checkpoint(tmp, tag=tag, client_state=client, save_latest=False) is False:
                 raise RuntimeError("deepspeed save_checkpoint returned False")
             if self.is_main:
                 ckpt_io.write_meta(os.path.join(tmp, tag), extra)
-        except (OSError, RuntimeError) as e:
-            raise ckpt_io.CheckpointWriteError(f"cannot write checkpoint {final}: {ckpt_io._write_failure(e)}; "
-                                               f"continue from the last good one with --resume auto") from e
-        barrier()
-        if self.is_main:
-            ckpt_io.commit_dir(os.path.join(tmp, tag), final)
-            ckpt_io.remove_path(tmp)
-            ckpt_io.prune(out_dir, keep_last, final)
-        barrier()
-        return final if self.is_main else None
+            return os.path.join(tmp, tag)  # DeepSpeed writes into <tmp>/<tag>/
+        return self.save_folder(out_dir, step, keep_last, write)
 
     def load(self, path: str, meta: dict | None = None) -> dict:
         meta = meta if meta is not None else ckpt_io.read_checkpoint_meta(path)

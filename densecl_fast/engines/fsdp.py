@@ -18,32 +18,15 @@ saved on N ranks resumes on M (tests: 2 -> 1); the data shards and shuffle strea
 """
 from __future__ import annotations
 
-import os
-import socket
 import warnings
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from .. import checkpoint as ckpt_io
 from ..config import ConfigError
-from ..distributed import barrier
+from ..distributed import ensure_process_group
 from .base import Engine, reject_fp16
-
-
-def ensure_process_group(device: torch.device) -> None:
-    """FSDP2, DCP and DeepSpeed need a process group even on one process (python launch/pretrain.py)."""
-    if dist.is_initialized():
-        return
-    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):  # DeepSpeed reads these
-        os.environ.setdefault(k, v)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
 class FSDPEngine(Engine):
@@ -101,24 +84,13 @@ class FSDPEngine(Engine):
 
     def save(self, out_dir: str, step: int, extra: dict, keep_last: int) -> str | None:
         import torch.distributed.checkpoint as dcp
-        tmp = ckpt_io.temp_dir_for(out_dir, step, self.ckpt_kind)
-        final = ckpt_io.final_dir_for(out_dir, step, self.ckpt_kind)
-        if self.is_main and os.path.exists(tmp):
-            ckpt_io.remove_path(tmp)
-        barrier()
-        try:
+
+        def write(tmp):
             dcp.save(self._state(), checkpoint_id=tmp)
             if self.is_main:
                 ckpt_io.write_meta(tmp, extra)
-        except (OSError, RuntimeError) as e:
-            raise ckpt_io.CheckpointWriteError(f"cannot write checkpoint {final}: {ckpt_io._write_failure(e)}; "
-                                               f"continue from the last good one with --resume auto") from e
-        barrier()  # every rank's shards are on disk before the folder gets its final name
-        if self.is_main:
-            ckpt_io.commit_dir(tmp, final)
-            ckpt_io.prune(out_dir, keep_last, final)
-        barrier()
-        return final if self.is_main else None
+            return tmp
+        return self.save_folder(out_dir, step, keep_last, write)
 
     def load(self, path: str, meta: dict | None = None) -> dict:
         import torch.distributed.checkpoint as dcp
