@@ -131,6 +131,15 @@ def commands(out: str, runs: list[str], state: dict, arch: str = "resnet50") -> 
     return cmds
 
 
+def _save(fig, out, name):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    path = os.path.join(out, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_all(out: str, runs: list[str], ev: dict, rows, plan: dict) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -150,10 +159,7 @@ def plot_all(out: str, runs: list[str], ev: dict, rows, plan: dict) -> list[str]
     ax.set_ylabel("InfoNCE loss")
     ax.set_title(f"pretraining loss ({plan['epochs']} epochs of the compressed recipe)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(os.path.join(out, "loss.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, out, "loss.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for run, color in zip(runs, ("tab:blue", "tab:orange")):
@@ -165,10 +171,7 @@ def plot_all(out: str, runs: list[str], ev: dict, rows, plan: dict) -> list[str]
     ax.set_ylabel("images / s (all processes, data included)")
     ax.set_title("training throughput")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(os.path.join(out, "throughput.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, out, "throughput.png"))
 
     trunks = [t for t in ev if ev[t]]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) + 2), 4))
@@ -186,10 +189,7 @@ def plot_all(out: str, runs: list[str], ev: dict, rows, plan: dict) -> list[str]
     ax.set_ylabel("%")
     ax.set_title(f"evaluation after {plan['epochs']} epoch(s)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(os.path.join(out, "eval.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, out, "eval.png"))
     return paths
 
 
@@ -234,7 +234,7 @@ def write_report(out: str, state: dict, args, runs: list[str], skipped: dict, cf
                       f"{_f(s['final_loss'], 3)} | {_f(s['final_loss_global'], 3)} / {_f(s['final_loss_dense'], 3)} | "
                       f"{s['images_per_s_median']:.1f} | {fmt_duration(s['wall_s']) if s['wall_s'] else '–'} |")
     md += ["", "MoCo-v2 here is the same model and schedule with λ = 0: its dense loss is computed and logged "
-           "but has no weight.", "", f"![loss](loss.png) ![throughput](throughput.png)", "",
+           "but has no weight.", "", "![loss](loss.png) ![throughput](throughput.png)", "",
            f"## Evaluation (ours after {plan['epochs']} epoch(s); published figures are 200-epoch ImageNet ResNet-50)", ""]
     head = ["metric"] + [f"ours: {RUN_TITLE[t]}" for t in trunks if t in ev]
     if "mocov2" in runs:

@@ -1,4 +1,17 @@
-"""Shared by the trainer and reliability tests: the override list of a tiny, deterministic CPU run."""
+"""Shared by the trainer, reliability and engine tests: the override list of a tiny, deterministic
+CPU run, and launch/ scripts loaded as modules (their main() called in-process)."""
+import importlib.util
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAIN = os.path.join(ROOT, "launch", "pretrain.py")
+
+
+def load_script(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def tiny(out_dir, data_cache, *extra):

@@ -22,10 +22,8 @@ from densecl_fast.config import ConfigError, load_config
 from densecl_fast.engines import resolve_engine
 from densecl_fast.trainer import train
 from densecl_fast.weights import load_backbone_state
-from helpers import tiny
+from helpers import PRETRAIN, ROOT, load_script, tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRETRAIN = os.path.join(ROOT, "launch", "pretrain.py")
 HARNESS = os.path.join(ROOT, "tests", "dist_equivalence.py")
 HAS_DS = importlib.util.find_spec("deepspeed") is not None
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -42,14 +40,7 @@ def read_metrics(out_dir):
         return [json.loads(line) for line in f]
 
 
-def _load_script(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-pretrain_cli = _load_script("pretrain_cli_engines", PRETRAIN)
+pretrain_cli = load_script("pretrain_cli_engines", PRETRAIN)
 
 
 # ---- the engine choice ---------------------------------------------------------------------------

@@ -5,7 +5,6 @@ One tiny trained run (`trained`, 8 steps, checkpoints at 4 and 8) is shared by t
 tests; tests that change files work on copies of it.
 """
 import errno
-import importlib.util
 import os
 import shutil
 import signal
@@ -24,23 +23,14 @@ from densecl_fast.config import DataConfig, ConfigError, load_config
 from densecl_fast.data import DataError
 from densecl_fast.data.sources import list_images, read_file_list
 from densecl_fast.data.torch_loader import TorchTwoViewLoader
-from helpers import tiny
+from helpers import PRETRAIN, ROOT, load_script, tiny
 from densecl_fast.trainer import NonFiniteLossError, lr_at, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRETRAIN = os.path.join(ROOT, "launch", "pretrain.py")
 SCAN = os.path.join(ROOT, "launch", "scan_data.py")
 
 
-def _load_script(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-pretrain_cli = _load_script("pretrain_cli", PRETRAIN)
-scan_cli = _load_script("scan_cli", SCAN)
+pretrain_cli = load_script("pretrain_cli", PRETRAIN)
+scan_cli = load_script("scan_cli", SCAN)
 
 
 @pytest.fixture(scope="module")
