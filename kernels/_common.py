@@ -114,11 +114,20 @@ def device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
-def first_config_only() -> bool:
-    """DENSECL_AUTOTUNE=0: the autotuners take the first config listed for the GPU instead of
-    timing them all. The GPU test suite sets it (every new shape would otherwise be tuned:
-    minutes of benchmarking for tiny tensors); training and perf/ leave it unset."""
-    return os.environ.get("DENSECL_AUTOTUNE", "1").strip() == "0"
+def tiles_to_try(tiles: list) -> list:
+    """The listed tiles an autotuner times; with DENSECL_AUTOTUNE=0 only the first. The GPU test
+    suite sets it (every new shape would otherwise be tuned: minutes of benchmarking for tiny
+    tensors); training and perf/ leave it unset."""
+    return tiles[:1] if os.environ.get("DENSECL_AUTOTUNE", "1").strip() == "0" else tiles
+
+
+def width_of(dtype: torch.dtype) -> str:
+    """The key of the tile tables: fp32 operand tiles are twice the bytes of 16-bit ones."""
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def autotune_configs(gpu_configs, interpreter_config):

@@ -79,7 +79,7 @@ def _cases(arch: int):
     tile tables of `arch`'s family."""
     from . import dense_match_triton as dm
     from . import queue_infonce_triton as qi
-    from ._common import arch_family_of, dot_precision, grad_dot_precision
+    from ._common import arch_family_of, dot_precision, grad_dot_precision, width_of
 
     family = arch_family_of(arch // 10)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -87,7 +87,7 @@ def _cases(arch: int):
     f32 = torch.empty(1, dtype=torch.float32)
     for name, dt in dtypes.items():
         q, queue = torch.empty(1, dtype=dt), torch.empty(1, dtype=dt)
-        bm, tiles = qi.TILES[family, qi._width(dt)]
+        bm, tiles = qi.TILES[family, width_of(dt)]
         for bn, warps, stages in tiles:
             for with_grad in (True, False):
                 args = [q, queue, f32, f32, f32, M, K, D, K // 4, D, 1, K, 1, 7.2]
@@ -105,7 +105,7 @@ def _cases(arch: int):
     C, S2 = PRODUCT_C, PRODUCT_S2
     for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         feat, grid = torch.empty(1, dtype=dt), torch.empty(1, dtype=torch.float32)
-        for bq, bc, warps, stages in dm.TILES[family, dm._width(dt)]:
+        for bq, bc, warps, stages in dm.TILES[family, width_of(dt)]:
             args = [feat, feat, grid, grid, grid, torch.empty(1, dtype=torch.int64), C, S2, D,
                     C * S2, 1, C, C * S2, 1, C, D * S2, S2, 1, D * S2, S2, 1]
             const = dict(BLOCK_Q=bq, BLOCK_K=64, BLOCK_C=bc, BLOCK_D=64, UPCAST=False,

@@ -28,10 +28,12 @@ from ._common import (
     can_run_on,
     cast,
     device_guard,
+    device_index,
     dot_precision,
-    first_config_only,
     next_power_of_2,
+    tiles_to_try,
     upcast_for_interpreter,
+    width_of,
     SUPPORTED_DTYPES,
 )
 
@@ -55,10 +57,6 @@ TILES = {
 }
 
 
-def _width(dtype) -> str:
-    return "fp32" if dtype == torch.float32 else "16bit"
-
-
 def _configs():
     gpu = [triton.Config({"BLOCK_Q": bq, "BLOCK_C": bc}, num_warps=w, num_stages=s)
            for bq, bc, w, s in sorted({c for cs in TILES.values() for c in cs})]
@@ -70,9 +68,7 @@ def _prune(configs, named_args, **kwargs):
     if INTERPRET:
         return configs
     qb = named_args["qb_ptr"]
-    index = qb.device.index if qb.device.index is not None else torch.cuda.current_device()
-    tiles = TILES[arch_family(index), _width(qb.dtype)]
-    allowed = set(tiles[:1] if first_config_only() else tiles)
+    allowed = set(tiles_to_try(TILES[arch_family(device_index(qb.device)), width_of(qb.dtype)]))
     return [c for c in configs
             if (c.kwargs["BLOCK_Q"], c.kwargs["BLOCK_C"], c.num_warps, c.num_stages) in allowed]
 

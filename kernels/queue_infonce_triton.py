@@ -50,12 +50,14 @@ from ._common import (
     can_run_on,
     cast,
     device_guard,
+    device_index,
     dot_precision,
-    first_config_only,
     grad_dot_precision,
     next_power_of_2,
     sm_count,
+    tiles_to_try,
     upcast_for_interpreter,
+    width_of,
 )
 
 # The accumulator of dL/dq is a BLOCK_M x D fp32 tile in registers: D = 128 (DenseCL's out_dim)
@@ -92,10 +94,6 @@ _MAX_PARTIAL_BYTES = 48 << 20      # fp32 partial O of all splits together (M x 
 PROGRAMS_PER_SM = 1
 
 
-def _width(dtype) -> str:
-    return "fp32" if dtype == torch.float32 else "16bit"
-
-
 def _configs():
     gpu = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
            for bn, w, s in sorted({c for _, cs in TILES.values() for c in cs})]
@@ -107,8 +105,7 @@ def _prune(configs, named_args, **kwargs):
     if INTERPRET:
         return configs
     q = named_args["q_ptr"]
-    tiles = TILES[arch_family(_index(q.device)), _width(q.dtype)][1]
-    allowed = set(tiles[:1] if first_config_only() else tiles)
+    allowed = set(tiles_to_try(TILES[arch_family(device_index(q.device)), width_of(q.dtype)][1]))
     return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
 
 
@@ -261,11 +258,8 @@ def check_inputs(q, l_pos, queue, max_d: int = MAX_D):
 def block_m(dtype: torch.dtype, device: torch.device) -> int:
     if INTERPRET or device.type != "cuda":
         return BLOCK_M_INTERPRET
-    return TILES[arch_family(_index(device)), _width(dtype)][0]
+    return TILES[arch_family(device_index(device)), width_of(dtype)][0]
 
-
-def _index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _aligned_cols(K: int, n: int) -> int:
@@ -280,7 +274,7 @@ def _num_splits(M: int, K: int, D: int, rows_per_program: int, device: torch.dev
     measured on an H200: 0.88 ms against 1.15 ms (perf/RESULTS.md)."""
     if device.type != "cuda":
         return 1
-    return _planned_splits(M, K, D, rows_per_program, sm_count(_index(device)) * PROGRAMS_PER_SM)
+    return _planned_splits(M, K, D, rows_per_program, sm_count(device_index(device)) * PROGRAMS_PER_SM)
 
 
 @functools.lru_cache(maxsize=256)

@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 else:
     # On a GPU, take each kernel's first listed config instead of autotuning every test shape
-    # (kernels/_common.first_config_only); every listed config is compile-checked by
+    # (kernels/_common.tiles_to_try); every listed config is compile-checked by
     # tests/test_kernels_aot.py.
     os.environ.setdefault("DENSECL_AUTOTUNE", "0")
 
