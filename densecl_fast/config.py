@@ -183,8 +183,8 @@ def check_environment(cfg: Config, world_size: Optional[int] = None) -> None:
     need(on_cuda or t.precision != "fp16",
          "train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU (or train.precision=auto)")
     if t.kernels == "triton":
-        import kernels
-        from kernels import dispatch
+        from . import kernels
+        from .kernels import dispatch
         if not kernels.HAS_TRITON:
             raise ConfigError(f"train.kernels=triton but {dispatch._triton_unavailable('cpu')}; use auto or reference")
         if not on_cuda:

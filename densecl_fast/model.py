@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-import kernels
+from . import kernels
 
 from .bn import convert_to_group_bn, set_bn_groups
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-import kernels
+from . import kernels
 
 from . import checkpoint as ckpt_io
 from .config import Config, ConfigError, check_environment, config_to_dict, to_yaml

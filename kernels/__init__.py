@@ -1,4 +1,5 @@
 """Loss kernels of DenseCL: fused Triton implementations and their plain-PyTorch references.
+Imported as `densecl_fast.kernels` (setup.py maps this folder there; see densecl_fast/__init__.py).
 
 `dense_positive_logits` and `queue_infonce` are what the model calls; they dispatch to the
 Triton kernels (kernels/dense_match_triton.py, kernels/queue_infonce_triton.py) or to the references

@@ -1,8 +1,8 @@
 """Compile the Triton kernels ahead of time for a GPU architecture, on a machine without one.
 
-    python -m kernels.aot                  # markdown table for sm_90 and sm_80 (perf/AOT_SM90.md)
-    python -m kernels.aot --json           # the same rows as JSON (tests/test_kernels_aot.py)
-    python -m kernels.aot --arch 90        # one architecture
+    python -m densecl_fast.kernels.aot                  # markdown table for sm_90 and sm_80 (perf/AOT_SM90.md)
+    python -m densecl_fast.kernels.aot --json           # the same rows as JSON (tests/test_kernels_aot.py)
+    python -m densecl_fast.kernels.aot --arch 90        # one architecture
 
 Every kernel the model runs is compiled with every autotune config it may pick, at the
 production shapes (DenseCL R50: D = 128, C = 2048, S^2 = 49) and for each input dtype, through
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     from ._common import INTERPRET
     if INTERPRET:
-        print("kernels.aot: TRITON_INTERPRET is set; unset it (the interpreter replaces the kernels)",
+        print("densecl_fast.kernels.aot: TRITON_INTERPRET is set; unset it (the interpreter replaces the kernels)",
               file=sys.stderr)
         return 2
     import triton

@@ -60,6 +60,7 @@ TILES = {
 def _configs():
     gpu = [triton.Config({"BLOCK_Q": bq, "BLOCK_C": bc}, num_warps=w, num_stages=s)
            for bq, bc, w, s in sorted({c for cs in TILES.values() for c in cs})]
+    # Interpreter: small tiles so that the CPU tests' maps cross several query and channel tiles.
     return autotune_configs(gpu, triton.Config({"BLOCK_Q": 16, "BLOCK_C": 32}, num_warps=4, num_stages=1))
 
 

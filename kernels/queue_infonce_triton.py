@@ -88,15 +88,20 @@ BLOCK_M_INTERPRET = 16   # small, so that the CPU tests cross several row tiles 
 # above and every split but the last is made of whole tiles.
 _SPLIT_ALIGN = 128
 _MIN_COLS_PER_SPLIT = 512          # amortises the q-tile load and the epilogue of a program
-_MAX_PARTIAL_BYTES = 48 << 20      # fp32 partial O of all splits together (M x D x 4 per split)
+# fp32 partial O of all splits together (M x D x 4 per split): keeps the op's own memory under
+# 64 MiB (+31 MiB measured at the dense case on an H200, perf/RESULTS.md).
+_MAX_PARTIAL_BYTES = 48 << 20
 # Programs resident per SM when planning waves: one 128-row program (8 warps at 199 registers
-# a thread on sm_90) fills more than half an SM's register file.
+# a thread on sm_90) fills more than half an SM's register file. With it the plan picks 4 splits
+# for the dense case (12,544 x 65,536 on 132 SMs); the H200 sweep measured 0.88 ms at 4 splits
+# against 1.15 ms at 1-3 (perf/RESULTS.md, 2026-12-04).
 PROGRAMS_PER_SM = 1
 
 
 def _configs():
     gpu = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
            for bn, w, s in sorted({c for _, cs in TILES.values() for c in cs})]
+    # Interpreter: 32 columns so that the CPU tests' small queues still cross several tiles and a tail.
     return autotune_configs(gpu, triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1))
 
 

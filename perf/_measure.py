@@ -232,7 +232,7 @@ def count_step_flops(model_cfg, batch: int, image_size: int, fallback_device=Non
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    import kernels
+    from densecl_fast import kernels
     from densecl_fast.model import DenseCL
 
     cfg = copy.deepcopy(model_cfg)

@@ -25,7 +25,7 @@ from typing import List, Optional
 
 import torch
 
-import kernels
+from densecl_fast import kernels
 from densecl_fast.config import load_config, validate
 from densecl_fast.model import DenseCL
 from densecl_fast.engines.single import SingleEngine

@@ -33,7 +33,7 @@ if ROOT not in sys.path:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
+from densecl_fast import kernels  # noqa: E402
 
 T = 0.2
 INFONCE_CASES = {"dense": (12544, 65536, 128), "global": (256, 65536, 128)}
@@ -46,11 +46,11 @@ _compiled = {}
 
 def _fn(op, impl):
     if impl == "fused":
-        from kernels import dense_match_triton, queue_infonce_triton
+        from densecl_fast.kernels import dense_match_triton, queue_infonce_triton
         return {"infonce": queue_infonce_triton.queue_infonce_triton,
                 "match": dense_match_triton.dense_positive_logits_triton}[op]
     if impl == "recompute":
-        from kernels import queue_infonce_recompute_triton
+        from densecl_fast.kernels import queue_infonce_recompute_triton
         return queue_infonce_recompute_triton.queue_infonce_recompute_triton
     ref = {"infonce": kernels.queue_infonce_ref, "match": kernels.dense_positive_logits_ref}[op]
     if impl == "eager":
@@ -171,7 +171,7 @@ def main(argv=None):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"triton {__import__('triton').__version__}  queue InfoNCE in {args.dtype}")
-    from kernels import queue_infonce_triton as qi
+    from densecl_fast.kernels import queue_infonce_triton as qi
     rows = []
     for case in INFONCE_CASES:
         M, K, D = INFONCE_CASES[case]
@@ -215,7 +215,7 @@ def main(argv=None):
         print(f"speed-up of fused over eager, {name}: {times['eager'] / times['fused']:.1f}x"
               + (f", over compiled: {times['compiled'] / times['fused']:.1f}x" if "compiled" in times else "")
               + (f", over recompute: {times['recompute'] / times['fused']:.2f}x" if "recompute" in times else ""))
-    from kernels import dense_match_triton, queue_infonce_recompute_triton, queue_infonce_triton
+    from densecl_fast.kernels import dense_match_triton, queue_infonce_recompute_triton, queue_infonce_triton
     for kern in (queue_infonce_triton._fwd_kernel, queue_infonce_recompute_triton._fwd_kernel,
                  queue_infonce_recompute_triton._bwd_kernel, dense_match_triton._dense_match_kernel):
         fn = kern

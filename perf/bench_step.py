@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-import kernels
+from densecl_fast import kernels
 from densecl_fast.config import load_config
 from densecl_fast.model import DenseCL
 from densecl_fast.engines.single import SingleEngine

@@ -13,8 +13,8 @@ import importlib
 import pytest
 import torch
 
-import kernels
-from kernels import dispatch
+from densecl_fast import kernels
+from densecl_fast.kernels import dispatch
 
 if not kernels.HAS_TRITON:
     pytest.skip("Triton is not importable", allow_module_level=True)
@@ -22,9 +22,9 @@ if not kernels.HAS_TRITON:
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-common = importlib.import_module("kernels._common")
-qi_mod = importlib.import_module("kernels.queue_infonce_triton")
-dm_mod = importlib.import_module("kernels.dense_match_triton")
+common = importlib.import_module("densecl_fast.kernels._common")
+qi_mod = importlib.import_module("densecl_fast.kernels.queue_infonce_triton")
+dm_mod = importlib.import_module("densecl_fast.kernels.dense_match_triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not qi_mod.can_run_on(torch.device("cpu")):
@@ -289,7 +289,7 @@ def test_queue_infonce_without_q_gradient(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_queue_infonce_recompute_variant_still_matches(monkeypatch, dtype):
     """The earlier two-pass kernel, kept selectable for perf/bench_kernels.py."""
-    rc = importlib.import_module("kernels.queue_infonce_recompute_triton")
+    rc = importlib.import_module("densecl_fast.kernels.queue_infonce_recompute_triton")
     monkeypatch.setattr(rc, "_num_splits", lambda M, K, D, device: 2)
     q, l_pos, queue = make_infonce_inputs(33, 48, 300, dtype, seed=10)
     loss = rc.queue_infonce_recompute_triton(q, l_pos, queue, T)

@@ -1,7 +1,7 @@
 """Every Triton kernel config the model may run compiles for sm_90 and sm_80 without a GPU,
 with no register spill and within shared memory (kernels/aot.py; the table is perf/AOT_SM90.md).
 
-Runs `python -m kernels.aot --json` in a subprocess: the compiler needs TRITON_INTERPRET unset,
+Runs `python -m densecl_fast.kernels.aot --json` in a subprocess: the compiler needs TRITON_INTERPRET unset,
 which conftest.py sets for the other kernel tests on a machine without CUDA.
 """
 import json
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-import kernels
+from densecl_fast import kernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,11 +22,11 @@ pytestmark = [pytest.mark.slow,
 @pytest.fixture(scope="module")
 def rows():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "kernels.aot", "--json"], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "densecl_fast.kernels.aot", "--json"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.stdout, out.stderr[-3000:]
     report = json.loads(out.stdout)
-    from kernels.aot import markdown
+    from densecl_fast.kernels.aot import markdown
     print(f"Triton {report['triton']}\n" + markdown(report["rows"]))  # shown with pytest -s / on failure
     return report["rows"]
 
@@ -53,7 +53,7 @@ def test_a_spilling_config_is_caught():
     """The check itself: a tile known to spill (fp32 logits at 64 x 64 with 4 warps on sm_90,
     180-1,000 bytes of spill stores under tf32x3) is reported as not ok."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import torch, kernels.aot as a, kernels.queue_infonce_triton as qi\n"
+    code = ("import torch, densecl_fast.kernels.aot as a, densecl_fast.kernels.queue_infonce_triton as qi\n"
             "f = torch.empty(1)\n"
             "c = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, EVEN_K=True, EVEN_D=True, UPCAST=False,"
             " DOT_PREC='tf32x3', GRAD_DOT_PREC='tf32x3', INTERPRET=False, WITH_GRAD=True)\n"

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-import kernels
+from densecl_fast import kernels
 from densecl_fast import checkpoint as ckpt_io
 from densecl_fast.checkpoint import CheckpointError, RunLock, list_checkpoints, load_checkpoint
 from densecl_fast.config import DataConfig, ConfigError, load_config

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-import kernels
+from densecl_fast import kernels
 from densecl_fast.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from densecl_fast.config import load_config
 from densecl_fast.data import DataError

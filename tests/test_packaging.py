@@ -1,0 +1,117 @@
+"""Our kernels import as `densecl_fast.kernels` however the project is run, and a package called
+`kernels` beside it (the PyPI one, or any other first on the path) changes nothing.
+
+Each case runs in a fresh interpreter, since the point is which file an import resolves to."""
+import os
+import site
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from helpers import ROOT
+
+OURS = os.path.join(ROOT, "kernels")
+
+# Imports our kernels, runs one of them through the dispatcher (reference backend: no Triton
+# interpreter needed), and prints where both names resolved.
+PROBE = textwrap.dedent("""
+    import json, os, torch
+    import densecl_fast, densecl_fast.kernels as ours
+    ours.set_backend("reference")
+    q = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    queue = torch.nn.functional.normalize(torch.randn(8, 16), dim=0)
+    loss = ours.queue_infonce(q, (q * q).sum(1), queue, 0.2)
+    assert torch.isfinite(loss), loss
+    try:
+        import kernels as other
+        other = os.path.realpath(other.__file__)
+    except ImportError:
+        other = None
+    print(json.dumps({"package": os.path.realpath(densecl_fast.__file__),
+                      "ours": os.path.realpath(ours.__file__), "other": other}))
+""")
+
+
+def probe(cwd, pythonpath=None, installed=True):
+    """installed=False: site-packages without their .pth hooks, i.e. no editable install of ours."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(pythonpath)
+    cmd = [sys.executable, "-c", PROBE] if installed else \
+        [sys.executable, "-S", "-c", f"import sys; sys.path.extend({site.getsitepackages()!r})\n" + PROBE]
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def under(path, folder):
+    return os.path.realpath(path).startswith(os.path.realpath(folder) + os.sep)
+
+
+@pytest.fixture
+def impostor(tmp_path):
+    """A package named `kernels` first on the path, whose every use fails loudly."""
+    pkg = tmp_path / "impostor" / "kernels"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("MARK = 'impostor'\n"
+                                     "def __getattr__(name):\n"
+                                     "    raise RuntimeError(f'the impostor kernels package was used for {name}')\n")
+    return str(tmp_path / "impostor")
+
+
+def editable_from_here():
+    out = subprocess.run([sys.executable, "-c", "import densecl_fast, os; print(os.path.realpath(densecl_fast.__file__))"],
+                         cwd="/", capture_output=True, text=True)
+    return out.returncode == 0 and under(out.stdout.strip(), ROOT)
+
+
+@pytest.mark.skipif(not editable_from_here(), reason="this checkout is not the pip install -e one")
+def test_editable_install_outside_the_repository(tmp_path, impostor):
+    r = probe(str(tmp_path), [impostor])
+    assert under(r["package"], ROOT) and under(r["ours"], OURS)
+    assert under(r["other"], impostor)
+
+
+def test_source_tree_from_the_repository_root(impostor):
+    """Run from the checkout (how tests, launch/ and perf/ run): the sibling kernels/ folder is ours
+    even when another `kernels` comes first on the path."""
+    r = probe(ROOT, [impostor])
+    assert under(r["ours"], OURS)  # (a bare `import kernels` there finds the folder itself: '' is first on sys.path)
+
+
+def test_source_checkout_without_install(impostor):
+    """No install at all (python run from the checkout): densecl_fast maps the sibling folder itself."""
+    r = probe(ROOT, [impostor], installed=False)
+    assert under(r["package"], ROOT) and under(r["ours"], OURS)
+
+
+def test_the_pypi_kernels_package_beside_ours(tmp_path):
+    """CI installs the PyPI `kernels` (the dev extra); the whole suite runs beside it."""
+    r = probe(str(tmp_path))
+    if r["other"] is None:
+        pytest.skip("the PyPI kernels package is not installed (pip install -e .[dev] brings it)")
+    assert not under(r["other"], OURS), "`import kernels` should be the PyPI package, not our folder"
+    assert under(r["ours"], OURS) or under(r["ours"], os.path.dirname(r["package"]))
+
+
+@pytest.mark.slow
+def test_normal_install(tmp_path, impostor):
+    """pip install (not editable) into a folder: densecl_fast/kernels is a real sub-package there,
+    used from anywhere; from the repository root the source tree wins, with its own kernels."""
+    target = tmp_path / "site"
+    # With build isolation, as pip's default: without it, setuptools loads the PyPI kernels package's
+    # egg_info plugin while the repository root is on sys.path, finds our folder, and fails (README).
+    build = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                            "--target", str(target), ROOT], capture_output=True, text=True, timeout=600,
+                           cwd=str(tmp_path))
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert (target / "densecl_fast" / "kernels" / "queue_infonce_triton.py").is_file()
+    assert not (target / "kernels").exists(), "no top-level `kernels` may be installed"
+    r = probe(str(tmp_path), [str(target), impostor])
+    assert under(r["package"], target) and under(r["ours"], target / "densecl_fast" / "kernels")
+    assert under(r["other"], impostor)
+    r = probe(ROOT, [str(target), impostor])
+    assert under(r["ours"], OURS)
