@@ -186,9 +186,9 @@ def check_environment(cfg: Config, world_size: Optional[int] = None) -> None:
         from . import kernels
         from .kernels import dispatch
         if not kernels.HAS_TRITON:
-            raise ConfigError(f"train.kernels=triton but {dispatch._triton_unavailable('cpu')}; use auto or reference")
+            raise ConfigError(f"train.kernels=triton but {dispatch.triton_unavailable('cpu')}; use auto or reference")
         if not on_cuda:
-            reason = dispatch._triton_unavailable(torch.device("cpu"))
+            reason = dispatch.triton_unavailable(torch.device("cpu"))
             need(not reason, f"train.kernels=triton: {reason}; use train.kernels=auto or reference")
     need(o.batch_size % world_size == 0,
          f"optim.batch_size={o.batch_size} (the global batch) is not divisible by {world_size} processes")

@@ -64,7 +64,8 @@ def get_backend() -> str:
     return _backend
 
 
-def _triton_unavailable(device) -> str:
+def triton_unavailable(device) -> str:
+    """Empty when the Triton kernels can run on `device`; otherwise why not, as a clause for errors."""
     if not HAS_TRITON:
         return f"Triton is not importable ({_TRITON_IMPORT_ERROR})"
     if not _can_run_on(device):
@@ -81,7 +82,7 @@ def active_backend(device) -> str:
         return "reference"
     if _backend == "auto":
         return "triton" if HAS_TRITON and device.type == "cuda" else "reference"
-    why = _triton_unavailable(device)
+    why = triton_unavailable(device)
     if why:
         raise RuntimeError(f"kernels backend 'triton': {why}")
     return "triton"
@@ -92,7 +93,7 @@ def _use_triton(device, supported: bool, op: str) -> bool:
         return False
     if _backend == "auto":
         return HAS_TRITON and device.type == "cuda" and supported
-    why = _triton_unavailable(device)
+    why = triton_unavailable(device)
     if why:
         raise RuntimeError(f"{op}: kernels backend 'triton': {why}")
     if not supported:

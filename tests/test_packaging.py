@@ -3,6 +3,7 @@
 
 Each case runs in a fresh interpreter, since the point is which file an import resolves to."""
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -101,11 +102,17 @@ def test_the_pypi_kernels_package_beside_ours(tmp_path):
 def test_normal_install(tmp_path, impostor):
     """pip install (not editable) into a folder: densecl_fast/kernels is a real sub-package there,
     used from anywhere; from the repository root the source tree wins, with its own kernels."""
-    target = tmp_path / "site"
+    src, target = tmp_path / "src", tmp_path / "site"
+    # A copy: pip builds in the source folder and would leave build/ in the checkout.
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    src.mkdir()
+    shutil.copy(os.path.join(ROOT, "setup.py"), src / "setup.py")
+    for folder in ("densecl_fast", "kernels"):
+        shutil.copytree(os.path.join(ROOT, folder), src / folder, ignore=ignore)
     # With build isolation, as pip's default: without it, setuptools loads the PyPI kernels package's
     # egg_info plugin while the repository root is on sys.path, finds our folder, and fails (README).
     build = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                            "--target", str(target), ROOT], capture_output=True, text=True, timeout=600,
+                            "--target", str(target), str(src)], capture_output=True, text=True, timeout=600,
                            cwd=str(tmp_path))
     assert build.returncode == 0, build.stderr[-3000:]
     assert (target / "densecl_fast" / "kernels" / "queue_infonce_triton.py").is_file()

@@ -100,7 +100,7 @@ def load_fashion_mnist(root: str, split: str = "train") -> Tuple[np.ndarray, np.
     return images, labels
 
 
-def _digest(root: str, split: str) -> str:
+def digest(root: str, split: str) -> str:
     h = hashlib.sha1(f"v{VERSION}".encode())
     for stem in _FILES[split]:
         st = os.stat(_find(root, stem))
@@ -112,7 +112,7 @@ def ensure_image_folder(root: str, split: str, cache_dir: str) -> str:
     """Write the split as PNGs under cache_dir once; -> the folder that holds images/ and labels.json."""
     images, labels = load_fashion_mnist(root, split)
     cache = os.path.abspath(os.path.expanduser(cache_dir))
-    final = os.path.join(cache, f"fashion-mnist-{split}-{_digest(root, split)}")
+    final = os.path.join(cache, f"fashion-mnist-{split}-{digest(root, split)}")
     if os.path.isfile(os.path.join(final, "labels.json")):
         return final
     os.makedirs(cache, exist_ok=True)

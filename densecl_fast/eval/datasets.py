@@ -170,7 +170,7 @@ def _fashion(root: str, max_train: int, max_val: int):
         loader = (lambda arr: (lambda i: to_rgb(Image.fromarray(arr[i], "L"))))(images)
         keys = [f"fashion-mnist:{split}:{i}" for i in range(len(labels))]
         out.append(EvalSplit("train" if split == "train" else "test", keys, loader, list(fashion_mnist.CLASSES),
-                             labels.astype(np.int64), fingerprint_extra=f"{root}:{fashion_mnist._digest(root, split)}"))
+                             labels.astype(np.int64), fingerprint_extra=f"{root}:{fashion_mnist.digest(root, split)}"))
     return out
 
 
