@@ -1,8 +1,19 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 import torch
+
+# Subprocesses (torchrun above all, which makes a /tmp/torchelastic_* folder per launch and never
+# removes it) get a temp folder of their own that goes with the session. This process keeps the
+# system one (cached by the first gettempdir), so pytest's tmp_path folders stay where they were.
+tempfile.gettempdir()
+_SUBPROCESS_TMP = tempfile.mkdtemp(prefix="densecl-tests-")
+os.environ["TMPDIR"] = _SUBPROCESS_TMP
+atexit.register(shutil.rmtree, _SUBPROCESS_TMP, True)
 
 # Triton kernels run on CPU tensors through the interpreter when there is no GPU. The flag is
 # read when a kernel is decorated, so it must be set before any kernel module is imported.
