@@ -58,7 +58,8 @@ import torch
 from . import DataError
 from .dali_pipeline import (build_check_pipeline, build_two_view_pipeline, draw_view_params, file_hw, graph_inputs,
                             image_hw)
-from .torch_loader import MAX_ATTEMPTS, PathTable, mix_seed
+from .plan import MAX_ATTEMPTS, mix_seed
+from .sources import PathTable
 
 log = logging.getLogger(__name__)
 
