@@ -45,7 +45,7 @@ def build_loader(data_cfg, *, batch_size: int, rank: int = 0, world_size: int = 
     if backend == "dali":
         if not dali_available():
             raise DataError("data.backend=dali but NVIDIA DALI is not installed: pip install -e .[dali]")
-        from .dali_loader import DaliTwoViewLoader
+        from .dali.loader import DaliTwoViewLoader
         return DaliTwoViewLoader(data_cfg, batch_size=batch_size, rank=rank, world_size=world_size,
                                  device=device, seed=seed, channels_last=channels_last, dtype=dtype)
     from .torch_loader import TorchTwoViewLoader
