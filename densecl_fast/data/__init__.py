@@ -11,7 +11,9 @@ Every backend returns a *two-view loader*, the seam between data and trainer:
     loader.skipped               # corrupt/unreadable images skipped so far (never raises)
 
 The data order and every augmentation are a function of (seed, epoch, sample), so a run
-resumed at (epoch, start_step) sees exactly the batches it would have seen.
+resumed at (epoch, start_step) sees exactly the batches it would have seen. Both backends take
+the order, the rank sharding and the substitutes of unreadable files from `plan.py`, so they
+cannot drift apart.
 """
 from __future__ import annotations
 
