@@ -34,6 +34,25 @@ class ModelConfig:
 
 
 @dataclass
+class DaliConfig:
+    """data.dali.<key>: the DALI loader's knobs (densecl_fast/data/dali); ignored by the torch backend."""
+    decoder: str = "auto"                    # auto (mixed on CUDA, cpu otherwise) | mixed | cpu
+    hw_decoder_load: float = 0.65            # share of JPEGs sent to the hardware JPEG decoder (A100/H100)
+    device_memory_padding: int = 64 << 20    # nvJPEG device buffer per thread: no regrowth up to ~20 MP
+    host_memory_padding: int = 32 << 20      # nvJPEG pinned host buffers per thread (x2)
+    preallocate_width_hint: int = 0          # HW decoder preallocation (0 = DALI's default)
+    preallocate_height_hint: int = 0
+    prefetch: int = 2                        # batches prepared ahead
+    hue: str = "auto"                        # auto (exact on GPU, linear on CPU) | exact (HSV, as
+                                             # torchvision) | linear (fn.hue: ~10x cheaper on a CPU)
+    shuffle_buffer: int = 1024               # webdataset shards: samples in the reader's shuffle buffer
+
+
+# Flat keys of the DALI section before it was nested: data.dali_<key> is now data.dali.<key>.
+FLAT_DALI_KEYS = tuple("dali_" + k for k in DaliConfig.__dataclass_fields__)
+
+
+@dataclass
 class DataConfig:
     source: str = "synthetic"         # "synthetic" | image folder | .txt file list | fashion-mnist:ROOT[#test]
                                       # | shards glob (dali)
@@ -46,16 +65,7 @@ class DataConfig:
     synthetic_images: int = 512       # size of the built-in data set
     synthetic_resolution: int = 160   # its image side in pixels
     cache_dir: str = "~/.cache/densecl_fast"   # where the built-in data set is generated
-    # DALI backend only (see densecl_fast/data/dali_loader.py: DaliOptions)
-    dali_decoder: str = "auto"        # auto (mixed on CUDA, cpu otherwise) | mixed | cpu
-    dali_hw_decoder_load: float = 0.65    # share of JPEGs sent to the hardware JPEG decoder
-    dali_device_memory_padding: int = 64 << 20
-    dali_host_memory_padding: int = 32 << 20
-    dali_preallocate_width_hint: int = 0
-    dali_preallocate_height_hint: int = 0
-    dali_prefetch: int = 2            # batches prepared ahead
-    dali_hue: str = "auto"            # auto (exact on GPU, linear on CPU) | exact | linear
-    dali_shuffle_buffer: int = 1024   # webdataset shards: samples in the reader's shuffle buffer
+    dali: DaliConfig = field(default_factory=DaliConfig)   # data.backend=dali only
 
 
 @dataclass
@@ -144,6 +154,10 @@ def load_config(preset_or_path: Optional[str] = "smoke", overrides: Optional[Lis
         if OmegaConf.select(layer, "model.sync_bn") is not None:
             raise ConfigError("model.sync_bn was replaced by model.bn=shuffle|sync|group (shuffle: the recipe's "
                               "cross-rank shuffle-BN, the default; sync: SyncBatchNorm); remove model.sync_bn")
+        data = OmegaConf.select(layer, "data")
+        for key in FLAT_DALI_KEYS:
+            if OmegaConf.is_dict(data) and key in data:
+                raise ConfigError(f"data.{key} was replaced by data.dali.{key[5:]} (the DALI keys are one section)")
     try:
         merged = OmegaConf.merge(*layers)
     except Exception as e:  # omegaconf raises several types; all mean a bad key or value
@@ -207,9 +221,14 @@ def to_yaml(cfg: Config) -> str:
 
 def config_from_dict(d: dict) -> Config:
     """A saved config (checkpoint). Checkpoints written before model.bn existed hold model.sync_bn:
-    dropped (BN mode shapes no tensor; the resumed run uses this run's model.bn)."""
+    dropped (BN mode shapes no tensor; the resumed run uses this run's model.bn). Those written
+    before the DALI section was nested hold data.dali_<key>: moved to data.dali.<key>."""
     if isinstance(d, dict) and isinstance(d.get("model"), dict) and "sync_bn" in d["model"]:
         d = {**d, "model": {k: v for k, v in d["model"].items() if k != "sync_bn"}}
+    if isinstance(d, dict) and isinstance(d.get("data"), dict) and any(k in d["data"] for k in FLAT_DALI_KEYS):
+        data = {k: v for k, v in d["data"].items() if k not in FLAT_DALI_KEYS}
+        data["dali"] = {**{k[5:]: v for k, v in d["data"].items() if k in FLAT_DALI_KEYS}, **(data.get("dali") or {})}
+        d = {**d, "data": data}
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))
     validate(cfg)
     return cfg
@@ -217,6 +236,21 @@ def config_from_dict(d: dict) -> Config:
 
 def config_to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def validate_dali(s: DaliConfig) -> None:
+    """Also called by the DALI loader: a DataConfig built in code reaches it without `validate`."""
+    def need(cond, msg):
+        if not cond:
+            raise ConfigError(msg)
+
+    need(s.decoder in ("auto", "mixed", "cpu"), f"data.dali.decoder={s.decoder!r}: use auto, mixed or cpu")
+    need(s.hue in ("auto", "exact", "linear"), f"data.dali.hue={s.hue!r}: use auto, exact or linear")
+    need(0.0 <= s.hw_decoder_load <= 1.0, f"data.dali.hw_decoder_load={s.hw_decoder_load} must be in [0, 1]")
+    need(s.prefetch >= 1 and s.shuffle_buffer >= 1, "data.dali.prefetch and data.dali.shuffle_buffer must be >= 1")
+    need(min(s.device_memory_padding, s.host_memory_padding, s.preallocate_width_hint,
+             s.preallocate_height_hint) >= 0,
+         "data.dali.device_memory_padding, host_memory_padding and preallocate_*_hint must be >= 0")
 
 
 def validate(cfg: Config) -> None:
@@ -243,10 +277,7 @@ def validate(cfg: Config) -> None:
     need(0.0 < d.min_scale <= 1.0, f"data.min_scale={d.min_scale} must be in (0, 1]")
     need(d.num_workers >= 0, "data.num_workers must be >= 0")
     need(d.max_images >= 0, f"data.max_images={d.max_images} must be >= 0 (0 = all)")
-    need(d.dali_decoder in ("auto", "mixed", "cpu"), f"data.dali_decoder={d.dali_decoder!r}: use auto, mixed or cpu")
-    need(d.dali_hue in ("auto", "exact", "linear"), f"data.dali_hue={d.dali_hue!r}: use auto, exact or linear")
-    need(0.0 <= d.dali_hw_decoder_load <= 1.0, f"data.dali_hw_decoder_load={d.dali_hw_decoder_load} must be in [0, 1]")
-    need(d.dali_prefetch >= 1 and d.dali_shuffle_buffer >= 1, "data.dali_prefetch and dali_shuffle_buffer must be >= 1")
+    validate_dali(d.dali)
     need(o.epochs > 0 and o.batch_size > 0, "optim.epochs and optim.batch_size must be > 0")
     need(o.lr > 0 and o.weight_decay >= 0 and o.momentum >= 0, "optim.lr must be > 0, weight_decay and momentum >= 0")
     need(m.queue_len % o.batch_size == 0,

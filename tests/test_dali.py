@@ -7,25 +7,26 @@ very parameters the DALI graph was fed.
 """
 import io
 import logging
-import math
 import os
 import tarfile
 
 import numpy as np
 import pytest
 import torch
-import torchvision.transforms as T
 from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
-from densecl_fast.config import DataConfig  # noqa: E402
+from densecl_fast.config import ConfigError, DaliConfig, DataConfig  # noqa: E402
 from densecl_fast.data import DataError, build_loader  # noqa: E402
-from densecl_fast.data import dali_pipeline as dp  # noqa: E402
 from densecl_fast.data import transforms as tr  # noqa: E402
-from densecl_fast.data.dali_loader import (DaliTwoViewLoader, expand_shards, loader_for_folder,  # noqa: E402
-                                           write_wds_index)
-from densecl_fast.data.torch_loader import ShardedEpochSampler  # noqa: E402
+from densecl_fast.data.dali import params  # noqa: E402
+from densecl_fast.data.dali.graph import build_two_view_pipeline  # noqa: E402
+from densecl_fast.data.dali.loader import DaliTwoViewLoader  # noqa: E402
+from densecl_fast.data.dali.shards import expand_shards, write_wds_index  # noqa: E402
+from densecl_fast.data.headers import file_hw  # noqa: E402
+from densecl_fast.data.torch_loader import TorchTwoViewLoader  # noqa: E402
+from helpers import binomial_ok, draws, save, textured  # noqa: E402
 
 pytestmark = pytest.mark.dali
 
@@ -39,20 +40,6 @@ def grey_levels(x):
     """Normalised CHW (numpy or torch) -> 0..255 values."""
     x = x.detach().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float64)
     return (x * STD + MEAN) * 255.0
-
-
-def textured(seed, h, w, lo=50, hi=200):
-    rs = np.random.RandomState(seed)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    base = np.stack([lo + (hi - lo) * xx / w, lo + (hi - lo) * yy / h,
-                     (lo + hi) / 2 + (hi - lo) / 3 * np.sin(xx / 4.0 + yy / 7.0)], -1)
-    return np.clip(base + rs.uniform(-15, 15, (h, w, 3)), lo, hi).astype(np.uint8)
-
-
-def save(path, img, **kw):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    (img if isinstance(img, Image.Image) else Image.fromarray(img)).save(path, **kw)
-    return str(path)
 
 
 def folder_of(tmp_path, name, n, size=(72, 88), ext="jpg", seed=0):
@@ -80,10 +67,10 @@ def epoch_batches(loader, epoch, start=0, sources=False):
 
 def run_graph(files, draws_q, draws_k=None, image_size=40, hue="exact", layout="CHW", out_dtype="float32"):
     """Both views of `files` (one batch) through the raw DALI graph, fed the given draws."""
-    hw = np.array([dp.file_hw(f) for f in files])
+    hw = np.array([file_hw(f) for f in files])
     feed = [[np.frombuffer(f.encode(), np.uint8) for f in files]]
     for d in (draws_q, draws_k if draws_k is not None else draws_q):
-        feed += dp.graph_inputs(d, hw[:, 0], hw[:, 1], 0.2, image_size)
+        feed += params.graph_inputs(d, hw[:, 0], hw[:, 1], 0.2, image_size)
     state = {"done": False}
 
     def source():
@@ -92,7 +79,7 @@ def run_graph(files, draws_q, draws_k=None, image_size=40, hue="exact", layout="
         state["done"] = True
         return tuple(feed)
 
-    pipe = dp.build_two_view_pipeline(source, batch_size=len(files), num_threads=2, device_id=None,
+    pipe = build_two_view_pipeline(source, batch_size=len(files), num_threads=2, device_id=None,
                                       image_size=image_size, hue=hue, layout=layout, out_dtype=out_dtype,
                                       prefetch_queue_depth=1)
     pipe.build()
@@ -100,12 +87,8 @@ def run_graph(files, draws_q, draws_k=None, image_size=40, hue="exact", layout="
     return np.array(q.as_tensor()), np.array(k.as_tensor()), hw
 
 
-def draws(n, seed=0, epoch=0, view=0, **probs):
-    return dp.draw_view_params(seed, epoch, np.arange(n), view, **probs)
-
-
 def view_params(d, i, hw):
-    top, left, h, w = dp.crop_windows_numpy(hw[i:i + 1, 0], hw[i:i + 1, 1], d["area_u"][i:i + 1],
+    top, left, h, w = params.crop_windows_numpy(hw[i:i + 1, 0], hw[i:i + 1, 1], d["area_u"][i:i + 1],
                                             d["logr_u"][i:i + 1], d["off_u"][i:i + 1], 0.2)[0]
     jitter = None
     if d["jitter"][i]:
@@ -113,105 +96,6 @@ def view_params(d, i, hw):
         jitter = (tuple(int(o) for o in d["order"][i]), b, c, s, h_)
     return tr.ViewParams(crop=(int(top), int(left), int(h), int(w)), jitter=jitter, grayscale=bool(d["gray"][i]),
                          blur_sigma=float(d["sigma"][i]) if d["blur"][i] else None, flip=bool(d["flip"][i]))
-
-
-def binomial_ok(hits, n, p, z=4.5):
-    return abs(hits / n - p) <= z * math.sqrt(p * (1 - p) / n) + 1e-9
-
-
-# --- host-side draws -------------------------------------------------------------------------
-
-def test_draws_rates_ranges_and_determinism():
-    n = 20000
-    d = draws(n, seed=3, epoch=5)
-    for key, p in (("flip", tr.FLIP_PROB), ("jitter", tr.JITTER_PROB), ("gray", tr.GRAYSCALE_PROB),
-                   ("blur", tr.BLUR_PROB)):
-        assert binomial_ok(int(d[key].sum()), n, p), (key, d[key].mean())
-    f = d["factors"]
-    for j, (lo, hi) in enumerate([(0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1)]):
-        assert lo <= f[:, j].min() < lo + 0.01 and hi - 0.01 < f[:, j].max() <= hi
-        assert abs(f[:, j].mean() - (lo + hi) / 2) < 0.01
-    assert 0.1 <= d["sigma"].min() < 0.12 and 1.98 < d["sigma"].max() <= 2.0
-    perms, counts = np.unique(d["order"], axis=0, return_counts=True)
-    assert len(perms) == 24 and (np.sort(perms, axis=1) == np.arange(4)).all()
-    assert counts.min() > n / 24 * 0.8 and counts.max() < n / 24 * 1.2
-    # Pure function of (seed, epoch, key, view): any subset, any order, gives the same rows.
-    keys = np.array([17, 3, 19999, 0])
-    again = dp.draw_view_params(3, 5, keys, 0)
-    for key in d:
-        np.testing.assert_array_equal(again[key], d[key][keys])
-    other = (dp.draw_view_params(3, 6, keys, 0), dp.draw_view_params(4, 5, keys, 0), dp.draw_view_params(3, 5, keys, 1))
-    for o in other:
-        assert not np.array_equal(o["area_u"], again["area_u"])
-
-
-def test_crop_windows_follow_torchvision_rule():
-    n, H, W = 6000, 75, 100
-    d = draws(n, seed=1)
-    top, left, h, w = dp.crop_windows_numpy(np.full(n, H), np.full(n, W), d["area_u"], d["logr_u"], d["off_u"], 0.2).T
-    assert (top >= 0).all() and (left >= 0).all() and (top + h <= H).all() and (left + w <= W).all()
-    area = h * w / (H * W)
-    torch.manual_seed(0)
-    img = Image.new("RGB", (W, H))
-    ref = np.array([T.RandomResizedCrop.get_params(img, [0.2, 1.0], list(tr.CROP_RATIO)) for _ in range(n)])
-    ref_area = ref[:, 2] * ref[:, 3] / (H * W)
-    # Two-sample Kolmogorov-Smirnov on the area fraction and on the aspect ratio.
-    for a, b in ((area, ref_area), (w / h, ref[:, 3] / ref[:, 2])):
-        grid = np.quantile(np.concatenate([a, b]), np.linspace(0, 1, 201))
-        ks = np.abs((a[:, None] <= grid).mean(0) - (b[:, None] <= grid).mean(0)).max()
-        assert ks < 1.95 * math.sqrt(2 / n), ks
-    # The fallback (no attempt fits): the whole image, aspect clamped, centred -- as torchvision.
-    for (H2, W2) in ((4, 200), (200, 4), (50, 50)):
-        big = np.ones((1, 10), np.float32)           # all attempts want the whole area ...
-        lr = np.zeros((1, 10), np.float32) if H2 != W2 else np.ones((1, 10), np.float32)
-        got = dp.crop_windows_numpy([H2], [W2], big, lr, np.zeros((1, 2)), 0.2)[0]
-        in_ratio = W2 / H2
-        if in_ratio < 3 / 4:
-            want_w, want_h = W2, int(round(W2 / (3 / 4)))
-        elif in_ratio > 4 / 3:
-            want_h, want_w = H2, int(round(H2 * 4 / 3))
-        else:
-            want_w, want_h = W2, H2
-        if H2 == W2:   # ratio 4/3 at full area does not fit a square: fallback is the whole square
-            assert tuple(got) == (0, 0, H2, W2)
-        else:
-            assert tuple(got) == ((H2 - want_h) // 2, (W2 - want_w) // 2, want_h, want_w)
-
-
-def test_jitter_stages_equal_any_op_order():
-    """The commuting argument: stage(pre) -> hue -> stage(post) == the 4 ops in the drawn order
-    (float math, no clamping: values kept mid-range)."""
-    import torchvision.transforms.functional as F
-
-    rs = np.random.RandomState(0)
-    x = torch.from_numpy(0.45 + 0.1 * rs.rand(3, 9, 11)).float()
-    d = draws(48, seed=2)
-    pre, post = dp.jitter_stages(d["factors"], d["order"])
-
-    def stage(img, w):
-        luma = 0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]
-        return w[0] * img + w[1] * luma + w[2] * luma.mean()
-
-    for i in range(48):
-        b, c, s, h = (float(v) for v in d["factors"][i])
-        ops = [lambda y: F.adjust_brightness(y, b), lambda y: F.adjust_contrast(y, c),
-               lambda y: F.adjust_saturation(y, s), lambda y: F.adjust_hue(y, h)]
-        want = x
-        for o in d["order"][i]:
-            want = ops[int(o)](want)
-        got = stage(F.adjust_hue(stage(x, pre[i]), h), post[i])
-        assert torch.allclose(got, want, atol=2e-3), i
-
-
-def test_header_sizes(tmp_path):
-    a = textured(0, 37, 53)
-    for ext, kw in (("jpg", {}), ("png", {}), ("webp", {}), ("bmp", {}), ("tif", {})):
-        assert dp.file_hw(save(str(tmp_path / f"x.{ext}"), a, **kw)) == (37, 53)
-    p = save(str(tmp_path / "prog.jpg"), a, progressive=True)
-    assert dp.file_hw(p) == (37, 53)
-    assert dp.image_hw(b"") is None and dp.image_hw(b"garbage bytes") is None
-    data = open(p, "rb").read()
-    assert dp.image_hw(data[:100]) is None   # ends before the frame header
 
 
 # --- the graph against the reference -----------------------------------------------------------
@@ -330,7 +214,7 @@ def test_crop_extent_and_blur_from_pixels(tmp_path):
     d = draws(n, seed=11, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
     q, _, hw = run_graph([f] * n, d, image_size=S)
     g = grey_levels(q)
-    windows = dp.crop_windows_numpy(hw[:, 0], hw[:, 1], d["area_u"], d["logr_u"], d["off_u"], 0.2)
+    windows = params.crop_windows_numpy(hw[:, 0], hw[:, 1], d["area_u"], d["logr_u"], d["off_u"], 0.2)
     # Pixel centres of the view sample the window at (j + 0.5) / S of its extent.
     x_l, x_r = g[:, 0, :, 0].mean(1) * (W - 1) / 255, g[:, 0, :, -1].mean(1) * (W - 1) / 255
     y_t, y_b = g[:, 1, 0, :].mean(1) * (H - 1) / 255, g[:, 1, -1, :].mean(1) * (H - 1) / 255
@@ -378,13 +262,9 @@ def test_loader_shapes_dtypes_layout_and_views_differ(folder30, tmp_path):
     torch.testing.assert_close(q.float(), batches[0][0].contiguous(), atol=0.05, rtol=0.02)
 
 
-def test_same_order_as_torch_loader_and_deterministic(folder30, tmp_path):
+def test_deterministic_and_reshuffled_every_epoch(folder30, tmp_path):
     c = cfg(folder30, tmp_path)
     loader = DaliTwoViewLoader(c, batch_size=4, rank=1, world_size=2, seed=5)
-    sampler = ShardedEpochSampler(30, 4, 1, 2, 5)
-    for epoch in (0, 3):
-        sampler.set_epoch(epoch)
-        np.testing.assert_array_equal(loader.epoch_indices(epoch), sampler.rank_indices().numpy())
     a = epoch_batches(loader, 3, sources=True)
     b = epoch_batches(DaliTwoViewLoader(c, batch_size=4, rank=1, world_size=2, seed=5), 3, sources=True)
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) and x[2] == y[2] for x, y in zip(a, b))
@@ -509,7 +389,7 @@ def test_bad_and_odd_files_never_stop_the_run(tmp_path, caplog):
            "empty.png": b"", "header_only.jpg": data[:300]}
     for name, blob in bad.items():
         (d / name).write_bytes(blob)
-    caplog.set_level(logging.WARNING, logger="densecl_fast.data.dali_loader")
+    caplog.set_level(logging.WARNING, logger="densecl_fast.data.plan")
     loader = DaliTwoViewLoader(cfg(d, tmp_path), batch_size=6, seed=0)
     assert len(loader) == 24 // 6
     used = []
@@ -522,10 +402,59 @@ def test_bad_and_odd_files_never_stop_the_run(tmp_path, caplog):
     assert {os.path.basename(p) for p in loader.bad_files} == set(bad)
     assert not any(os.path.basename(p) in bad for p in used)
     assert set(odd) <= set(used)                   # odd but valid files are decoded, not dropped
-    # 24 files = 4 full batches: every epoch meets each bad file once, and every occurrence counts.
-    assert loader.skipped == 3 * 4
+    # 24 files = 4 full batches: every epoch plans each bad file once, and every occurrence counts,
+    # substitutes that are bad too included -- the torch loader's count on the same files.
     warned = [r for r in caplog.records if "skipping unreadable image" in r.getMessage()]
     assert len(warned) == 4 and any("truncated.jpg" in r.getMessage() for r in warned)
+    reference = TorchTwoViewLoader(cfg(d, tmp_path, backend="torch", num_workers=0), batch_size=6, seed=0)
+    for epoch in range(3):
+        epoch_batches(reference, epoch)
+    assert loader.skipped == reference.skipped >= 3 * 4
+
+
+def test_torch_and_dali_loaders_read_the_same_files_in_the_same_order(tmp_path, caplog):
+    """Both backends over one folder with planted bad files, two ranks, two epochs: the same files
+    fill the same places (substitutes included), the same skip counts, the same files logged once.
+    Observed from what each loader read (`last_sources`: the files decoded by PIL / fed to DALI)."""
+    d = tmp_path / "planted"
+    for i in range(20):
+        save(str(d / f"c{i % 2}" / f"{i:02d}.jpg"), textured(40 + i, 40, 52))
+    data = open(save(str(tmp_path / "src.jpg"), textured(99, 48, 64)), "rb").read()
+    planted = {"c0/truncated.jpg": data[: len(data) // 2],     # DALI finds these two only by decoding
+               "c1/header_only.jpg": data[:300],
+               "c0/garbage.jpg": np.random.RandomState(5).bytes(2000),
+               "c1/empty.png": b"",
+               "c0/notes.png": b"a text file with an image extension\n"}
+    for name, blob in planted.items():
+        (d / name).write_bytes(blob)
+    runs = {}
+    planted_places = 0
+    for backend in ("torch", "dali"):
+        run = []
+        for rank in (0, 1):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="densecl_fast.data.plan"):
+                loader = build_loader(cfg(d, tmp_path, backend=backend, num_workers=0 if backend == "torch" else 2),
+                                      batch_size=3, rank=rank, world_size=2, seed=1)
+                assert len(loader) == 25 // 6
+                for epoch in (0, 1):
+                    sources = [src for _, _, src in epoch_batches(loader, epoch, sources=True)]
+                    run.append((rank, epoch, sources, loader.skipped))
+                    if backend == "torch":   # the places the sampler planned for bad files
+                        loader.set_epoch(epoch)
+                        planned = [loader.dataset.paths[i] for _, i in loader.sampler]
+                        planted_places += sum(os.path.relpath(p, d) in planted for p in planned)
+            logged = [r.args[0] for r in caplog.records if "skipping unreadable image" in r.getMessage()]
+            assert len(logged) == len(set(logged)) == len(loader.bad_files)      # each bad file once
+            run.append((rank, sorted(loader.bad_files), sorted(logged)))
+        runs[backend] = run
+    assert runs["torch"] == runs["dali"]
+    read = {os.path.relpath(p, d) for rec in runs["dali"] if len(rec) == 4 for batch in rec[2] for p in batch}
+    assert not read & set(planted) and len(read) == 20
+    logged = {os.path.relpath(p, d) for rec in runs["dali"] if len(rec) == 3 for p in rec[2]}
+    assert logged == set(planted)                     # every kind of bad file was met ...
+    skipped = sum(rec[3] for rec in runs["torch"] if len(rec) == 4 and rec[1] == 1)
+    assert skipped > planted_places                   # ... and some substitute was bad too
 
 
 def test_a_data_set_of_only_bad_files_is_an_error_not_a_hang(tmp_path):
@@ -541,7 +470,7 @@ def test_a_data_set_of_only_bad_files_is_an_error_not_a_hang(tmp_path):
 
 def test_bad_sample_in_a_shard(tmp_path, caplog):
     paths = make_shards(str(tmp_path / "wds"), 2, 8, corrupt={5})
-    caplog.set_level(logging.WARNING, logger="densecl_fast.data.dali_loader")
+    caplog.set_level(logging.WARNING, logger="densecl_fast.data.plan")
     loader = DaliTwoViewLoader(cfg(",".join(paths), tmp_path), batch_size=4, seed=0)
     for epoch in range(2):
         batches = epoch_batches(loader, epoch, sources=True)
@@ -550,12 +479,17 @@ def test_bad_sample_in_a_shard(tmp_path, caplog):
     assert loader.skipped == 2 and len(loader.bad_files) == 1
 
 
-def test_loader_for_folder_helper(folder30, tmp_path):
-    loader = loader_for_folder(folder30, batch_size=5, device="cpu", image_size=32, num_threads=2,
-                               cache_dir=str(tmp_path / "c"), hue="linear")
-    loader.set_epoch(0)
-    q, k = next(iter(loader))
+def test_options_come_from_the_data_dali_section(folder30, tmp_path):
+    exact = cfg(folder30, tmp_path, dali=DaliConfig(hue="exact", prefetch=1))
+    loader = build_loader(exact, batch_size=5, device=torch.device("cpu"), channels_last=True)
+    q, _, _ = epoch_batches(loader, 0)[0]
     assert q.shape == (5, 3, 32, 32) and q.is_contiguous(memory_format=torch.channels_last)
+    linear = epoch_batches(build_loader(cfg(folder30, tmp_path), batch_size=5, channels_last=True), 0)[0][0]
+    assert not torch.equal(q, linear)          # the CPU default is the linear hue: the section was read
+    with pytest.raises(ConfigError, match="data.dali.decoder='gpu'"):
+        DaliTwoViewLoader(cfg(folder30, tmp_path, dali=DaliConfig(decoder="gpu")), batch_size=5)
+    with pytest.raises(ValueError, match="data.dali.decoder=mixed needs a CUDA device"):
+        DaliTwoViewLoader(cfg(folder30, tmp_path, dali=DaliConfig(decoder="mixed")), batch_size=5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -242,6 +242,26 @@ def test_file_list_parsing(tmp_path):
     assert list_images(cfg(rooted, tmp_path, root=str(tmp_path / "data"))) == imgs[1:]
 
 
+def test_dali_keys_are_one_section_and_old_flat_keys_say_where_they_went(tmp_path):
+    from densecl_fast.config import ConfigError, config_from_dict, config_to_dict, load_config
+    cfg = load_config("smoke", ["data.dali.decoder=cpu", "data.dali.prefetch=3"])
+    assert (cfg.data.dali.decoder, cfg.data.dali.prefetch, cfg.data.dali.hue) == ("cpu", 3, "auto")
+    with pytest.raises(ConfigError, match=r"data\.dali\.hue='hsv': use auto, exact or linear"):
+        load_config("smoke", ["data.dali.hue=hsv"])
+    with pytest.raises(ConfigError, match=r"^data\.dali_decoder was replaced by data\.dali\.decoder "):
+        load_config("smoke", ["data.dali_decoder=cpu"])
+    old_yaml = tmp_path / "old.yaml"
+    old_yaml.write_text("data:\n  dali_shuffle_buffer: 64\n")
+    with pytest.raises(ConfigError, match=r"data\.dali_shuffle_buffer was replaced by data\.dali\.shuffle_buffer"):
+        load_config(str(old_yaml))
+    # A checkpoint's saved config from before the section: the flat keys move into it.
+    d = config_to_dict(load_config("smoke"))
+    del d["data"]["dali"]
+    d["data"].update(dali_decoder="cpu", dali_hw_decoder_load=0.5)
+    restored = config_from_dict(d).data.dali
+    assert (restored.decoder, restored.hw_decoder_load, restored.prefetch) == ("cpu", 0.5, 2)
+
+
 def test_data_errors_are_helpful(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         list_images(cfg(tmp_path / "nope", tmp_path))
@@ -409,7 +429,7 @@ def test_bad_files_are_replaced_counted_and_warned_once(tmp_path, caplog):
     runs = {}
     for workers in (0, 2):
         loader = TorchTwoViewLoader(cfg(d, tmp_path, num_workers=workers), batch_size=4, seed=0)
-        with caplog.at_level(logging.WARNING, logger="densecl_fast.data.torch_loader"):
+        with caplog.at_level(logging.WARNING, logger="densecl_fast.data.plan"):
             caplog.clear()
             batches = []
             for epoch in (0, 1):

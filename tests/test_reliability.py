@@ -237,7 +237,7 @@ def test_latin1_file_names_train_and_scan(latin1_folder, tmp_path, capsys):
 @pytest.mark.dali
 def test_latin1_file_names_on_the_dali_backend(latin1_folder, tmp_path):
     pytest.importorskip("nvidia.dali")
-    from densecl_fast.data.dali_loader import DaliTwoViewLoader
+    from densecl_fast.data.dali.loader import DaliTwoViewLoader
     cfg = DataConfig(source=latin1_folder, backend="dali", image_size=32, num_workers=1,
                      cache_dir=str(tmp_path / "cache"))
     loader = DaliTwoViewLoader(cfg, batch_size=4)

@@ -11,7 +11,9 @@ Every backend returns a *two-view loader*, the seam between data and trainer:
     loader.skipped               # corrupt/unreadable images skipped so far (never raises)
 
 The data order and every augmentation are a function of (seed, epoch, sample), so a run
-resumed at (epoch, start_step) sees exactly the batches it would have seen.
+resumed at (epoch, start_step) sees exactly the batches it would have seen. Both backends take
+the order, the rank sharding and the substitutes of unreadable files from `plan.py`, so they
+cannot drift apart.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ def build_loader(data_cfg, *, batch_size: int, rank: int = 0, world_size: int = 
     if backend == "dali":
         if not dali_available():
             raise DataError("data.backend=dali but NVIDIA DALI is not installed: pip install -e .[dali]")
-        from .dali_loader import DaliTwoViewLoader
+        from .dali.loader import DaliTwoViewLoader
         return DaliTwoViewLoader(data_cfg, batch_size=batch_size, rank=rank, world_size=world_size,
                                  device=device, seed=seed, channels_last=channels_last, dtype=dtype)
     from .torch_loader import TorchTwoViewLoader

@@ -168,6 +168,29 @@ def list_images(data_cfg) -> List[str]:
     return [s.path for s in list_samples(data_cfg)]
 
 
+class PathTable:
+    """Paths packed in one bytes buffer: a Python list of a million str would be copied page by
+    page into every forked worker as reference counts are touched; numpy buffers are not."""
+
+    def __init__(self, paths: Sequence[str]):
+        # os.fsencode: file names that are not UTF-8 (a Latin-1 name, say) come from os.walk as
+        # surrogate escapes and go back to the very same bytes.
+        encoded = [os.fsencode(p) for p in paths]
+        self._blob = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
+        self._ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i: int) -> str:
+        return os.fsdecode(self.raw(i))
+
+    def raw(self, i: int) -> bytes:
+        """The file name's own bytes."""
+        start = int(self._ends[i - 1]) if i > 0 else 0
+        return self._blob[start:int(self._ends[i])].tobytes()
+
+
 # --- decoding --------------------------------------------------------------------------------
 
 def _to_uint8(img: Image.Image) -> Image.Image:
