@@ -1,9 +1,8 @@
 """Measurement primitives of perf/: stage clocks, the matmul ceiling, the FLOP count, the environment.
 
-Stage timing reuses the model's own profiler ranges: `densecl_fast.model` and `densecl_fast.trainer`
-open every stage with their module-global `stage(name)` (a `torch.profiler.record_function`).
-`patch_stages` swaps that global for `StageClock.stage`, which still opens the profiler range and
-also records a mark at both ends: a CUDA event on the GPU (no host sync; read after the repeat's
+Stage timing goes through the hook of `densecl_fast.stages`: the model and the engines open every
+stage with `stages.stage(name)`; `patch_stages` installs `StageClock` as the timer, whose `stage`
+still opens the profiler range and also records a mark at both ends: a CUDA event on the GPU (no host sync; read after the repeat's
 final synchronize), `time.perf_counter` on the CPU (where every op is synchronous), or the running
 FLOP total of a `FlopCounterMode` (for the per-stage FLOP count).
 """
@@ -133,20 +132,10 @@ class StageClock:
                 "nested": {k: v / n for k, v in nested.items()}}
 
 
-@contextlib.contextmanager
 def patch_stages(clock: StageClock):
-    """Route the model's and the trainer's `stage(...)` ranges through `clock` for the duration."""
-    import densecl_fast.model as model_mod
-    import densecl_fast.trainer as trainer_mod
-    mods = [m for m in (model_mod, trainer_mod) if hasattr(m, "stage")]
-    saved = [m.stage for m in mods]
-    for m in mods:
-        m.stage = clock.stage
-    try:
-        yield
-    finally:
-        for m, s in zip(mods, saved):
-            m.stage = s
+    """Route the model's and the engine's stages through `clock` for the duration."""
+    from densecl_fast import stages
+    return stages.timed(clock)
 
 
 # ---- the hardware's limit ------------------------------------------------------------------------
@@ -265,8 +254,7 @@ def _count(DenseCL, FlopCounterMode, cfg, how, n, image_size):
             for t in list(model.parameters()) + list(model.buffers()):
                 if t.is_floating_point():
                     t.normal_(0.0, 0.02)
-    model._enqueue = lambda k, k2: None  # instance attribute: this model only
-    model.train()
+    model.eval()   # no enqueue (no matmul FLOPs; BN is not counted either way)
     params = [p for p in model.parameters() if p.requires_grad]
     counter = FlopCounterMode(display=False)
     clock = StageClock(FlopMarks(counter))
