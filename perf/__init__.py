@@ -1,2 +1,2 @@
-"""Performance tools: `python -m perf` (the step profiler), perf/bench_kernels.py and perf/bench_data.py
-(`python -m perf.bench_kernels`, `python -m perf.bench_data`), and the pytest-benchmark cases of perf/bench_cases.py."""
+"""Performance tools, run from the repository root: `python -m perf` (the step profiler),
+`python -m perf.bench_kernels`, `python -m perf.bench_data`, and `pytest perf/ --benchmark-only`."""
