@@ -7,7 +7,9 @@ timed is what `launch/pretrain.py` runs. Variants are independent and fail soft:
 Budget: before a variant starts it gets one cap, in seconds: its own minimum cost (build,
 compile, a few steps, loader start) plus a fair share of what the budget leaves after the minimum
 of every later variant that still fits, never eating into those. Warm-up, timed repeats and the
-trace all stop at that cap; a variant whose minimum does not fit what is left is skipped.
+trace all stop at that cap; a variant whose minimum does not fit what is left is skipped, and one
+whose cap leaves no room for a timed step after its warm-up times a single step if the later
+variants' minimum still leaves room for it.
 """
 from __future__ import annotations
 
@@ -222,13 +224,10 @@ class Suite:
                 c += self.data_images_needed(s) * 0.02 / max(1, self.workers) + 1.0
         return c
 
-    def time_cap(self, index: int, s: dict) -> float:
-        """The seconds variant `index` may take (see the module docstring). A later variant whose
-        minimum does not fit is left out of the sums: it will be skipped anyway and must not starve
-        the ones before it."""
+    def later_minimum(self, index: int):
+        """(seconds, count): the minimum cost of the variants after `index` that still fit. One
+        that does not fit is left out: it will be skipped anyway and must not starve the ones before it."""
         left = self.left()
-        if not math.isfinite(left):
-            return math.inf
         rest, n_rest, compile_counted = 0.0, 0, False
         for v in self.variants[index + 1:]:
             if v.cuda_only and self.device.type != "cuda":
@@ -238,6 +237,14 @@ class Suite:
             if rest + c <= left:
                 rest, n_rest = rest + c, n_rest + 1
                 compile_counted = compile_counted or sv["compile"]
+        return rest, n_rest
+
+    def time_cap(self, index: int, s: dict) -> float:
+        """The seconds variant `index` may take (see the module docstring)."""
+        left = self.left()
+        if not math.isfinite(left):
+            return math.inf
+        rest, n_rest = self.later_minimum(index)
         own = self.min_cost(s)
         return min(own + max(0.0, left - rest - own) / (1 + n_rest), left - rest)
 
@@ -328,7 +335,7 @@ class Suite:
                      + (f" | {cap:.0f} s of {left:.0f} s left" if math.isfinite(cap) else ""))
             with kernels_backend(s["fused"], self.device) as active:
                 rec["kernels_active"] = active
-                self._measure(v, s, rec, time.perf_counter() + cap)
+                self._measure(index, v, s, rec, time.perf_counter() + cap)
             rec["status"] = "ok"
             ips = rec["images_per_s"]
             self.say(f"{tag}: done: {ips['median']:,.1f} images/s (min {ips['min']:,.1f}, max {ips['max']:,.1f}), "
@@ -358,7 +365,7 @@ class Suite:
                     torch.cuda.empty_cache()
         return rec
 
-    def _measure(self, v, s, rec, deadline):
+    def _measure(self, index, v, s, rec, deadline):
         a = self.args
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -424,6 +431,8 @@ class Suite:
                     rec["compile_s"] = first - step_s
 
                 plan = fit_plan(step_s, time_left(), steps, want_repeats)
+                if plan is None and step_s <= self.left() - self.later_minimum(index)[0]:
+                    plan = (1, 1)   # past its share, but the later variants' minimum still fits
                 if plan is None:
                     raise Skip(f"budget (a step takes {step_s:.1f} s, {max(0.0, time_left()):.0f} s "
                                "left for this variant)")
