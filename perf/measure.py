@@ -9,7 +9,6 @@ or the running FLOP total of a `FlopCounterMode` (for the per-stage FLOP count).
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 
 import torch
@@ -210,8 +209,6 @@ def count_step_flops(model_cfg, batch: int, image_size: int, fallback_device=Non
     image on `fallback_device` (per-image FLOPs do not depend on the batch). The model runs in eval
     mode (no BN grouping, no enqueue: neither has matmul FLOPs).
     """
-    cfg = copy.deepcopy(model_cfg)
-    cfg.bn_group_size = 0
     prev_backend = kernels.get_backend()
     kernels.set_backend("reference")
     attempts = [("fake", batch)] + ([(str(fallback_device), 1)] if fallback_device is not None else [])
@@ -219,7 +216,7 @@ def count_step_flops(model_cfg, batch: int, image_size: int, fallback_device=Non
     try:
         for how, n in attempts:
             try:
-                return _count(cfg, how, n, image_size)
+                return _count(model_cfg, how, n, image_size)
             except Exception as e:  # noqa: BLE001 -- try the next way, report all
                 errors.append(f"{how}: {type(e).__name__}: {e}")
     finally:
