@@ -146,7 +146,8 @@ def match_check(inputs):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m perf.bench_kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="queue InfoNCE input dtype")
     parser.add_argument("--sweep-splits", default="", help="comma-separated split counts to time the one-pass "
