@@ -16,9 +16,8 @@ import torchvision
 from . import kernels
 
 from .bn import convert_to_group_bn, set_bn_groups
-
-# Named ranges for the profiler (perf/): near-free when no profiler is running.
-stage = torch.profiler.record_function
+from .config import ModelConfig
+from .stages import stage
 
 
 class ResNetTrunk(nn.Module):
@@ -79,10 +78,11 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
 
 
 class DenseCL(nn.Module):
-    def __init__(self, cfg):
-        """cfg: a `ModelConfig` (or a full `Config`, whose .model is used)."""
+    def __init__(self, cfg: ModelConfig):
+        """cfg: the `model` section of a Config (`DenseCL(cfg.model)`)."""
         super().__init__()
-        cfg = getattr(cfg, "model", cfg)
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"DenseCL takes a ModelConfig (cfg.model), got {type(cfg).__name__}")
         self.cfg = cfg
         trunk = ResNetTrunk(cfg.arch)
         self.encoder_q = convert_to_group_bn(Encoder(trunk, DenseCLNeck(trunk.out_channels, cfg.hid_dim, cfg.out_dim)))
@@ -97,7 +97,7 @@ class DenseCL(nn.Module):
         self.register_buffer("queue2", F.normalize(torch.randn(cfg.out_dim, cfg.queue_len), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         # "shuffle" | "sync" | "group": how BN sees the key batch on several ranks (see _key_forward).
-        self.bn_mode = getattr(cfg, "bn", "shuffle")
+        self.bn_mode = cfg.bn
         self._pairs = None
         self._shuffle_gen = None  # own RNG for the key shuffle: resumable, untouched by data loaders
         self.shuffle_seed = 0

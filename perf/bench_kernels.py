@@ -1,8 +1,8 @@
 """Fused Triton loss kernels vs the eager reference vs the torch.compile'd reference.
 
-    python perf/bench_kernels.py            # one table, all measured in this run (needs CUDA)
-    python perf/bench_kernels.py --sweep-splits 1,2,3,4,6,8   # + the one-pass kernel per split count
-    pytest perf/bench_kernels.py            # pytest-benchmark; skipped without CUDA
+    python -m perf.bench_kernels            # one table, all measured in this run (needs CUDA)
+    python -m perf.bench_kernels --sweep-splits 1,2,3,4,6,8   # + the one-pass kernel per split count
+    pytest perf/bench_cases.py -k kernel    # the same cases under pytest-benchmark; skipped without CUDA
 
 Implementations: `fused` (the one-pass queue InfoNCE, kernels/queue_infonce_triton.py, and the
 dense matching kernel), `recompute` (the earlier two-pass queue InfoNCE whose backward recomputes
@@ -19,21 +19,11 @@ with its peak extra memory (allocator peak minus what the inputs already hold), 
 the fused result against the eager one as a sanity check of the GPU path.
 """
 import argparse
-import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-# Run as a script, perf/ comes first on sys.path and perf/profile.py would shadow the standard
-# library's `profile`, which torch.compile imports (through cProfile).
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from densecl_fast import kernels  # noqa: E402
+from densecl_fast import kernels
 
 T = 0.2
 INFONCE_CASES = {"dense": (12544, 65536, 128), "global": (256, 65536, 128)}
@@ -156,7 +146,8 @@ def match_check(inputs):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m perf.bench_kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="queue InfoNCE input dtype")
     parser.add_argument("--sweep-splits", default="", help="comma-separated split counts to time the one-pass "
@@ -223,43 +214,6 @@ def main(argv=None):
             fn = fn.fn
         print(f"autotuned {fn.__module__.split('.')[-1]}.{fn.__name__}: {getattr(kern, 'best_config', None)}")
     return 0
-
-
-# ---------------------------------------------------------------------------- pytest-benchmark
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need CUDA")
-
-
-@pytest.fixture(autouse=True)
-def _triton_backend():
-    previous = kernels.get_backend()
-    kernels.set_backend("triton")
-    yield
-    kernels.set_backend(previous)
-
-
-def _run(benchmark, step, grads):
-    def once():
-        for t in grads:
-            t.grad = None
-        step()
-        torch.cuda.synchronize()
-    once()
-    benchmark.pedantic(once, warmup_rounds=3, rounds=20)
-    benchmark.extra_info["peak_extra_mib"] = peak_extra_mib(step, grads)
-
-
-@needs_cuda
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", list(INFONCE_CASES))
-def test_bench_queue_infonce(benchmark, case, impl):
-    _run(benchmark, *infonce_step(impl, infonce_inputs(case)))
-
-
-@needs_cuda
-@pytest.mark.parametrize("impl", MATCH_IMPLS)
-def test_bench_dense_matching(benchmark, impl):
-    _run(benchmark, *match_step(impl, match_inputs()))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ export PYTHONUNBUFFERED=1
 
 timeout 70 python3 -m pytest -q -m "not slow" tests/test_kernels.py tests/test_model.py -p no:cacheprovider 2>&1 \
   | tee -a "$OUT/tests.log" | tail -6
-timeout 130 python3 perf/bench_kernels.py --sweep-splits 1,2,3,4,6,8 2>&1 | tee "$OUT/bench_kernels.md" | tail -40
-timeout 250 python3 perf/profile.py --variants mmselfsup_fp32_b32,eager_bf16_cl,eager_bf16_cl_fused,compiled,compiled_fused \
+timeout 130 python3 -m perf.bench_kernels --sweep-splits 1,2,3,4,6,8 2>&1 | tee "$OUT/bench_kernels.md" | tail -40
+timeout 250 python3 -m perf --variants mmselfsup_fp32_b32,eager_bf16_cl,eager_bf16_cl_fused,compiled,compiled_fused \
   --warmup 3 --repeats 3 --budget-seconds 235 --compile-estimate-s 90 --no-plots --out "$OUT/profile" 2>&1 \
   | tee "$OUT/profile.log" | tail -45

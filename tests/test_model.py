@@ -298,3 +298,16 @@ def test_backbone_state_dict_loads_into_torchvision():
     missing, unexpected = net.load_state_dict(model.backbone.state_dict(), strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
     torch.testing.assert_close(net.layer4[1].conv2.weight, model.backbone.layer4[1].conv2.weight)
+
+
+def test_takes_the_model_section_of_a_config():
+    with pytest.raises(TypeError, match="ModelConfig"):
+        DenseCL(load_config("smoke", []))
+
+
+def test_whole_model_compiles_as_one_graph_with_its_stage_ranges():
+    """`stages.stage` inside forward does not break the graph (Dynamo drops the default ranges)."""
+    model = DenseCL(tiny_cfg(queue_len=8)).train()
+    x = torch.randn(2, 3, 32, 32)
+    out = torch.compile(model, fullgraph=True, backend="eager")(x, x.flip(0))
+    assert torch.isfinite(out["loss"])

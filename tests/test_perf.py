@@ -1,5 +1,4 @@
-"""perf/profile.py on the CPU: the CLI end to end, fail-soft variants, the budget, the FLOP count."""
-import importlib.util
+"""`python -m perf` on the CPU: the CLI end to end, fail-soft variants, the budget, the FLOP count."""
 import json
 import math
 import os
@@ -8,16 +7,15 @@ import sys
 
 import torch
 
-from perf import _suite
-from perf._measure import STAGES, count_step_flops
-from perf._report import goal_verdict, projection, recipe_hours
-from perf._variants import fit_plan
-from perf.profile import main
+from densecl_fast.data import dali_available
+from perf import runner
+from perf.cli import main
+from perf.measure import STAGES, count_step_flops
+from perf.report import goal_verdict, projection, recipe_hours
+from perf.variants import fit_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAS_TORCH_LOADER = importlib.util.find_spec("densecl_fast.data.torch_loader") is not None
-HAS_DALI = (importlib.util.find_spec("densecl_fast.data.dali_loader") is not None
-            and importlib.util.find_spec("nvidia.dali") is not None)
+HAS_DALI = dali_available()
 
 # resnet18 at 32 px, batch 4, queue 32: a step is ~0.1 s on two cores.
 TINY = ["--device", "cpu", "--config", "smoke", "model.arch=resnet18", "model.hid_dim=32", "model.out_dim=16",
@@ -38,8 +36,8 @@ def by_name(results):
 
 
 def test_help_is_fast_and_documents_the_options():
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "perf", "profile.py"), "--help"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "perf", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
     assert r.returncode == 0, r.stderr
     for opt in ("--out", "--budget-seconds", "--peak-tflops", "--trace", "--variants", "--gpus"):
         assert opt in r.stdout
@@ -64,8 +62,7 @@ def test_cli_end_to_end_on_cpu(tmp_path):
     assert [x["name"] for x in res["variants"]] == ["mmselfsup_fp32_b32", "eager_bf16_cl", "compiled_fused",
                                                       "e2e_torchvision", "e2e_dali"]
     assert v["compiled_fused"]["status"] == "skipped" and "CUDA" in v["compiled_fused"]["reason"]
-    ran = (["mmselfsup_fp32_b32", "eager_bf16_cl"] + (["e2e_torchvision"] if HAS_TORCH_LOADER else [])
-           + (["e2e_dali"] if HAS_DALI else []))
+    ran = ["mmselfsup_fp32_b32", "eager_bf16_cl", "e2e_torchvision"] + (["e2e_dali"] if HAS_DALI else [])
     if not HAS_DALI:
         assert v["e2e_dali"]["status"] == "skipped"
     for name in ran:
@@ -81,7 +78,7 @@ def test_cli_end_to_end_on_cpu(tmp_path):
         assert os.path.getsize(r["trace"]) > 0 and r["trace"].endswith(".json.gz")
     assert v["mmselfsup_fp32_b32"]["settings"]["precision"] == "fp32"
     assert v["eager_bf16_cl"]["settings"]["channels_last"] is True
-    for name, present in (("e2e_torchvision", HAS_TORCH_LOADER), ("e2e_dali", HAS_DALI)):
+    for name, present in (("e2e_torchvision", True), ("e2e_dali", HAS_DALI)):
         e2e = v[name]
         if not present:
             assert e2e["status"] == "skipped"
@@ -94,7 +91,7 @@ def test_cli_end_to_end_on_cpu(tmp_path):
 
     pr = res["projection"]
     head = pr["headline"]
-    assert head["variant"] == ("e2e_dali" if HAS_DALI else "e2e_torchvision" if HAS_TORCH_LOADER else "eager_bf16_cl")
+    assert head["variant"] == ("e2e_dali" if HAS_DALI else "e2e_torchvision")
     ips = head["images_per_s_per_gpu"]
     assert math.isclose(head["hours"]["1"], 1_281_167 * 200 / ips / 3600)
     assert math.isclose(head["hours"]["8"], head["hours"]["1"] / (8 * 0.9))
@@ -107,14 +104,14 @@ def test_cli_end_to_end_on_cpu(tmp_path):
 
 
 def test_failing_variant_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
-    real = _suite.Suite.get_model
+    real = runner.Suite.get_model
 
     def get_model(self, s):
         if s["precision"] == "fp32" and s["bn_group_size"] != 0:   # eager_fp32 only
             raise RuntimeError("boom: injected failure")
         return real(self, s)
 
-    monkeypatch.setattr(_suite.Suite, "get_model", get_model)
+    monkeypatch.setattr(runner.Suite, "get_model", get_model)
     rc, res, out = run_cli(tmp_path, "--variants", "mmselfsup_fp32_b32,eager_fp32,eager_bf16_cl",
                            "--peak-tflops", "1", "--no-plots")
     assert rc == 0

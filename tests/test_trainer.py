@@ -1,4 +1,5 @@
 """The trainer end to end on the CPU: a run, exact resume, signals, NaN stop, bad checkpoints."""
+import contextlib
 import json
 import os
 import signal
@@ -9,12 +10,14 @@ import time
 import pytest
 import torch
 
-from densecl_fast import kernels
+from densecl_fast import kernels, stages
 from densecl_fast.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from densecl_fast.config import load_config
 from densecl_fast.data import DataError
+from densecl_fast.engines.single import SingleEngine
+from densecl_fast.model import DenseCL
 from helpers import tiny
-from densecl_fast.trainer import NonFiniteLossError, lr_at, train
+from densecl_fast.trainer import NonFiniteLossError, lr_at, train, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,6 +34,29 @@ def test_lr_schedule_cosine_with_warmup():
     assert lr_at(0, 100, 0.1, 10, 0.0) == pytest.approx(0.01)
     assert lr_at(9, 100, 0.1, 10, 0.0) == pytest.approx(0.1)
     assert lr_at(55, 100, 0.1, 10, 0.01) == pytest.approx(0.01 + 0.09 * 0.5)
+
+
+def test_every_stage_of_a_step_reaches_an_installed_timer():
+    """perf/ times steps through `stages.timed`: every named stage of the model and of the engine
+    must go through the hook, in order, and nothing once the timer is removed."""
+    seen = []
+
+    class Recorder:
+        def stage(self, name):
+            seen.append(name)
+            return contextlib.nullcontext()
+
+    cfg = load_config("smoke", ["model.hid_dim=32", "model.out_dim=16", "model.queue_len=8", "optim.batch_size=4",
+                                "model.bn_group_size=2"])
+    model = DenseCL(cfg.model)
+    engine = SingleEngine(torch.device("cpu"), "fp32")
+    engine.setup(model, cfg.optim, 0.01)
+    x = torch.randn(4, 3, 32, 32)
+    with stages.timed(Recorder()):
+        train_step(model, engine, x, x.flip(0), 0.01, 0.5)
+    assert tuple(seen) == stages.NAMES
+    train_step(model, engine, x, x.flip(0), 0.01, 0.5)
+    assert len(seen) == len(stages.NAMES)
 
 
 def test_run_writes_metrics_config_and_checkpoints(tmp_path, data_cache):

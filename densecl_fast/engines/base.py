@@ -18,7 +18,7 @@ import torch
 from .. import checkpoint as ckpt_io
 from ..config import ConfigError
 from ..distributed import barrier
-from .. import model as model_mod  # model_mod.stage looked up per call: perf/ routes it to its clock
+from .. import stages
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -75,9 +75,9 @@ class Engine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        with model_mod.stage("backward"):
+        with stages.stage("backward"):
             self.scaler.scale(loss).backward()
-        with model_mod.stage("optimizer"):
+        with stages.stage("optimizer"):
             self.scaler.step(self.optimizer)
             self.scaler.update()
 

@@ -29,7 +29,7 @@ import torch
 from .. import checkpoint as ckpt_io
 from ..config import ConfigError
 from ..distributed import ensure_process_group
-from .. import model as model_mod
+from .. import stages
 from .base import Engine, make_optimizer, reject_fp16
 
 LAUNCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "launch")
@@ -144,9 +144,9 @@ class DeepSpeedEngine(Engine):
     def step(self, loss: torch.Tensor, lr: float) -> None:
         for group in self.optimizer.param_groups:  # the client SGD: ZeRO steps through its groups
             group["lr"] = lr
-        with model_mod.stage("backward"):
+        with stages.stage("backward"):
             self.ds.backward(loss)
-        with model_mod.stage("optimizer"):
+        with stages.stage("optimizer"):
             self.ds.step()  # zeroes the gradients after the update
 
     # ---- checkpoints: DeepSpeed's own, our state as client state ---------------------------------

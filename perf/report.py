@@ -1,11 +1,11 @@
-"""Outputs of perf/profile.py: projection, goal verdict, JSON, markdown table, PNG plots."""
+"""What `python -m perf` writes: the projection, the goal verdict, results.json, results.md, the plots."""
 from __future__ import annotations
 
 import json
 import math
 import os
 
-from ._measure import STAGES
+from .measure import STAGES
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 RECIPE_EPOCHS = 200
@@ -134,7 +134,7 @@ def _f(x, fmt="{:,.0f}", none="–"):
     return none if x is None else fmt.format(x)
 
 
-def _tf(x):
+def tflops_text(x):
     return "–" if x is None else (f"{x:,.1f}" if x >= 10 else f"{x:.3g}")
 
 
@@ -172,7 +172,7 @@ def markdown(results: dict) -> str:
     L.append(f"- timing: {m['timing']}; images/s = median over repeats (spread = min–max); "
              f"warm-up {m['warmup']}, {m['steps']} steps x {m['repeats']} repeats unless noted")
     if peak:
-        L.append(f"- ceiling: {_tf(peak.get('tflops'))} TFLOP/s {peak.get('what', '')} "
+        L.append(f"- ceiling: {tflops_text(peak.get('tflops'))} TFLOP/s {peak.get('what', '')} "
                  f"({peak.get('source')}{': ' + peak['method'] if peak.get('method') else ''}); "
                  "MFU = achieved TFLOP/s / this ceiling for every variant, fp32 ones included")
     if flops.get("per_image"):
@@ -193,7 +193,7 @@ def markdown(results: dict) -> str:
         spread = (f"{_f(ips.get('min'))}–{_f(ips.get('max'))} (±{ips.get('spread_pct', 0):.1f}%)"
                   if ips else "–")
         L.append(f"| {v['name']} | {settings_text(v)} | {_f(ips.get('median'))} | {spread} | "
-                 f"{_f(v.get('step_ms'), '{:,.1f}')} | {_f(mem, '{:,.1f} GiB')} | {_tf(v.get('tflops'))} | "
+                 f"{_f(v.get('step_ms'), '{:,.1f}')} | {_f(mem, '{:,.1f} GiB')} | {tflops_text(v.get('tflops'))} | "
                  f"{_f(v.get('mfu'), '{:.1%}')} | {status} |")
     ok = [v for v in results["variants"] if v["status"] == "ok" and v.get("stages_ms")]
     if ok:

@@ -1,31 +1,26 @@
-"""Measurement primitives of perf/: stage clocks, the matmul ceiling, the FLOP count, the environment.
+"""What perf/ measures with: stage clocks, the matmul ceiling, the FLOP count of one step.
 
-Stage timing reuses the model's own profiler ranges: `densecl_fast.model` and `densecl_fast.trainer`
-open every stage with their module-global `stage(name)` (a `torch.profiler.record_function`).
-`patch_stages` swaps that global for `StageClock.stage`, which still opens the profiler range and
-also records a mark at both ends: a CUDA event on the GPU (no host sync; read after the repeat's
-final synchronize), `time.perf_counter` on the CPU (where every op is synchronous), or the running
-FLOP total of a `FlopCounterMode` (for the per-stage FLOP count).
+A `StageClock` is installed as the timer of `densecl_fast.stages` (`with stages.timed(clock)`):
+every stage the model and the engine open goes through `StageClock.stage`, which keeps the
+profiler range and records a mark at both ends: a CUDA event on the GPU (no host sync; read after
+the repeat's final synchronize), `time.perf_counter` on the CPU (where every op is synchronous),
+or the running FLOP total of a `FlopCounterMode` (for the per-stage FLOP count).
 """
 from __future__ import annotations
 
 import contextlib
-import copy
-import importlib.metadata
-import os
-import platform
-import socket
-import subprocess
 import time
 
 import torch
 
-# Named stages in the order they run. "other" (reported too) is the part of a step outside all of
-# them: zero_grad, the queue clones, the loss combination and, on the GPU, launch gaps between stages.
-STAGES = ("data_wait", "query_forward", "momentum_update", "key_forward", "loss_global", "matching",
-          "loss_dense", "enqueue", "backward", "optimizer")
+from densecl_fast import kernels
+from densecl_fast import stages
+from densecl_fast.model import DenseCL
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The runner's own stage (waiting for the batch) and the step's, in the order they run. "other"
+# (reported too) is the part of a step outside all of them: zero_grad, the queue clones, the loss
+# combination and, on the GPU, launch gaps between stages.
+STAGES = ("data_wait",) + stages.NAMES
 
 
 # ---- marks ---------------------------------------------------------------------------------------
@@ -133,22 +128,6 @@ class StageClock:
                 "nested": {k: v / n for k, v in nested.items()}}
 
 
-@contextlib.contextmanager
-def patch_stages(clock: StageClock):
-    """Route the model's and the trainer's `stage(...)` ranges through `clock` for the duration."""
-    import densecl_fast.model as model_mod
-    import densecl_fast.trainer as trainer_mod
-    mods = [m for m in (model_mod, trainer_mod) if hasattr(m, "stage")]
-    saved = [m.stage for m in mods]
-    for m in mods:
-        m.stage = clock.stage
-    try:
-        yield
-    finally:
-        for m, s in zip(mods, saved):
-            m.stage = s
-
-
 # ---- the hardware's limit ------------------------------------------------------------------------
 
 def measure_matmul_tflops(device: torch.device, max_seconds: float = 10.0) -> dict:
@@ -227,34 +206,26 @@ def count_step_flops(model_cfg, batch: int, image_size: int, fallback_device=Non
 
     Counted under FakeTensorMode (shapes only: no compute, no activation memory; the weights are
     uninitialised CPU tensors) at the configured batch; if that fails, by one real step of one
-    image on `fallback_device` (per-image FLOPs do not depend on the batch). BN grouping is turned
-    off and the enqueue skipped: neither has matmul FLOPs.
+    image on `fallback_device` (per-image FLOPs do not depend on the batch). The model runs in eval
+    mode (no BN grouping, no enqueue: neither has matmul FLOPs).
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from densecl_fast import kernels
-    from densecl_fast.model import DenseCL
-
-    cfg = copy.deepcopy(model_cfg)
-    cfg.bn_group_size = 0
-    prev_backend = kernels.get_backend() if hasattr(kernels, "get_backend") else None
-    if hasattr(kernels, "set_backend"):
-        kernels.set_backend("reference")
+    prev_backend = kernels.get_backend()
+    kernels.set_backend("reference")
     attempts = [("fake", batch)] + ([(str(fallback_device), 1)] if fallback_device is not None else [])
     errors = []
     try:
         for how, n in attempts:
             try:
-                return _count(DenseCL, FlopCounterMode, cfg, how, n, image_size)
+                return _count(model_cfg, how, n, image_size)
             except Exception as e:  # noqa: BLE001 -- try the next way, report all
                 errors.append(f"{how}: {type(e).__name__}: {e}")
     finally:
-        if prev_backend is not None:
-            kernels.set_backend(prev_backend)
+        kernels.set_backend(prev_backend)
     raise RuntimeError("FLOP count failed: " + " | ".join(errors))
 
 
-def _count(DenseCL, FlopCounterMode, cfg, how, n, image_size):
+def _count(cfg, how, n, image_size):
+    from torch.utils.flop_counter import FlopCounterMode
     fake = how == "fake"
     dev = torch.device("cpu" if fake else how)
     with torch.device("meta"):   # no initialisation cost; the values do not change the count
@@ -265,8 +236,7 @@ def _count(DenseCL, FlopCounterMode, cfg, how, n, image_size):
             for t in list(model.parameters()) + list(model.buffers()):
                 if t.is_floating_point():
                     t.normal_(0.0, 0.02)
-    model._enqueue = lambda k, k2: None  # instance attribute: this model only
-    model.train()
+    model.eval()   # no enqueue (no matmul FLOPs; BN is not counted either way)
     params = [p for p in model.parameters() if p.requires_grad]
     counter = FlopCounterMode(display=False)
     clock = StageClock(FlopMarks(counter))
@@ -276,10 +246,10 @@ def _count(DenseCL, FlopCounterMode, cfg, how, n, image_size):
         mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         x = torch.randn(n, 3, image_size, image_size, device=dev)
-        with counter, patch_stages(clock):
+        with counter, stages.timed(clock):
             clock.begin_step()
             out = model(x, x.clone(), loss_lambda=0.5)
-            with clock.stage("backward"):
+            with stages.stage("backward"):
                 torch.autograd.grad(out["loss"], params)
             clock.end_step()
     s = clock.summary()
@@ -298,89 +268,3 @@ def _count(DenseCL, FlopCounterMode, cfg, how, n, image_size):
             "formula": f"2*D*K*(1+S^2) with D={d}, K={k_len}, S^2={s2} (global + dense queue logits, forward)",
         },
     }
-
-
-# ---- environment ---------------------------------------------------------------------------------
-
-def _version(dist: str):
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def git_commit() -> dict:
-    def git(*a):
-        return subprocess.run(["git", "-C", REPO, *a], capture_output=True, text=True, timeout=10).stdout.strip()
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-        return {"commit": commit or None, "dirty": dirty}
-    except Exception:  # noqa: BLE001 -- no git: the record just lacks it
-        return {"commit": None, "dirty": None}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU: {cpu_model()} ({torch.get_num_threads()} threads)"
-
-
-def environment(device: torch.device) -> dict:
-    env = {
-        "host": socket.gethostname(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torchvision": _version("torchvision"),
-        "triton": _version("triton"),
-        "dali": _version("nvidia-dali-cuda130") or _version("nvidia-dali-cuda120") or _version("nvidia-dali-cuda110"),
-        "cuda_runtime": torch.version.cuda,
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "device_name": device_name(device),
-        "flags": {
-            "cudnn.benchmark": torch.backends.cudnn.benchmark,
-            "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
-            "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "float32_matmul_precision": torch.get_float32_matmul_precision(),
-            "DENSECL_KERNELS": os.environ.get("DENSECL_KERNELS"),
-        },
-    }
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        env.update({"cudnn": torch.backends.cudnn.version(), "gpu_memory_gib": p.total_memory / 2**30,
-                    "sm_count": p.multi_processor_count, "capability": f"{p.major}.{p.minor}",
-                    "driver": _nvidia_driver()})
-    env.update(git_commit())
-    return env
-
-
-def _nvidia_driver():
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.splitlines()[0] if out else None
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def process_peak_rss_bytes():
-    try:
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    except Exception:  # noqa: BLE001
-        return None

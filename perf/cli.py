@@ -1,44 +1,30 @@
-#!/usr/bin/env python
 """Profile the DenseCL training step: images/s, where the milliseconds go, memory, MFU, projection.
 
-    python perf/profile.py                                # everything this machine can run, <= 8 min
-    python perf/profile.py --out perf/results/h100 --trace
-    python perf/profile.py --variants eager_bf16_cl,compiled --repeats 3
-    python perf/profile.py --config smoke --device cpu    # no GPU: small shapes, CUDA-only variants skipped
-    python perf/profile.py --data-dir /data/imagenet/train  # end-to-end variants on real data
-    python perf/profile.py --config densecl_r50_200e_in1k optim.batch_size=128   # key=value overrides
+    python -m perf                                # everything this machine can run, <= 8 min
+    python -m perf --out perf/results/h100 --trace
+    python -m perf --variants eager_bf16_cl,compiled --repeats 3
+    python -m perf --config smoke --device cpu    # no GPU: small shapes, CUDA-only variants skipped
+    python -m perf --data-dir /data/imagenet/train  # end-to-end variants on real data
+    python -m perf --config densecl_r50_200e_in1k optim.batch_size=128   # key=value overrides
 
-Every variant runs the trainer's own train_step (densecl_fast.trainer) in this one process, on the
-same card, one after the other (the fastest are reused for the end-to-end runs):
+Run it from the repository root: `-m` puts the checkout itself first on sys.path, so the code
+measured is this checkout's (not an installed copy), and no script folder enters sys.path.
 
-    mmselfsup_fp32_b32   the seed's step: eager fp32, NCHW, batch 32 per GPU (mmselfsup 8x32 recipe)
-    eager_fp32           eager fp32, NCHW, at the config batch
-    eager_bf16_cl        eager bf16 autocast + channels-last
-    eager_bf16_cl_fused  ... + fused Triton loss kernels                          (CUDA only)
-    compiled             torch.compile'd encoders, bf16 + channels-last (the "compiled eager step")
-    compiled_fused       ... + fused Triton loss kernels                          (CUDA only)
-    e2e_torchvision      fastest model-only setting above, fed by the torchvision loader over JPEGs
-    e2e_dali             the same, fed by the DALI loader over JPEGs (GPU decoding; CPU graph on the CPU)
+Every variant (--list-variants names them) runs the trainer's own train_step in this one process,
+on one card, one after the other: the mmselfsup-style step (eager fp32, batch 32), eager fp32 and
+bf16 + channels-last, torch.compile, fused Triton loss kernels (CUDA), then the fastest model-only
+setting fed by the torchvision and the DALI loader over JPEGs (generated 500x375 and cached, or
+--data-dir). Model-only variants are fed synthetic tensors already on the device.
 
-Model-only variants are fed synthetic tensors already on the device. The JPEGs are generated once
-(500x375, cached) unless --data-dir points at a real image folder.
-
-For each variant: images/s (median and min-max over repeats of timed steps; every repeat is bounded
-by device synchronizes); per-stage time (data_wait, query_forward, momentum_update, key_forward,
-loss_global, matching, loss_dense, enqueue, backward, optimizer) from CUDA events around the
-model's own profiler ranges (wall clock on the CPU) -- "other" is the rest of the step: zero_grad,
-queue clones, the loss sum and, on the GPU, idle gaps where the device waits for the host (such as
-after the enqueue's host sync) -- plus the host time blocked on the loader; peak
-memory (CUDA allocator); achieved TFLOP/s = FLOPs per image x images/s, and MFU against the bf16
-matmul ceiling measured in-process (or --peak-tflops). FLOPs per image come from FlopCounterMode
-over one step (see results.json "flops.includes" for exactly what is counted).
-
-Outputs in --out: results.json (everything), results.md (tables), throughput.png, stages.png,
-trace_<variant>.json.gz with --trace (open in ui.perfetto.dev or chrome://tracing). The projection
-turns images/s into the wall clock of the 200-epoch ImageNet recipe (1,281,167 x 200 images) on 1
-and N cards (--gpus, --scaling-efficiency). A variant that fails (compile error, OOM, missing loader)
-is recorded as failed with its error and the suite goes on; with --budget-seconds the repeats are
-scaled down and variants that no longer fit are recorded as "skipped: budget".
+Per variant: images/s (median, min-max over repeats, each bounded by device synchronizes); the
+time of every stage of the step (densecl_fast.stages, plus data_wait; CUDA events, wall clock on
+the CPU; "other" is the rest: zero_grad, queue clones, the loss sum, idle gaps on the GPU); peak
+memory; TFLOP/s and MFU (FlopCounterMode FLOPs against the bf16 matmul ceiling measured in-process,
+or --peak-tflops). Outputs in --out: results.json, results.md, throughput.png, stages.png and, with
+--trace, trace_<variant>.json.gz; the projection turns images/s into the wall clock of the
+200-epoch ImageNet recipe on 1 and N cards. A failing variant is recorded and the suite goes on;
+--budget-seconds gives each variant one time cap (its set-up plus a fair share of what the later
+variants leave): repeats shrink to fit, variants that no longer fit are "skipped: budget".
 
 Exit status: 0 when at least one variant was measured, 1 when none was, 2 on a bad config, 130 when
 interrupted (the results measured so far are written in every case).
@@ -49,13 +35,6 @@ import argparse
 import os
 import sys
 import time
-
-if __name__ == "__main__":
-    # Run as a script, this file's folder would come first on sys.path and `perf/profile.py` would
-    # shadow the standard library's `profile` (which cProfile, used by torch, imports).
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
-    sys.path.insert(0, os.path.dirname(_here))
 
 
 def _resolution(text: str):
@@ -77,7 +56,7 @@ def _int_list(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="perf/profile.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m perf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to run")
     g.add_argument("--config", default=None,
@@ -148,18 +127,14 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     args = parse_args(argv)
     if args.list_variants:
-        from perf._variants import default_variants
+        from .variants import default_variants
         for v in default_variants(args.baseline_batch):
             print(f"{v.name:22s} {v.title}{'  [CUDA only]' if v.cuda_only else ''}")
         return 0
-    from perf import _suite  # heavy imports (torch, the model) only once the arguments are good
+    from . import runner  # heavy imports (torch, the model) only once the arguments are good
     from densecl_fast.config import ConfigError
     try:
-        return _suite.run(args, argv, t0)
+        return runner.run(args, argv, t0)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,15 @@
-"""The variant runner behind perf/profile.py (see its --help for the user-facing description).
+"""Runs the variants of `python -m perf` one after the other, each under one time cap.
 
 Every variant runs the trainer's own `train_step` on a `DenseCL` built from the config, so what is
 timed is what `launch/pretrain.py` runs. Variants are independent and fail soft: an exception
 (compile error, OOM, missing loader) is recorded with its message and the suite moves on.
+
+Budget: before a variant starts it gets one cap, in seconds: its own minimum cost (build,
+compile, a few steps, loader start) plus a fair share of what the budget leaves after the minimum
+of every later variant that still fits, never eating into those. Warm-up, timed repeats and the
+trace all stop at that cap; a variant whose minimum does not fit what is left is skipped, and one
+whose cap leaves no room for a timed step after its warm-up times a single step if the later
+variants' minimum still leaves room for it.
 """
 from __future__ import annotations
 
@@ -10,165 +17,43 @@ import contextlib
 import copy
 import datetime
 import gc
-import importlib.util
-import inspect
 import math
 import os
 import shlex
 import signal
 import statistics
 import sys
+import threading
 import time
 import traceback
-import warnings
-from typing import List, Optional
+from typing import List
 
 import torch
 
-from densecl_fast import kernels
+from densecl_fast import stages
 from densecl_fast.config import load_config, validate
-from densecl_fast.model import DenseCL
+from densecl_fast.data import build_loader, dali_available
 from densecl_fast.engines.single import SingleEngine
+from densecl_fast.model import DenseCL
 from densecl_fast.trainer import train_step
 
-from . import _report
-from ._jpegs import ensure_jpeg_folder
-from ._variants import Variant, default_variants, fit_plan
-from ._measure import (STAGES, StageClock, count_step_flops, environment, marks_for, measure_matmul_tflops,
-                       patch_stages, process_peak_rss_bytes)
+from . import report
+from .environment import environment, process_peak_rss_bytes
+from .jpegs import ensure_jpeg_folder
+from .measure import STAGES, StageClock, count_step_flops, marks_for, measure_matmul_tflops
+from .sources import LoaderSource, Skip, SyntheticSource, fused_kernels_status, kernels_backend, loader_unavailable
+from .variants import Variant, default_variants, fit_plan
 
 OUTPUT_RESERVE_S = 5.0   # kept back from the budget for writing the JSON, markdown and plots
-
-
-class Skip(Exception):
-    """A variant that cannot run here (no CUDA, no DALI, no budget): recorded as skipped."""
-
-
-class Budget:
-    def __init__(self, seconds: float, t0: float):
-        self.seconds = seconds if seconds and seconds > 0 else math.inf
-        self.t0 = t0
-
-    def spent(self) -> float:
-        return time.monotonic() - self.t0
-
-    def left(self) -> float:
-        return self.seconds - self.spent()
-
-
-# ---- data sources --------------------------------------------------------------------------------
-
-class SyntheticSource:
-    """Two fixed image pairs already on the device: no data cost at all."""
-    wraps = 0
-
-    def __init__(self, batch, size, device, channels_last, seed, dtype=torch.float32):
-        g = torch.Generator().manual_seed(seed)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.pairs = [tuple(torch.randn(batch, 3, size, size, generator=g).to(device, dtype, memory_format=fmt)
-                            for _ in range(2)) for _ in range(2)]
-        self.i = 0
-
-    def next(self):
-        self.i += 1
-        return self.pairs[self.i % 2]
-
-    def close(self):
-        self.pairs = []
-
-
-class LoaderSource:
-    """A two-view loader read step by step; crosses epoch boundaries (counted in `wraps`)."""
-
-    def __init__(self, loader):
-        self.loader, self.epoch, self.wraps = loader, 0, 0
-        loader.set_epoch(0)
-        self.it = iter(loader)
-
-    def next(self):
-        try:
-            return next(self.it)
-        except StopIteration:
-            self.epoch += 1
-            self.wraps += 1
-            self.loader.set_epoch(self.epoch)
-            self.it = iter(self.loader)
-            return next(self.it)
-
-    def close(self):
-        if self.it is not None and hasattr(self.it, "close"):
-            with contextlib.suppress(Exception):
-                self.it.close()       # a generator: runs its clean-up (DALI: abandon the epoch)
-        self.it = None
-        for name in ("close", "shutdown"):
-            fn = getattr(self.loader, name, None)
-            if callable(fn):
-                with contextlib.suppress(Exception):
-                    fn()
-                break
-        self.loader = None
-
-
-def loader_unavailable(backend: str) -> Optional[str]:
-    from densecl_fast.data import dali_available
-    mod = {"torch": "densecl_fast.data.torch_loader", "dali": "densecl_fast.data.dali_loader"}[backend]
-    try:
-        found = importlib.util.find_spec(mod) is not None
-    except Exception as e:  # noqa: BLE001
-        return f"{mod} cannot be imported ({type(e).__name__}: {e})"
-    if not found:
-        return f"{mod.replace('.', '/')}.py is not in this checkout"
-    if backend == "dali" and not dali_available():
-        return "NVIDIA DALI is not installed (pip install -e .[dali])"
-    return None
-
-
-@contextlib.contextmanager
-def kernels_backend(fused: bool, device: torch.device):
-    """Select fused (triton) or reference loss kernels for one variant; restore afterwards."""
-    if not hasattr(kernels, "set_backend"):
-        if fused:
-            raise Skip("fused kernels: not available (kernels.set_backend is missing in this checkout)")
-        yield "reference (no backend switch in kernels)"
-        return
-    prev = kernels.get_backend() if hasattr(kernels, "get_backend") else "auto"
-    want = "triton" if fused else "reference"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            got = kernels.set_backend(want)
-        if got is not None and got != want:
-            raise Skip(f"kernels backend {want!r} requested but {got!r} is in effect (DENSECL_KERNELS is set)")
-        try:
-            active = kernels.active_backend(device) if hasattr(kernels, "active_backend") else want
-        except RuntimeError as e:
-            raise Skip(f"fused kernels: not available ({e})") from e
-        if fused and active == "reference":
-            raise Skip("fused kernels: not available (active backend is the reference)")
-        yield active
-    finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            kernels.set_backend(prev)
-
-
-def fused_kernels_status(device) -> str:
-    if not hasattr(kernels, "set_backend"):
-        return "not available (kernels.set_backend missing)"
-    if device.type != "cuda":
-        return "not measured (CUDA only)"
-    if not getattr(kernels, "HAS_TRITON", True):
-        return "not available (Triton not importable)"
-    return "available"
-
 
 # ---- the suite -----------------------------------------------------------------------------------
 
 class Suite:
     def __init__(self, args, argv, t0):
         self.args = args
-        self.say = (lambda *a: None) if args.quiet else (lambda *a: print("[profile]", *a, flush=True))
-        self.budget = Budget(args.budget_seconds, t0)
+        self.say = (lambda *a: None) if args.quiet else (lambda *a: print("[perf]", *a, flush=True))
+        self.t0 = t0
+        self.budget_s = args.budget_seconds if args.budget_seconds and args.budget_seconds > 0 else math.inf
         self.device = resolve_device(args.device)
         cfg_name = args.config or ("densecl_r50_200e_in1k" if self.device.type == "cuda" else "smoke")
         self.cfg = load_config(cfg_name, list(args.overrides))
@@ -192,9 +77,9 @@ class Suite:
         os.makedirs(args.out, exist_ok=True)
         self.results = {
             "meta": {
-                "tool": "perf/profile.py",
+                "tool": "python -m perf",
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "command": "python perf/profile.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+                "command": "python -m perf " + shlex.join(argv if argv is not None else sys.argv[1:]),
                 "config": cfg_name, "arch": self.cfg.model.arch, "batch": self.batch,
                 "image_size": self.image_size, "queue_len": self.cfg.model.queue_len,
                 "bn_group_size": self.cfg.model.bn_group_size, "timing": self.marks.kind,
@@ -209,24 +94,30 @@ class Suite:
         }
 
     # -- bookkeeping
+    def spent(self) -> float:
+        return time.monotonic() - self.t0
+
+    def left(self) -> float:
+        """Budget seconds left for variants (the output reserve kept back)."""
+        return self.budget_s - self.spent() - OUTPUT_RESERVE_S
+
     def save(self, plots=False):
-        r = self.results
+        r, a = self.results, self.args
         r["variants"] = self.records
-        r["projection"] = _report.projection(self.records, self.args.gpus, self.args.scaling_efficiency,
-                                             self.args.dataset_images, self.args.epochs)
-        r["goal"] = _report.goal_verdict(self.records, r["environment"].get("device_name", ""),
-                                         self.batch, self.image_size)
-        r["meta"]["seconds"] = self.budget.spent()
-        _report.write_json(os.path.join(self.args.out, "results.json"), r)
-        with open(os.path.join(self.args.out, "results.md"), "w") as f:
-            f.write(_report.markdown(r))
-        if plots and not self.args.no_plots:
+        r["projection"] = report.projection(self.records, a.gpus, a.scaling_efficiency, a.dataset_images, a.epochs)
+        r["goal"] = report.goal_verdict(self.records, r["environment"].get("device_name", ""),
+                                        self.batch, self.image_size)
+        r["meta"]["seconds"] = self.spent()
+        report.write_json(os.path.join(a.out, "results.json"), r)
+        with open(os.path.join(a.out, "results.md"), "w") as f:
+            f.write(report.markdown(r))
+        if plots and not a.no_plots:
             try:
-                r["plots"] = _report.write_plots(r, self.args.out)
+                r["plots"] = report.write_plots(r, a.out)
             except Exception as e:  # noqa: BLE001 -- plots are a convenience; the JSON is the record
                 self.say(f"plots failed: {type(e).__name__}: {e}")
                 r["plots_error"] = f"{type(e).__name__}: {e}"
-            _report.write_json(os.path.join(self.args.out, "results.json"), r)
+            report.write_json(os.path.join(a.out, "results.json"), r)
 
     def sync(self):
         if self.device.type == "cuda":
@@ -234,37 +125,36 @@ class Suite:
 
     # -- set-up measurements
     def measure_setup(self):
-        self.results["environment"] = environment(self.device)
-        dev = self.results["environment"]["device_name"]
-        self.say(f"device {dev} | config {self.cfg_name} ({self.cfg.model.arch}, batch {self.batch}, "
-                 f"{self.image_size} px) | budget {self.args.budget_seconds or 'unlimited'} s | out {self.args.out}")
+        r = self.results
+        r["environment"] = environment(self.device)
+        self.say(f"device {r['environment']['device_name']} | config {self.cfg_name} ({self.cfg.model.arch}, "
+                 f"batch {self.batch}, {self.image_size} px) | budget {self.args.budget_seconds or 'unlimited'} s "
+                 f"| out {self.args.out}")
         if self.args.peak_tflops:
-            self.results["peak"] = {"tflops": self.args.peak_tflops, "source": "given (--peak-tflops)",
-                                    "what": "bf16 matmul", "method": None}
+            r["peak"] = {"tflops": self.args.peak_tflops, "source": "given (--peak-tflops)",
+                         "what": "bf16 matmul", "method": None}
         else:
             try:
-                self.results["peak"] = measure_matmul_tflops(self.device, max_seconds=min(15.0, max(1.0, self.budget.left() / 20)))
+                r["peak"] = measure_matmul_tflops(self.device, max_seconds=min(15.0, max(1.0, self.left() / 20)))
             except Exception as e:  # noqa: BLE001
-                self.results["peak"] = {"tflops": None, "source": "failed", "what": "", "method": f"{type(e).__name__}: {e}"}
-        p = self.results["peak"]
-        self.say(f"ceiling: {_report._tf(p['tflops'])} TFLOP/s {p['what']} ({p['source']})")
+                r["peak"] = {"tflops": None, "source": "failed", "what": "", "method": f"{type(e).__name__}: {e}"}
+        p = r["peak"]
+        self.say(f"ceiling: {report.tflops_text(p['tflops'])} TFLOP/s {p['what']} ({p['source']})")
         try:
-            self.results["flops"] = count_step_flops(self.cfg.model, self.batch, self.image_size,
-                                                     fallback_device=self.device)
-            self.say(f"FLOPs: {self.results['flops']['per_image'] / 1e9:,.2f} GFLOP per image per step "
-                     f"({self.results['flops']['method']})")
+            r["flops"] = count_step_flops(self.cfg.model, self.batch, self.image_size, fallback_device=self.device)
+            self.say(f"FLOPs: {r['flops']['per_image'] / 1e9:,.2f} GFLOP per image per step ({r['flops']['method']})")
         except Exception as e:  # noqa: BLE001
-            self.results["flops"] = {"per_image": None, "error": f"{type(e).__name__}: {e}"}
+            r["flops"] = {"per_image": None, "error": f"{type(e).__name__}: {e}"}
             self.say(f"FLOP count failed: {e}")
 
     # -- model cache
     def drop_model(self):
         if self._model is None:
             return
-        key = self._model[0]
+        compiled = self._model[0][4]
         self._model = None
         gc.collect()
-        if key[4]:  # compiled: forget its graphs too (fresh models would pile up recompiles)
+        if compiled:   # forget its graphs too (fresh models would pile up recompiles)
             with contextlib.suppress(Exception):
                 torch._dynamo.reset()
         if self.device.type == "cuda":
@@ -313,7 +203,7 @@ class Suite:
                 s["settings_from"] = best["name"]
             else:
                 s.update({"precision": "bf16", "channels_last": True, "compile": True,
-                          "fused": self.device.type == "cuda" and hasattr(kernels, "set_backend")})
+                          "fused": self.device.type == "cuda"})
                 s["settings_from"] = "default full stack (no model-only variant at this batch succeeded in this run)"
         return s
 
@@ -321,8 +211,8 @@ class Suite:
         return (self.est["per_image_s"] or 0.0) * s["batch"] * (2.0 if s["precision"] == "fp32" else 1.0)
 
     def min_cost(self, s, compiled_ready=False) -> float:
-        cached = self._model is not None and self._model[0][:5] == (s["batch"], s["bn_group_size"], s["precision"],
-                                                                     s["channels_last"], s["compile"])
+        """Seconds a variant needs at least: build, compile, a few steps, the loader and its JPEGs."""
+        cached = self._model is not None and self._model[0][:5] == self.model_key(s)[:5]
         c = 0.0 if cached else self.est["build_s"]
         retrace = cached and s["compile"] and self._model_dtypes and self.input_dtype(s) not in self._model_dtypes
         if s["compile"] and ((not cached and not compiled_ready) or retrace):
@@ -334,35 +224,29 @@ class Suite:
                 c += self.data_images_needed(s) * 0.02 / max(1, self.workers) + 1.0
         return c
 
-    def reserve_after(self, index: int) -> float:
-        """Time kept for the variants after `index`: the minimum cost of each that can still fit
-        (one that cannot will be skipped anyway and must not starve the ones before it)."""
-        return self._rest(index)[0]
-
-    def _rest(self, index: int):
-        """(minimum cost, count) of the later variants that can still fit."""
-        avail = self.budget.left() - OUTPUT_RESERVE_S
-        total, count, compile_counted = 0.0, 0, False
+    def later_minimum(self, index: int):
+        """(seconds, count): the minimum cost of the variants after `index` that still fit. One
+        that does not fit is left out: it will be skipped anyway and must not starve the ones before it."""
+        left = self.left()
+        rest, n_rest, compile_counted = 0.0, 0, False
         for v in self.variants[index + 1:]:
             if v.cuda_only and self.device.type != "cuda":
                 continue
-            s = self.settings_for(v)
-            c = self.min_cost(s, compiled_ready=compile_counted)
-            if total + c <= avail:
-                total += c
-                count += 1
-                compile_counted = compile_counted or s["compile"]
-        return total, count
+            sv = self.settings_for(v)
+            c = self.min_cost(sv, compiled_ready=compile_counted)
+            if rest + c <= left:
+                rest, n_rest = rest + c, n_rest + 1
+                compile_counted = compile_counted or sv["compile"]
+        return rest, n_rest
 
-    def deadline_for(self, index: int, s: dict, extra: float = 0.0) -> float:
-        """When this variant should end (perf_counter time): its fixed cost (build, compile) plus a fair
-        share of what the budget leaves after the minimum of every later variant that still fits."""
-        if not math.isfinite(self.budget.left()):
+    def time_cap(self, index: int, s: dict) -> float:
+        """The seconds variant `index` may take (see the module docstring)."""
+        left = self.left()
+        if not math.isfinite(left):
             return math.inf
-        rest, n_rest = self._rest(index)
-        own = self.min_cost(s) + extra
-        spare = max(0.0, self.budget.left() - OUTPUT_RESERVE_S - rest - own)
-        return time.perf_counter() + own + spare / (1 + n_rest)
+        rest, n_rest = self.later_minimum(index)
+        own = self.min_cost(s)
+        return min(own + max(0.0, left - rest - own) / (1 + n_rest), left - rest)
 
     def data_plan(self, s):
         """(warm-up steps, timed steps per repeat, repeats) of a variant."""
@@ -386,7 +270,6 @@ class Suite:
     def input_dtype(self, s) -> torch.dtype:
         """The dtype of the batches the trainer would feed: DALI emits bf16 on CUDA when training in bf16
         (and DALI is the default backend on CUDA when installed); torchvision emits float32."""
-        from densecl_fast.data import dali_available
         bf16 = self.device.type == "cuda" and s["precision"] == "bf16"
         if s["data"] == "torch":
             return torch.float32
@@ -394,38 +277,33 @@ class Suite:
             return torch.bfloat16 if bf16 else torch.float32
         return torch.bfloat16 if bf16 and dali_available() else torch.float32
 
+    def jpeg_folder(self, s) -> str:
+        if self.args.data_dir:
+            self.results["meta"]["data"] = f"folder {self.args.data_dir}, {self.workers} workers/threads"
+            return self.args.data_dir
+        # one folder for every data variant of the run: the largest need
+        need = max([self.data_images_needed(s), s["batch"]]
+                   + [self.data_images_needed(self.settings_for(v)) for v in self.variants if v.data != "synthetic"])
+        if self.jpegs is None or self.jpegs["count"] < need:
+            w, h = self.args.data_resolution
+            self.say(f"  generating {need:,} JPEGs {w}x{h} in {self.args.data_cache} ...")
+            self.jpegs = ensure_jpeg_folder(self.args.data_cache, need, w, h, workers=max(1, self.workers))
+            self.say(f"  JPEG folder {self.jpegs['path']} ({'made' if self.jpegs['generated'] else 'reused'} "
+                     f"in {self.jpegs['seconds']:.1f} s)")
+        j = self.jpegs
+        self.results["meta"]["data"] = (f"generated JPEGs {j['width']}x{j['height']} q90 ({j['distinct']} distinct, "
+                                        f"{j['count']:,} files), {self.workers} workers/threads")
+        return j["path"]
+
     def make_source(self, s, notes):
         if s["data"] == "synthetic":
             return SyntheticSource(s["batch"], self.image_size, self.device, s["channels_last"], self.args.seed,
                                    self.input_dtype(s))
-        why = loader_unavailable(s["data"])
-        if why:
-            raise Skip(why)
-        from densecl_fast.data import build_loader
-        folder = self.args.data_dir
-        if not folder:
-            # one folder for every data variant of the run: the largest need
-            need = max([self.data_images_needed(s), s["batch"]]
-                       + [self.data_images_needed(self.settings_for(v)) for v in self.variants if v.data != "synthetic"])
-            if self.jpegs is None or self.jpegs["count"] < need:
-                w, h = self.args.data_resolution
-                self.say(f"  generating {need:,} JPEGs {w}x{h} in {self.args.data_cache} ...")
-                self.jpegs = ensure_jpeg_folder(self.args.data_cache, need, w, h, workers=max(1, self.workers))
-                self.say(f"  JPEG folder {self.jpegs['path']} ({'made' if self.jpegs['generated'] else 'reused'} "
-                         f"in {self.jpegs['seconds']:.1f} s)")
-            folder = self.jpegs["path"]
-            self.results["meta"]["data"] = (f"generated JPEGs {self.jpegs['width']}x{self.jpegs['height']} q90 "
-                                            f"({self.jpegs['distinct']} distinct, {self.jpegs['count']:,} files), "
-                                            f"{self.workers} workers/threads")
-        else:
-            self.results["meta"]["data"] = f"folder {folder}, {self.workers} workers/threads"
+        folder = self.jpeg_folder(s)
         dcfg = copy.deepcopy(self.cfg.data)
         dcfg.source, dcfg.backend, dcfg.num_workers = folder, s["data"], self.workers
-        kw = {}
-        if "dtype" in inspect.signature(build_loader).parameters:   # as the trainer asks for it
-            kw["dtype"] = self.input_dtype(s)
         loader = build_loader(dcfg, batch_size=s["batch"], rank=0, world_size=1, device=self.device,
-                              seed=self.args.seed, channels_last=s["channels_last"], **kw)
+                              seed=self.args.seed, channels_last=s["channels_last"], dtype=self.input_dtype(s))
         notes.append(f"data: {folder}, {len(loader)} steps per epoch, {self.workers} workers/threads")
         if s["data"] == "dali" and self.device.type != "cuda":
             notes.append("DALI on the CPU (CPU decoding): not the GPU pipeline the goal is about")
@@ -433,8 +311,7 @@ class Suite:
 
     # -- one variant
     def run_variant(self, index: int, v: Variant) -> dict:
-        n = len(self.variants)
-        tag = f"{index + 1}/{n} {v.name}"
+        tag = f"{index + 1}/{len(self.variants)} {v.name}"
         s = self.settings_for(v)
         rec = {"name": v.name, "title": v.title, "status": None, "settings": s, "data": s["data"], "notes": []}
         t_start = time.monotonic()
@@ -446,20 +323,19 @@ class Suite:
             failed = self.compile_failed.get(self.model_key(s)) if s["compile"] else None
             if failed:
                 raise Skip(f"not retried: compiling this model failed in {failed[0]} ({failed[1][:200]})")
-            if s["data"] != "synthetic":
-                why = loader_unavailable(s["data"])
-                if why:
-                    raise Skip(why)
-            need = self.min_cost(s)
-            left = self.budget.left() - OUTPUT_RESERVE_S
+            why = loader_unavailable(s["data"])
+            if why:
+                raise Skip(why)
+            need, left = self.min_cost(s), self.left()
             if left < need:
                 raise Skip(f"budget (needs ~{need:.0f} s, {max(0.0, left):.0f} s left)")
-            self.say(f"{tag}: start: {_report.settings_text(rec)}"
+            cap = self.time_cap(index, s)
+            self.say(f"{tag}: start: {report.settings_text(rec)}"
                      + (f" (settings of {s['settings_from']})" if "settings_from" in s else "")
-                     + (f" | budget left {self.budget.left():.0f} s" if math.isfinite(self.budget.left()) else ""))
+                     + (f" | {cap:.0f} s of {left:.0f} s left" if math.isfinite(cap) else ""))
             with kernels_backend(s["fused"], self.device) as active:
                 rec["kernels_active"] = active
-                self._measure(index, v, s, rec)
+                self._measure(index, v, s, rec, time.perf_counter() + cap)
             rec["status"] = "ok"
             ips = rec["images_per_s"]
             self.say(f"{tag}: done: {ips['median']:,.1f} images/s (min {ips['min']:,.1f}, max {ips['max']:,.1f}), "
@@ -489,10 +365,10 @@ class Suite:
                     torch.cuda.empty_cache()
         return rec
 
-    def _measure(self, index, v, s, rec):
-        a, dev = self.args, self.device
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
+    def _measure(self, index, v, s, rec, deadline):
+        a = self.args
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         rec["phase"] = "build"
         (model, engine), reused = self.get_model(s)
         rec["phase"] = "data set-up"
@@ -511,6 +387,9 @@ class Suite:
         host_wait = []
         out = None
 
+        def time_left():
+            return deadline - time.perf_counter()
+
         def one_step(measure: bool):
             nonlocal out
             if measure:
@@ -524,33 +403,25 @@ class Suite:
             if measure:
                 clock.end_step()
 
+        def timed_step():
+            t = time.perf_counter()
+            one_step(False)
+            self.sync()
+            return time.perf_counter() - t
+
         try:
-            with patch_stages(clock):
-                # warm-up (the first step compiles, when compiled)
+            with stages.timed(clock):
                 warm, steps, want_repeats = self.data_plan(s)
                 compiling = s["compile"] and (not reused or retrace)
                 if compiling:
                     self.say("  compiling (first step) ...")
-                reserve = self.reserve_after(index) + OUTPUT_RESERVE_S
-                deadline = self.deadline_for(index, s, self.est["compile_s"] if compiling else 0.0)
-
-                def time_left():   # for this variant: its fair share, never eating into the later ones
-                    return min(deadline - time.perf_counter(), self.budget.left() - reserve)
-
                 rec["phase"] = "first step" if compiling or not reused else "warm-up"
-                t = time.perf_counter()
-                one_step(False)
-                self.sync()
-                first = time.perf_counter() - t
-                rec["first_step_s"] = first
+                first = rec["first_step_s"] = timed_step()
                 rec["phase"] = "warm-up"
                 warm_times = []
                 for i in range(1, warm):
-                    t = time.perf_counter()
-                    one_step(False)
-                    self.sync()
-                    warm_times.append(time.perf_counter() - t)
-                    if i >= 2 and time_left() < (warm_times[-1] * (steps + 2)):
+                    warm_times.append(timed_step())
+                    if i >= 2 and time_left() < warm_times[-1] * (steps + 2):
                         rec["notes"].append(f"warm-up cut to {i + 1} steps (budget)")
                         break
                 step_s = statistics.median(warm_times[-3:]) if warm_times else first
@@ -558,12 +429,12 @@ class Suite:
                 if compiling:
                     self.est["compile_s"] = max(1.0, first - step_s)
                     rec["compile_s"] = first - step_s
-                # timed repeats, scaled to the budget
+
                 plan = fit_plan(step_s, time_left(), steps, want_repeats)
-                if plan is None:   # not one step in its share: one step if the whole budget allows it
-                    plan = fit_plan(step_s, self.budget.left() - reserve, 1, 1)
+                if plan is None and step_s <= self.left() - self.later_minimum(index)[0]:
+                    plan = (1, 1)   # past its share, but the later variants' minimum still fits
                 if plan is None:
-                    raise Skip(f"budget (a step takes {step_s:.1f} s, {max(0.0, self.budget.left() - reserve):.0f} s "
+                    raise Skip(f"budget (a step takes {step_s:.1f} s, {max(0.0, time_left()):.0f} s "
                                "left for this variant)")
                 if plan != (steps, want_repeats):
                     rec["notes"].append(f"timed {plan[0]} steps x {plan[1]} repeats instead of "
@@ -589,25 +460,29 @@ class Suite:
                         break
                 if source.wraps > wraps0:
                     rec["notes"].append(f"the loader crossed {source.wraps - wraps0} epoch boundaries while timed")
-                loss = float(out["loss"].detach().float())
-                rec["final_loss"] = loss
+                rec["final_loss"] = loss = float(out["loss"].detach().float())
                 if not math.isfinite(loss):
                     rec["notes"].append(f"loss is {loss} (timing is still valid; the run would have stopped)")
                 summ = clock.summary()
-                # the Chrome trace: a few steps under the PyTorch profiler
                 if a.trace and a.trace_steps > 0 and (not a.trace_variants or v.name in a.trace_variants.split(",")):
-                    self._trace(v, one_step, step_s, reserve, rec)
+                    if time_left() < step_s * a.trace_steps * 4 + 5:
+                        rec["notes"].append("trace skipped (budget)")
+                    else:
+                        self._trace(v, one_step, rec)
         finally:
             source.close()
-            del source
+        rec["steps"] = steps
+        self._record(s, rec, per_repeat, summ, host_wait)
 
+    def _record(self, s, rec, per_repeat, summ, host_wait):
+        """The figures of a measured variant, from its repeats and stage summary."""
         med = statistics.median(per_repeat)
         rec["repeats_images_per_s"] = per_repeat
         rec["images_per_s"] = {"median": med, "min": min(per_repeat), "max": max(per_repeat),
                                "spread_pct": 100.0 * (max(per_repeat) - min(per_repeat)) / 2 / med,
                                "stdev": statistics.stdev(per_repeat) if len(per_repeat) > 1 else 0.0,
                                "repeats": len(per_repeat)}
-        rec["steps"], rec["repeats"] = steps, len(per_repeat)
+        rec["repeats"] = len(per_repeat)
         rec["step_ms"] = 1e3 * s["batch"] / med
         rec["stages_ms"] = {k: 1e3 * val for k, val in summ["stages"].items()}
         rec["stages_ms"]["other"] = 1e3 * summ["other"]
@@ -618,9 +493,9 @@ class Suite:
         if missing:
             rec["notes"].append("stage ranges not seen: " + ", ".join(missing))
         rec["data_wait_host_ms"] = 1e3 * statistics.mean(host_wait) if host_wait else None
-        if dev.type == "cuda":
-            rec["peak_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
-            rec["peak_reserved_gib"] = torch.cuda.max_memory_reserved(dev) / 2**30
+        if self.device.type == "cuda":
+            rec["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            rec["peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
         else:
             rss = process_peak_rss_bytes()
             rec["peak_memory_gib"] = None
@@ -636,19 +511,16 @@ class Suite:
         per_image = 1.0 / med * (0.5 if s["precision"] == "fp32" else 1.0)
         self.est["per_image_s"] = max(self.est["per_image_s"] or 0.0, per_image)
 
-    def _trace(self, v, one_step, step_s, reserve, rec):
-        a = self.args
-        if self.budget.left() - reserve < step_s * a.trace_steps * 4 + 5:
-            rec["notes"].append("trace skipped (budget)")
-            return
+    def _trace(self, v, one_step, rec):
+        """A Chrome trace of a few steps under the PyTorch profiler."""
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         try:
             with profile(activities=acts) as prof:
-                for _ in range(a.trace_steps):
+                for _ in range(self.args.trace_steps):
                     one_step(False)
                 self.sync()
-            path = os.path.join(a.out, f"trace_{v.name}.json.gz")
+            path = os.path.join(self.args.out, f"trace_{v.name}.json.gz")
             prof.export_chrome_trace(path)
             rec["trace"] = path
         except Exception as e:  # noqa: BLE001
@@ -665,34 +537,29 @@ class Suite:
         self.save()
         for i, v in enumerate(self.variants):
             if interrupted:
-                self.records.append({"name": v.name, "title": v.title, "status": "skipped", "reason": "interrupted",
-                                     "settings": self.settings_for(v), "data": v.data, "notes": []})
-                continue
-            try:
-                rec = self.run_variant(i, v)
-            except KeyboardInterrupt:
-                interrupted = True
-                rec = {"name": v.name, "title": v.title, "status": "failed", "error": "interrupted",
-                       "settings": self.settings_for(v), "data": v.data, "notes": []}
-                self.say(f"{v.name}: interrupted; writing what was measured")
+                rec = {"status": "skipped", "reason": "interrupted"}
+            else:
+                try:
+                    rec = self.run_variant(i, v)
+                except KeyboardInterrupt:
+                    interrupted = True
+                    rec = {"status": "failed", "error": "interrupted"}
+                    self.say(f"{v.name}: interrupted; writing what was measured")
+            if "name" not in rec:
+                rec = {"name": v.name, "title": v.title, **rec, "settings": self.settings_for(v), "data": v.data,
+                       "notes": []}
             self.records.append(rec)
             self.save()
         self.drop_model()
         self.save(plots=True)
-        ok = [r for r in self.records if r["status"] == "ok"]
-        self.print_summary()
+        if not self.args.quiet:
+            print("\n" + report.markdown(self.results), flush=True)
+            print(f"[perf] wrote {os.path.join(self.args.out, 'results.json')}, results.md"
+                  + ("" if self.args.no_plots else ", throughput.png, stages.png")
+                  + f" in {self.spent():.0f} s", flush=True)
         if interrupted:
             return 130
-        return 0 if ok else 1
-
-    def print_summary(self):
-        if self.args.quiet:
-            return
-        r = self.results
-        print("\n" + _report.markdown(r), flush=True)
-        print(f"[profile] wrote {os.path.join(self.args.out, 'results.json')}, results.md"
-              + ("" if self.args.no_plots else ", throughput.png, stages.png")
-              + f" in {self.budget.spent():.0f} s", flush=True)
+        return 0 if any(r["status"] == "ok" for r in self.records) else 1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -707,44 +574,30 @@ def select_variants(args) -> List[Variant]:
     allv = default_variants(args.baseline_batch)
     names = [v.name for v in allv]
     chosen = allv
-    if args.variants:
-        want = [x.strip() for x in args.variants.split(",") if x.strip()]
-        bad = [w for w in want if w not in names]
+    for opt, text in (("--variants", args.variants), ("--skip", args.skip)):
+        listed = [x.strip() for x in (text or "").split(",") if x.strip()]
+        bad = [x for x in listed if x not in names]
         if bad:
-            raise SystemExit(f"error: unknown variant(s) {', '.join(bad)}; known: {', '.join(names)}")
-        chosen = [v for v in allv if v.name in want]
-    if args.skip:
-        drop = {x.strip() for x in args.skip.split(",") if x.strip()}
-        bad = drop - set(names)
-        if bad:
-            raise SystemExit(f"error: unknown variant(s) {', '.join(sorted(bad))}; known: {', '.join(names)}")
-        chosen = [v for v in chosen if v.name not in drop]
+            raise SystemExit(f"error: unknown variant(s) {', '.join(bad)} in {opt}; known: {', '.join(names)}")
+        if listed:
+            keep = opt == "--variants"
+            chosen = [v for v in chosen if (v.name in listed) == keep]
     return chosen
 
 
 def run(args, argv=None, t0=None) -> int:
+    """Run the suite; SIGTERM ends it like Ctrl-C (what was measured is written, exit status 130)."""
     t0 = time.monotonic() if t0 is None else t0
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
-    old = signal.getsignal(signal.SIGTERM)
 
     def on_term(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    in_main = _in_main_thread()
-    if in_main:
-        signal.signal(signal.SIGTERM, on_term)
+    in_main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, on_term) if in_main else None
     try:
-        suite = Suite(args, argv, t0)
-        return suite.run()
+        return Suite(args, argv, t0).run()
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, old)
-
-
-def _in_main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-
-__all__ = ["Variant", "default_variants", "fit_plan", "run", "Suite", "Skip"]

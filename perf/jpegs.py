@@ -1,10 +1,10 @@
-"""A folder of generated JPEGs for the data-loading variants of perf/profile.py.
+"""The one source of generated JPEGs in perf/: the end-to-end variants and bench_data.py.
 
 ImageNet-like files: 500x375 by default (about the ImageNet mean size), smooth colour fields with
 shapes and grain, quality 90 (tens of kB each). `distinct` images are encoded; the rest of the
 `count` files are hard links to them (copies where links fail). Decoding cost is the same as for
 distinct files, the page cache holds them all, and thousands of files take a second to make.
-Real data: pass --data-dir to the profiler instead.
+Real data: pass --data-dir instead.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The variants of perf/profile.py and the budget arithmetic (no torch import: --help stays fast)."""
+"""The variants `python -m perf` runs, and how timed steps shrink to fit a time cap (no torch import:
+--list-variants stays fast)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,0 +1,204 @@
+"""The pytest-benchmark cases of perf/: quick, repeatable pieces of the step, the kernels, the data.
+
+    pytest perf/ --benchmark-only          # CUDA cases are skipped without a GPU
+    pytest perf/bench_cases.py -k kernel   # one group: step | kernel | data
+
+Every case synchronizes inside the timed call, so a round is the device time of the work plus
+launch; `extra_info` carries images/s (or TFLOP/s) derived from the mean round. The whole-suite
+numbers (variants, stages, MFU, projection) come from `python -m perf`; the kernel cases reuse the
+inputs of perf/bench_kernels.py, the data cases the JPEGs of perf/jpegs.py and the public loader.
+"""
+import os
+
+import pytest
+import torch
+
+from densecl_fast import kernels
+from densecl_fast.config import load_config
+from densecl_fast.data import build_loader, dali_available
+from densecl_fast.engines.single import SingleEngine
+from densecl_fast.model import DenseCL
+from densecl_fast.trainer import train_step
+
+from .bench_kernels import IMPLS, INFONCE_CASES, MATCH_IMPLS, infonce_inputs, infonce_step, match_inputs, \
+    match_step, peak_extra_mib
+from .jpegs import ensure_jpeg_folder
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+needs_dali = pytest.mark.skipif(not dali_available(), reason="needs NVIDIA DALI")
+
+
+# ---- the harness ---------------------------------------------------------------------------------
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def bench(benchmark, fn, rounds, per_call=None, key="images_per_s", warmup_rounds=2):
+    """Time `fn` (synchronized) for `rounds`; extra_info[key] = per_call / mean round seconds."""
+    def once():
+        out = fn()
+        sync()
+        return out
+    out = benchmark.pedantic(once, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+    if per_call is not None:
+        mean = benchmark.stats.stats.mean
+        benchmark.extra_info[key] = per_call / mean if mean else None
+    return out
+
+
+@pytest.fixture
+def backend():
+    """Select a kernels backend for one case; the previous one is restored."""
+    previous = kernels.get_backend()
+    yield kernels.set_backend
+    kernels.set_backend(previous)
+
+
+# ---- the training step ---------------------------------------------------------------------------
+
+def step_case(preset, overrides, device, batch, precision, channels_last):
+    cfg = load_config(preset, [f"optim.batch_size={batch}", *overrides])
+    torch.manual_seed(0)
+    model = DenseCL(cfg.model).to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.train()
+    engine = SingleEngine(device, precision)  # the trainer's one-process engine: optimizer, autocast, step
+    engine.setup(model, cfg.optim, cfg.optim.lr * batch / 256)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    size = cfg.data.image_size
+    x, y = (torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt) for _ in range(2))
+    return lambda: train_step(model, engine, x, y, 0.03, cfg.model.loss_lambda)
+
+
+def test_step_tiny_cpu(benchmark, backend):
+    backend("reference")
+    step = step_case("smoke", ["model.hid_dim=32", "model.out_dim=16", "model.queue_len=32", "data.image_size=32",
+                               "model.bn_group_size=2"], torch.device("cpu"), 4, "fp32", False)
+    bench(benchmark, step, rounds=5, per_call=4)
+
+
+def test_step_momentum_update_resnet18_cpu(benchmark):
+    model = DenseCL(load_config("smoke", []).model)
+    bench(benchmark, model.momentum_update, rounds=10, warmup_rounds=1)
+
+
+@needs_cuda
+@pytest.mark.parametrize("batch,precision,channels_last,extra", [
+    (256, "bf16", True, []),                                 # the recipe's step, bf16 + channels-last
+    (32, "fp32", False, ["model.bn_group_size=0"]),          # the mmselfsup-style step
+], ids=["r50_bf16_channels_last_b256", "r50_mmselfsup_style_fp32_b32"])
+def test_step_cuda(benchmark, backend, batch, precision, channels_last, extra):
+    backend("reference")
+    step = step_case("densecl_r50_200e_in1k", extra, torch.device("cuda"), batch, precision, channels_last)
+    bench(benchmark, step, rounds=10 if batch == 256 else 20, per_call=batch, warmup_rounds=3)
+
+
+@needs_cuda
+def test_step_matmul_bf16_ceiling(benchmark):
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    c = torch.empty_like(a)
+
+    def mm():
+        for _ in range(10):
+            torch.matmul(a, b, out=c)
+    bench(benchmark, mm, rounds=10, per_call=10 * 2 * n ** 3 / 1e12, key="tflops")
+
+
+# ---- the loss kernels (shapes of DenseCL R50, batch 256; see perf/bench_kernels.py) ---------------
+
+def test_kernel_queue_infonce_reference_cpu(benchmark):
+    q = torch.nn.functional.normalize(torch.randn(512, 128), dim=1).requires_grad_()
+    queue = torch.nn.functional.normalize(torch.randn(128, 4096), dim=0)
+    l_pos = (q.detach() * torch.randn(512, 128)).sum(1)
+    bench(benchmark, lambda: kernels.queue_infonce_ref(q, l_pos, queue, 0.2).backward(), rounds=5, warmup_rounds=1)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_kernel_dense_queue_cross_entropy_reference(benchmark, backend, dtype):
+    """The dense loss alone at the recipe's size, eager reference: 256 x 7 x 7 = 12,544 queries x
+    65,536 negatives x 128 (reference figure: 23.5 ms bf16 / 27.3 ms fp32)."""
+    backend("reference")
+    torch.cuda.reset_peak_memory_stats()
+    m, k, d = 12544, 65536, 128
+    q = torch.nn.functional.normalize(torch.randn(m, d, device="cuda"), dim=1).to(dtype).requires_grad_()
+    queue = torch.nn.functional.normalize(torch.randn(d, k, device="cuda"), dim=0)
+    l_pos = (q.detach().float() * torch.randn(m, d, device="cuda")).sum(1).to(dtype)
+
+    def fwd_bwd():
+        kernels.queue_infonce_ref(q, l_pos, queue, 0.2).backward()
+        q.grad = None
+    base = torch.cuda.memory_allocated()
+    bench(benchmark, fwd_bwd, rounds=20, warmup_rounds=3)
+    benchmark.extra_info["extra_memory_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def kernel_case(benchmark, step, grads):
+    def once():
+        for t in grads:
+            t.grad = None
+        step()
+    once()
+    bench(benchmark, once, rounds=20, warmup_rounds=3)
+    benchmark.extra_info["peak_extra_mib"] = peak_extra_mib(step, grads)
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(INFONCE_CASES))
+def test_kernel_queue_infonce(benchmark, backend, case, impl):
+    backend("triton")
+    kernel_case(benchmark, *infonce_step(impl, infonce_inputs(case)))
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", MATCH_IMPLS)
+def test_kernel_dense_matching(benchmark, backend, impl):
+    backend("triton")
+    kernel_case(benchmark, *match_step(impl, match_inputs()))
+
+
+# ---- the two-view data pipeline ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory):
+    return ensure_jpeg_folder(str(tmp_path_factory.mktemp("bench")), 64, 160, 120)["path"]
+
+
+def data_case(benchmark, folder, data_backend, device, tmp_path, batch=16, image_size=64, dtype=torch.float32):
+    cfg = load_config(None, [f"data.source={folder}", f"data.backend={data_backend}",
+                             f"data.image_size={image_size}", f"data.num_workers={min(2, os.cpu_count() or 1)}",
+                             f"data.cache_dir={tmp_path / 'cache'}"])
+    loader = build_loader(cfg.data, batch_size=batch, device=torch.device(device), channels_last=True, dtype=dtype)
+    epochs = iter(range(1_000_000))
+
+    def epoch():
+        loader.set_epoch(next(epochs))
+        return sum(q.shape[0] for q, _ in loader)
+    epoch()   # warm-up: build, workers, page cache
+    n = bench(benchmark, epoch, rounds=3, warmup_rounds=0)
+    benchmark.extra_info["images_per_epoch"] = n
+    benchmark.extra_info["images_per_s"] = n / benchmark.stats.stats.mean
+    assert n == len(loader) * batch
+
+
+def test_data_torch_cpu(benchmark, jpeg_folder, tmp_path):
+    data_case(benchmark, jpeg_folder, "torch", "cpu", tmp_path)
+
+
+@pytest.mark.dali
+@needs_dali
+def test_data_dali_cpu(benchmark, jpeg_folder, tmp_path):
+    data_case(benchmark, jpeg_folder, "dali", "cpu", tmp_path)
+
+
+@pytest.mark.dali
+@needs_dali
+@needs_cuda
+def test_data_dali_cuda(benchmark, jpeg_folder, tmp_path):
+    data_case(benchmark, jpeg_folder, "dali", "cuda", tmp_path, batch=32, image_size=224, dtype=torch.bfloat16)
