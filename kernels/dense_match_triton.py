@@ -219,3 +219,7 @@ def dense_positive_logits_triton(q_b, k_b, q_grid, k_grid):
     """Fused dense positives: same outputs and q_grid gradient as
     kernels.reference.dense_positive_logits_ref."""
     return torch.ops.densecl.dense_positive_logits(q_b.detach(), k_b.detach(), q_grid, k_grid.detach())
+
+
+# The autotuned kernels, whose chosen config perf.bench_kernels reports.
+AUTOTUNED_KERNELS = (_dense_match_kernel,)

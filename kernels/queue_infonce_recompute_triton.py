@@ -310,3 +310,7 @@ def queue_infonce_recompute_triton(q: torch.Tensor, l_pos: torch.Tensor, queue: 
     q, queue = cast_like_autocast(q, queue)
     loss, _ = torch.ops.densecl.queue_infonce_recompute(q, l_pos, queue, float(temperature))
     return loss
+
+
+# The autotuned kernels, whose chosen config perf.bench_kernels reports.
+AUTOTUNED_KERNELS = (_fwd_kernel, _bwd_kernel)

@@ -33,6 +33,7 @@ p_ij is rounded to the queue's dtype for the second tensor-core product, as flas
 does; p_ij <= 1, so bf16 keeps ~3 significant digits of each term, accumulated in fp32.
 """
 
+import contextlib
 import functools
 
 import torch
@@ -67,7 +68,7 @@ MAX_D = 128
 
 # Tiles per (GPU family, input width): BLOCK_M rows per program, and the (BLOCK_N, num_warps,
 # num_stages) the autotuner may try. BLOCK_M is fixed, not autotuned, so that the host can plan
-# the split count for full waves before launching (_split_layout). Every entry compiles at
+# the split count for full waves before launching (split_layout). Every entry compiles at
 # D = 128 with no register spill and fits shared memory: the table perf/AOT_SM90.md, checked
 # by tests/test_kernels_aot.py. Why these:
 # - 16-bit: 128 rows feed the tensor cores best (sm_90 wgmma works on 64-row warpgroups); 8
@@ -271,12 +272,31 @@ def _aligned_cols(K: int, n: int) -> int:
     return triton.cdiv(triton.cdiv(K, n), _SPLIT_ALIGN) * _SPLIT_ALIGN
 
 
+_fixed_splits = None   # set only by fixed_splits(), for benchmarks and tests
+
+
+@contextlib.contextmanager
+def fixed_splits(n: int):
+    """Cut the queue into `n` column ranges instead of the planned count, inside the block: for
+    the split sweep of the benchmark (python -m perf.bench_kernels --sweep-splits) and the tests."""
+    global _fixed_splits
+    if n < 1:
+        raise ValueError(f"split count must be >= 1, got {n}")
+    saved, _fixed_splits = _fixed_splits, int(n)
+    try:
+        yield
+    finally:
+        _fixed_splits = saved
+
+
 def _num_splits(M: int, K: int, D: int, rows_per_program: int, device: torch.device) -> int:
     """How many column ranges the queue is cut into: the count that minimises the modelled
     time, waves x columns per program, on this GPU's SMs (the last wave as full as possible),
     and the smallest such count (fewer partials to combine). E.g. M = 12,544 rows in 98 blocks
     on 132 SMs: 4 splits = 392 programs = 2.97 waves (99% full) beats 3 splits (2.23 waves);
     measured on an H200: 0.88 ms against 1.15 ms (perf/RESULTS.md)."""
+    if _fixed_splits is not None:
+        return _fixed_splits
     if device.type != "cuda":
         return 1
     return _planned_splits(M, K, D, rows_per_program, sm_count(device_index(device)) * PROGRAMS_PER_SM)
@@ -298,7 +318,8 @@ def _planned_splits(M: int, K: int, D: int, rows_per_program: int, slots: int) -
     return best_n
 
 
-def _split_layout(M, K, D, dtype, device):
+def split_layout(M, K, D, dtype, device):
+    """(splits, columns per split) the forward uses for q of M x D against a D x K queue."""
     n = _num_splits(M, K, D, block_m(dtype, device), device)
     cols = _aligned_cols(K, n)
     return triton.cdiv(K, cols), cols
@@ -311,7 +332,7 @@ def queue_infonce_forward(q, l_pos, queue, temperature, with_grad=True):
     check_inputs(q, l_pos, queue)
     M, D = q.shape
     K = queue.shape[1]
-    n_split, cols = _split_layout(M, K, D, q.dtype, q.device)
+    n_split, cols = split_layout(M, K, D, q.dtype, q.device)
     block_d = max(16, next_power_of_2(D))
     f32 = dict(device=q.device, dtype=torch.float32)
     m_part = torch.empty((n_split, M), **f32)
@@ -416,3 +437,7 @@ def queue_infonce_triton(q: torch.Tensor, l_pos: torch.Tensor, queue: torch.Tens
     with_grad = torch.is_grad_enabled() and q.requires_grad
     loss, _, _ = torch.ops.densecl.queue_infonce(q, l_pos, queue, float(temperature), with_grad)
     return loss
+
+
+# The autotuned kernels, whose chosen config perf.bench_kernels reports.
+AUTOTUNED_KERNELS = (_fwd_kernel,)

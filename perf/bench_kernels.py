@@ -166,7 +166,7 @@ def main(argv=None):
     rows = []
     for case in INFONCE_CASES:
         M, K, D = INFONCE_CASES[case]
-        n_split = qi._split_layout(M, K, D, dtype, torch.device("cuda"))[0]
+        n_split = qi.split_layout(M, K, D, dtype, torch.device("cuda"))[0]
         name = f"queue InfoNCE {case} M={M} K={K} D={D}"
         inputs = infonce_inputs(case, dtype)
         for impl in impls:
@@ -177,11 +177,9 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001 (reported, the other cases still run)
                 rows.append((name, "check", f"{impl} failed: {type(e).__name__}: {e}"[:300], None))
         if case == "dense" and args.sweep_splits:
-            real = qi._num_splits
             for n in [int(x) for x in args.sweep_splits.split(",") if x.strip()]:
-                qi._num_splits = lambda *a, n=n: n
-                measure(rows, name, f"fused/{n}sp", *infonce_step("fused", inputs))
-            qi._num_splits = real
+                with qi.fixed_splits(n):
+                    measure(rows, name, f"fused/{n}sp", *infonce_step("fused", inputs))
         del inputs
         torch.cuda.empty_cache()
     N, C, S2, D = MATCH_CASE
@@ -207,12 +205,12 @@ def main(argv=None):
               + (f", over compiled: {times['compiled'] / times['fused']:.1f}x" if "compiled" in times else "")
               + (f", over recompute: {times['recompute'] / times['fused']:.2f}x" if "recompute" in times else ""))
     from densecl_fast.kernels import dense_match_triton, queue_infonce_recompute_triton, queue_infonce_triton
-    for kern in (queue_infonce_triton._fwd_kernel, queue_infonce_recompute_triton._fwd_kernel,
-                 queue_infonce_recompute_triton._bwd_kernel, dense_match_triton._dense_match_kernel):
-        fn = kern
-        while hasattr(fn, "fn"):
-            fn = fn.fn
-        print(f"autotuned {fn.__module__.split('.')[-1]}.{fn.__name__}: {getattr(kern, 'best_config', None)}")
+    for mod in (queue_infonce_triton, queue_infonce_recompute_triton, dense_match_triton):
+        for kern in mod.AUTOTUNED_KERNELS:
+            fn = kern
+            while hasattr(fn, "fn"):   # the autotuner and heuristics wrap the jitted function
+                fn = fn.fn
+            print(f"autotuned {mod.__name__.split('.')[-1]}.{fn.__name__}: {getattr(kern, 'best_config', None)}")
     return 0
 
 

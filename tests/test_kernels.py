@@ -64,7 +64,8 @@ def _isolated_backend(monkeypatch):
 
 
 def force_splits(monkeypatch, n):
-    monkeypatch.setattr(qi_mod, "_num_splits", lambda M, K, D, rows, device: n)
+    """What qi.fixed_splits(n) sets, undone with the test's other patches."""
+    monkeypatch.setattr(qi_mod, "_fixed_splits", n)
 
 
 # ------------------------------------------------------------------------ queue InfoNCE
@@ -309,14 +310,14 @@ def test_split_heuristic_fills_the_last_wave(monkeypatch):
     cuda = torch.device("cuda", 0)
     for M, K, D in [(12544, 65536, 128), (256, 65536, 128), (256, 4096, 128), (1, 65536, 64), (12544, 65536, 96)]:
         for dtype in (torch.bfloat16, torch.float32):
-            n, cols = qi_mod._split_layout(M, K, D, dtype, cuda)
+            n, cols = qi_mod.split_layout(M, K, D, dtype, cuda)
             assert cols % 128 == 0 and (n - 1) * cols < K <= n * cols
             assert n * M * D * 4 <= qi_mod._MAX_PARTIAL_BYTES or n == 1
     # Dense loss, bf16: 98 row blocks; 4 splits = 392 programs = 2.97 waves of 132 (99% full).
-    assert qi_mod._split_layout(12544, 65536, 128, torch.bfloat16, cuda) == (4, 16384)
+    assert qi_mod.split_layout(12544, 65536, 128, torch.bfloat16, cuda) == (4, 16384)
     # Global loss: 2 row blocks; 64 splits of 1,024 columns = 128 programs, one wave.
-    assert qi_mod._split_layout(256, 65536, 128, torch.bfloat16, cuda) == (64, 1024)
-    assert qi_mod._split_layout(64, 1000, 128, torch.bfloat16, torch.device("cpu"))[0] == 1
+    assert qi_mod.split_layout(256, 65536, 128, torch.bfloat16, cuda) == (64, 1024)
+    assert qi_mod.split_layout(64, 1000, 128, torch.bfloat16, torch.device("cpu"))[0] == 1
 
 
 def triton_cdiv(a, b):
@@ -647,3 +648,15 @@ def test_torch_compile_inductor(backend):
     for a, b in zip(grads_c, grads_e):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_fixed_splits_overrides_the_plan_inside_its_block_only():
+    cuda = torch.device("cuda", 0)
+    planned = qi_mod.split_layout(256, 4096, 128, torch.bfloat16, torch.device("cpu"))
+    with qi_mod.fixed_splits(3):
+        assert qi_mod.split_layout(256, 4096, 128, torch.bfloat16, torch.device("cpu"))[0] == 3
+        assert qi_mod.split_layout(256, 4096, 128, torch.bfloat16, cuda)[0] == 3
+    assert qi_mod.split_layout(256, 4096, 128, torch.bfloat16, torch.device("cpu")) == planned
+    with pytest.raises(ValueError, match="split count"):
+        with qi_mod.fixed_splits(0):
+            pass
