@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import resource
 import socket
 import subprocess
 
@@ -12,85 +13,55 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _version(dist: str):
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+def _version(*dists):
+    for d in dists:
+        try:
+            return importlib.metadata.version(d)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return None
 
 
-def git_commit() -> dict:
-    def git(*a):
-        return subprocess.run(["git", "-C", REPO, *a], capture_output=True, text=True, timeout=10).stdout.strip()
+def _run(*cmd):
+    """stdout of a command, '' where it is missing or fails (no git, no nvidia-smi: the record lacks it)."""
     try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-        return {"commit": commit or None, "dirty": dirty}
-    except Exception:  # noqa: BLE001 -- no git: the record just lacks it
-        return {"commit": None, "dirty": None}
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU: {cpu_model()} ({torch.get_num_threads()} threads)"
-
-
-def nvidia_driver():
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.splitlines()[0] if out else None
-    except Exception:  # noqa: BLE001
-        return None
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return names[0] if names else platform.machine()
 
 
 def environment(device: torch.device) -> dict:
+    commit = _run("git", "-C", REPO, "rev-parse", "HEAD")
     env = {
-        "host": socket.gethostname(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torchvision": _version("torchvision"),
-        "triton": _version("triton"),
-        "dali": _version("nvidia-dali-cuda130") or _version("nvidia-dali-cuda120") or _version("nvidia-dali-cuda110"),
-        "cuda_runtime": torch.version.cuda,
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "device_name": device_name(device),
-        "flags": {
-            "cudnn.benchmark": torch.backends.cudnn.benchmark,
-            "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
-            "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "float32_matmul_precision": torch.get_float32_matmul_precision(),
-            "DENSECL_KERNELS": os.environ.get("DENSECL_KERNELS"),
-        },
+        "host": socket.gethostname(), "python": platform.python_version(), "platform": platform.platform(),
+        "torch": torch.__version__, "torchvision": _version("torchvision"), "triton": _version("triton"),
+        "dali": _version("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110"),
+        "cuda_runtime": torch.version.cuda, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else f"CPU: {cpu_model()} ({torch.get_num_threads()} threads)"),
+        "flags": {"cudnn.benchmark": torch.backends.cudnn.benchmark,
+                  "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+                  "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                  "float32_matmul_precision": torch.get_float32_matmul_precision(),
+                  "DENSECL_KERNELS": os.environ.get("DENSECL_KERNELS")},
+        "commit": commit or None,
+        "dirty": bool(_run("git", "-C", REPO, "status", "--porcelain", "--untracked-files=no")) if commit else None,
     }
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         env.update({"cudnn": torch.backends.cudnn.version(), "gpu_memory_gib": p.total_memory / 2**30,
                     "sm_count": p.multi_processor_count, "capability": f"{p.major}.{p.minor}",
-                    "driver": nvidia_driver()})
-    env.update(git_commit())
+                    "driver": (_run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
+                               .splitlines() or [None])[0]})
     return env
 
 
-def process_peak_rss_bytes():
-    try:
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    except Exception:  # noqa: BLE001
-        return None
+def process_peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

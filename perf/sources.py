@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Optional
 
 import torch
 
 from densecl_fast import kernels
-from densecl_fast.data import dali_available
 
 
 class Skip(Exception):
@@ -35,10 +33,10 @@ class SyntheticSource:
 
 
 class LoaderSource:
-    """A two-view loader read step by step; crosses epoch boundaries (counted in `wraps`)."""
+    """A two-view loader read step by step across epoch boundaries (counted in `wraps`)."""
 
     def __init__(self, loader):
-        self.loader, self.epoch, self.wraps = loader, 0, 0
+        self.loader, self.wraps = loader, 0
         loader.set_epoch(0)
         self.it = iter(loader)
 
@@ -46,31 +44,22 @@ class LoaderSource:
         try:
             return next(self.it)
         except StopIteration:
-            self.epoch += 1
             self.wraps += 1
-            self.loader.set_epoch(self.epoch)
+            self.loader.set_epoch(self.wraps)
             self.it = iter(self.loader)
             return next(self.it)
 
     def close(self):
         # A generator's close runs its clean-up (DALI: abandon the epoch); then the loader's own.
         for obj in (self.it, self.loader):
-            with contextlib.suppress(Exception):
-                getattr(obj, "close", lambda: None)()
+            getattr(obj, "close", lambda: None)()
         self.it = self.loader = None
-
-
-def loader_unavailable(backend: str) -> Optional[str]:
-    if backend == "dali" and not dali_available():
-        return "NVIDIA DALI is not installed (pip install -e .[dali])"
-    return None
 
 
 @contextlib.contextmanager
 def kernels_backend(fused: bool, device: torch.device):
-    """Select fused (triton) or reference loss kernels for one variant; restore afterwards."""
-    prev = kernels.get_backend()
-    want = "triton" if fused else "reference"
+    """Fused (triton) or reference loss kernels for one variant; the previous backend is restored."""
+    prev, want = kernels.get_backend(), ("triton" if fused else "reference")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

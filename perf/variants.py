@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
 
 @dataclass
@@ -21,23 +21,23 @@ class Variant:
     inherit: bool = False            # model settings of the fastest model-only variant at the config batch
 
 
-def default_variants(baseline_batch: int = 32) -> List[Variant]:
+def default_variants(baseline_batch: int = 32) -> list:
+    V = Variant
     return [
-        Variant("mmselfsup_fp32_b32", f"mmselfsup-style step: eager fp32, NCHW, batch {baseline_batch} per GPU "
-                "(the seed's 8x32 recipe, per card), BN over the whole per-GPU batch",
-                precision="fp32", channels_last=False, batch=baseline_batch, bn_group_size=0),
-        Variant("eager_fp32", "eager fp32, NCHW, config batch", precision="fp32", channels_last=False),
-        Variant("eager_bf16_cl", "eager, bf16 autocast + channels-last"),
-        Variant("eager_bf16_cl_fused", "eager, bf16 + channels-last + fused Triton loss kernels",
-                fused=True, cuda_only=True),
-        Variant("compiled", "torch.compile'd encoders, bf16 + channels-last, reference kernels "
-                "(the compiled eager step)", compile=True),
-        Variant("compiled_fused", "torch.compile'd encoders, bf16 + channels-last + fused Triton loss kernels",
-                compile=True, fused=True, cuda_only=True),
-        Variant("e2e_torchvision", "end to end: fastest model-only setting of this run, fed by the "
-                "torchvision loader over JPEG files", data="torch", inherit=True),
-        Variant("e2e_dali", "end to end: fastest model-only setting of this run, fed by the DALI loader "
-                "over JPEG files (GPU decoding on CUDA; DALI's CPU graph on the CPU)", data="dali", inherit=True),
+        V("mmselfsup_fp32_b32", f"mmselfsup-style step: eager fp32, NCHW, batch {baseline_batch} per GPU (the seed's "
+          "8x32 recipe, per card), BN over the whole per-GPU batch",
+          precision="fp32", channels_last=False, batch=baseline_batch, bn_group_size=0),
+        V("eager_fp32", "eager fp32, NCHW, config batch", precision="fp32", channels_last=False),
+        V("eager_bf16_cl", "eager, bf16 autocast + channels-last"),
+        V("eager_bf16_cl_fused", "eager, bf16 + channels-last + fused Triton loss kernels", fused=True, cuda_only=True),
+        V("compiled", "torch.compile'd encoders, bf16 + channels-last, reference kernels (the compiled eager step)",
+          compile=True),
+        V("compiled_fused", "torch.compile'd encoders, bf16 + channels-last + fused Triton loss kernels",
+          compile=True, fused=True, cuda_only=True),
+        V("e2e_torchvision", "end to end: fastest model-only setting of this run, fed by the torchvision loader "
+          "over JPEG files", data="torch", inherit=True),
+        V("e2e_dali", "end to end: fastest model-only setting of this run, fed by the DALI loader over JPEG files "
+          "(GPU decoding on CUDA; DALI's CPU graph on the CPU)", data="dali", inherit=True),
     ]
 
 
@@ -54,7 +54,4 @@ def fit_plan(step_s: float, avail_s: float, steps: int, repeats: int, min_repeat
     if steps * r <= fits:
         return steps, r
     r = min(r, min_repeats)
-    s = fits // r
-    if s >= 1:
-        return s, r
-    return 1, fits
+    return (fits // r, r) if fits // r >= 1 else (1, fits)
