@@ -9,114 +9,76 @@ from .measure import STAGES
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 RECIPE_EPOCHS = 200
-
 GOAL = {"images_per_s": 4000.0, "vs_compiled": 1.4, "vs_mmselfsup": 4.5,
         "variant": "e2e_dali", "compiled": "compiled", "mmselfsup": "mmselfsup_fp32_b32"}
 
 
-# ---- projection ----------------------------------------------------------------------------------
+def _ips(v):
+    return v["images_per_s"]["median"] if v and v.get("status") == "ok" and v.get("images_per_s") else None
 
-def recipe_hours(images_per_s: float, gpus: int = 1, efficiency: float = 0.9,
-                 images: int = IMAGENET_TRAIN_IMAGES, epochs: int = RECIPE_EPOCHS) -> float:
-    """Wall clock (hours) of `epochs` passes over `images` at `images_per_s` per card on `gpus`
-    cards, each card reaching `efficiency` of its single-card rate when gpus > 1."""
+
+def recipe_hours(images_per_s, gpus=1, efficiency=0.9, images=IMAGENET_TRAIN_IMAGES, epochs=RECIPE_EPOCHS):
+    """Hours for `epochs` passes over `images`, each of `gpus` cards at `efficiency` of its single-card rate."""
     if not images_per_s or images_per_s <= 0:
         return math.inf
-    rate = images_per_s * gpus * (efficiency if gpus > 1 else 1.0)
-    return images * epochs / rate / 3600.0
+    return images * epochs / (images_per_s * gpus * (efficiency if gpus > 1 else 1.0)) / 3600.0
 
 
-def headline_variant(variants: list):
-    """The variant a projection quotes: DALI end to end, else torchvision end to end, else the
-    fastest model-only variant (flagged: data loading not included)."""
-    ok = {v["name"]: v for v in variants if v.get("status") == "ok" and v.get("images_per_s")}
-    for name, note in (("e2e_dali", "end to end: DALI over JPEGs"),
-                       ("e2e_torchvision", "end to end: torchvision loader over JPEGs")):
-        if name in ok:
-            return ok[name], note
+def projection(variants, gpus=(1, 8), efficiency=0.9, images=IMAGENET_TRAIN_IMAGES, epochs=RECIPE_EPOCHS):
+    """Wall clock of the recipe from the headline variant: DALI end to end, else torchvision end to end,
+    else the fastest model-only variant (flagged: data loading not included)."""
+    ok = {v["name"]: v for v in variants if _ips(v)}
+    head, note = None, "no variant succeeded"
     model_only = [v for v in ok.values() if v.get("data") == "synthetic"]
-    if model_only:
-        best = max(model_only, key=lambda v: v["images_per_s"]["median"])
-        return best, "model only (synthetic on-device input): data loading NOT included"
-    return None, "no variant succeeded"
-
-
-def projection(variants: list, gpus=(1, 8), efficiency: float = 0.9, images: int = IMAGENET_TRAIN_IMAGES,
-               epochs: int = RECIPE_EPOCHS) -> dict:
-    head, note = headline_variant(variants)
-    out = {
-        "images": images, "epochs": epochs, "scaling_efficiency": efficiency, "gpus": list(gpus),
-        "assumption": (f"N cards run data-parallel at {efficiency:.0%} of N x the single-card images/s "
-                       "(an assumption, not measured: gradient all-reduce, key all-gather and SyncBN cost "
-                       "are not modelled); each card keeps the measured per-card batch, so the global batch "
-                       "is N x that batch (lr scaled linearly). Excludes checkpointing, start-up and evaluation."),
-        "headline": None, "per_variant_1gpu_hours": {},
-    }
-    for v in variants:
-        if v.get("status") == "ok" and v.get("images_per_s"):
-            out["per_variant_1gpu_hours"][v["name"]] = recipe_hours(v["images_per_s"]["median"], 1, efficiency,
-                                                                    images, epochs)
+    if "e2e_dali" in ok:
+        head, note = ok["e2e_dali"], "end to end: DALI over JPEGs"
+    elif "e2e_torchvision" in ok:
+        head, note = ok["e2e_torchvision"], "end to end: torchvision loader over JPEGs"
+    elif model_only:
+        head, note = max(model_only, key=_ips), "model only (synthetic on-device input): data loading NOT included"
+    out = {"images": images, "epochs": epochs, "scaling_efficiency": efficiency, "gpus": list(gpus),
+           "assumption": (f"N cards run data-parallel at {efficiency:.0%} of N x the single-card images/s "
+                          "(an assumption, not measured: gradient all-reduce, key all-gather and SyncBN cost "
+                          "are not modelled); each card keeps the measured per-card batch, so the global batch "
+                          "is N x that batch (lr scaled linearly). Excludes checkpointing, start-up and evaluation."),
+           "headline": None,
+           "per_variant_1gpu_hours": {n: recipe_hours(_ips(v), 1, efficiency, images, epochs) for n, v in ok.items()}}
     if head is not None:
-        ips = head["images_per_s"]["median"]
-        out["headline"] = {"variant": head["name"], "note": note, "images_per_s_per_gpu": ips,
-                           "hours": {str(n): recipe_hours(ips, n, efficiency, images, epochs) for n in gpus}}
-    base = next((v for v in variants if v["name"] == GOAL["mmselfsup"] and v.get("status") == "ok"), None)
+        out["headline"] = {"variant": head["name"], "note": note, "images_per_s_per_gpu": _ips(head),
+                           "hours": {str(n): recipe_hours(_ips(head), n, efficiency, images, epochs) for n in gpus}}
+    base = ok.get(GOAL["mmselfsup"])
     if base is not None:
-        ips = base["images_per_s"]["median"]
         out["seed_recipe_8x32"] = {
-            "variant": base["name"], "images_per_s_per_gpu": ips,
-            "hours_on_8": recipe_hours(ips, 8, efficiency, images, epochs),
+            "variant": base["name"], "images_per_s_per_gpu": _ips(base),
+            "hours_on_8": recipe_hours(_ips(base), 8, efficiency, images, epochs),
             "note": f"the seed's 8-card recipe as {base['name']} runs it (eager fp32, batch "
                     f"{(base.get('settings') or {}).get('batch')} per card) on 8 cards of this kind, model only, "
                     "same scaling assumption"}
     return out
 
 
-# ---- goal ----------------------------------------------------------------------------------------
-
-def goal_verdict(variants: list, device_name: str, batch: int, image_size: int) -> dict:
-    """Judge the performance goal: >= 4000 img/s end to end (DALI, JPEGs) on one H100 at batch 256,
-    >= 1.4x the compiled eager step and >= 4.5x the mmselfsup-style step of the same run."""
+def goal_verdict(variants, device_name, batch, image_size):
+    """>= 4000 img/s end to end (DALI, JPEGs) on one H100 at batch 256, >= 1.4x the compiled eager step
+    and >= 4.5x the mmselfsup-style step of the same run."""
     by = {v["name"]: v for v in variants}
-
-    def ips(name):
-        v = by.get(name)
-        return v["images_per_s"]["median"] if v and v.get("status") == "ok" and v.get("images_per_s") else None
-
-    e2e, comp, base = ips(GOAL["variant"]), ips(GOAL["compiled"]), ips(GOAL["mmselfsup"])
+    e2e, comp, base = (_ips(by.get(GOAL[k])) for k in ("variant", "compiled", "mmselfsup"))
     out = {"target": dict(GOAL), "e2e_dali_images_per_s": e2e, "compiled_images_per_s": comp,
-           "mmselfsup_images_per_s": base,
-           "ratio_vs_compiled": e2e / comp if e2e and comp else None,
+           "mmselfsup_images_per_s": base, "ratio_vs_compiled": e2e / comp if e2e and comp else None,
            "ratio_vs_mmselfsup": e2e / base if e2e and base else None}
-    checks = {
-        "images_per_s": None if e2e is None else e2e >= GOAL["images_per_s"],
-        "vs_compiled": None if out["ratio_vs_compiled"] is None else out["ratio_vs_compiled"] >= GOAL["vs_compiled"],
-        "vs_mmselfsup": None if out["ratio_vs_mmselfsup"] is None else out["ratio_vs_mmselfsup"] >= GOAL["vs_mmselfsup"],
-    }
-    out["checks"] = checks
+    out["checks"] = {"images_per_s": None if e2e is None else e2e >= GOAL["images_per_s"],
+                     **{k: None if out[f"ratio_{k}"] is None else out[f"ratio_{k}"] >= GOAL[k]
+                        for k in ("vs_compiled", "vs_mmselfsup")}}
     why_not = []
     if "H100" not in device_name:
         why_not.append(f"the goal is set for one H100, this device is {device_name}")
     if batch != 256 or image_size != 224:
         why_not.append(f"the goal is at batch 256, 224 px (this run: batch {batch}, {image_size} px)")
-    missing = [n for n, x in ((GOAL["variant"], e2e), (GOAL["compiled"], comp), (GOAL["mmselfsup"], base))
-               if x is None]
+    missing = [GOAL[k] for k, x in (("variant", e2e), ("compiled", comp), ("mmselfsup", base)) if x is None]
     if missing:
         why_not.append("no measurement in this run of " + ", ".join(missing))
-    if why_not:
-        out["verdict"] = "not judged: " + "; ".join(why_not)
-    else:
-        out["verdict"] = "PASS" if all(checks.values()) else "FAIL"
+    out["verdict"] = ("not judged: " + "; ".join(why_not) if why_not
+                      else "PASS" if all(out["checks"].values()) else "FAIL")
     return out
-
-
-# ---- files ---------------------------------------------------------------------------------------
-
-def write_json(path: str, results: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_finite(results), f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def _finite(x):
@@ -125,13 +87,17 @@ def _finite(x):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
         return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
+    return [_finite(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
-def _f(x, fmt="{:,.0f}", none="–"):
-    return none if x is None else fmt.format(x)
+def write_json(path, results):
+    with open(path + ".tmp", "w") as f:
+        json.dump(_finite(results), f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def _f(x, fmt="{:,.0f}"):
+    return "–" if x is None else fmt.format(x)
 
 
 def tflops_text(x):
@@ -139,38 +105,36 @@ def tflops_text(x):
 
 
 def _hours(h):
-    if h is None or not math.isfinite(h):
-        return "–"
-    return f"{h:,.1f} h ({h / 24:,.2f} days)"
+    return "–" if h is None or not math.isfinite(h) else f"{h:,.1f} h ({h / 24:,.2f} days)"
 
 
-def settings_text(v: dict) -> str:
+def settings_text(v):
     s = v.get("settings") or {}
-    parts = [f"batch {s.get('batch')}", s.get("precision", "?")]
-    if s.get("channels_last"):
-        parts.append("channels-last")
-    parts.append("compiled" if s.get("compile") else "eager")
-    parts.append("fused kernels" if s.get("fused") else "reference kernels")
-    parts.append({"synthetic": "synthetic on-device input", "torch": "torchvision loader",
-                  "dali": "DALI loader"}.get(s.get("data"), str(s.get("data"))))
-    return ", ".join(parts)
+    return ", ".join([f"batch {s.get('batch')}", s.get("precision", "?")]
+                     + (["channels-last"] if s.get("channels_last") else [])
+                     + ["compiled" if s.get("compile") else "eager",
+                        "fused kernels" if s.get("fused") else "reference kernels",
+                        {"synthetic": "synthetic on-device input", "torch": "torchvision loader",
+                         "dali": "DALI loader"}.get(s.get("data"), str(s.get("data")))])
 
 
-def markdown(results: dict) -> str:
-    m, env = results["meta"], results["environment"]
-    peak, flops = results.get("peak") or {}, results.get("flops") or {}
-    L = [f"# DenseCL step profile: {env.get('device_name')}", ""]
-    L.append(f"- date: {m['date']}; commit {env.get('commit') or '?'}{' (dirty tree)' if env.get('dirty') else ''}")
-    L.append(f"- command: `{m['command']}`")
-    if m.get("note"):
-        L.append(f"- **{m['note']}**")
-    L.append(f"- config: {m['config']} | {m['arch']} | batch {m['batch']} | {m['image_size']} px | "
-             f"queue {m['queue_len']} | bn_group_size {m['bn_group_size']}")
-    L.append(f"- torch {env.get('torch')}, torchvision {env.get('torchvision')}, triton {env.get('triton')}, "
-             f"DALI {env.get('dali') or 'not installed'}, CUDA {env.get('cuda_runtime')}, "
-             f"fused kernels: {m.get('fused_kernels')}")
-    L.append(f"- timing: {m['timing']}; images/s = median over repeats (spread = min–max); "
-             f"warm-up {m['warmup']}, {m['steps']} steps x {m['repeats']} repeats unless noted")
+def _table(head, rows):
+    return ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)] + \
+           ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+
+
+def markdown(results):
+    m, env, g, pr = results["meta"], results["environment"], results.get("goal"), results.get("projection")
+    peak, flops, variants = results.get("peak") or {}, results.get("flops") or {}, results["variants"]
+    L = [f"# DenseCL step profile: {env.get('device_name')}", "",
+         f"- date: {m['date']}; commit {env.get('commit') or '?'}{' (dirty tree)' if env.get('dirty') else ''}",
+         f"- command: `{m['command']}`"] + ([f"- **{m['note']}**"] if m.get("note") else []) + [
+         f"- config: {m['config']} | {m['arch']} | batch {m['batch']} | {m['image_size']} px | "
+         f"queue {m['queue_len']} | bn_group_size {m['bn_group_size']}",
+         f"- torch {env.get('torch')}, torchvision {env.get('torchvision')}, triton {env.get('triton')}, "
+         f"DALI {env.get('dali') or 'not installed'}, CUDA {env.get('cuda_runtime')}, fused kernels: {m.get('fused_kernels')}",
+         f"- timing: {m['timing']}; images/s = median over repeats (spread = min–max); "
+         f"warm-up {m['warmup']}, {m['steps']} steps x {m['repeats']} repeats unless noted"]
     if peak:
         L.append(f"- ceiling: {tflops_text(peak.get('tflops'))} TFLOP/s {peak.get('what', '')} "
                  f"({peak.get('source')}{': ' + peak['method'] if peak.get('method') else ''}); "
@@ -182,56 +146,41 @@ def markdown(results: dict) -> str:
         L.append(f"- FLOPs: not counted ({flops['error']}); TFLOP/s and MFU omitted")
     if m.get("data"):
         L.append(f"- data variants: {m['data']}")
-    L += ["", "## Throughput", "",
-          "| variant | settings | images/s (median) | spread | ms/step | peak memory | TFLOP/s | MFU | status |",
-          "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    for v in results["variants"]:
+    rows = []
+    for v in variants:
         ips = v.get("images_per_s") or {}
-        mem = v.get("peak_memory_gib")
         status = v["status"] if v["status"] == "ok" else f"{v['status']}: {v.get('reason') or v.get('error', '')}"
-        status = status.replace("|", "/").replace("\n", " ")[:160]
-        spread = (f"{_f(ips.get('min'))}–{_f(ips.get('max'))} (±{ips.get('spread_pct', 0):.1f}%)"
-                  if ips else "–")
-        L.append(f"| {v['name']} | {settings_text(v)} | {_f(ips.get('median'))} | {spread} | "
-                 f"{_f(v.get('step_ms'), '{:,.1f}')} | {_f(mem, '{:,.1f} GiB')} | {tflops_text(v.get('tflops'))} | "
-                 f"{_f(v.get('mfu'), '{:.1%}')} | {status} |")
-    ok = [v for v in results["variants"] if v["status"] == "ok" and v.get("stages_ms")]
+        spread = f"{_f(ips.get('min'))}–{_f(ips.get('max'))} (±{ips.get('spread_pct', 0):.1f}%)" if ips else "–"
+        rows.append([v["name"], settings_text(v), _f(ips.get("median")), spread, _f(v.get("step_ms"), "{:,.1f}"),
+                     _f(v.get("peak_memory_gib"), "{:,.1f} GiB"), tflops_text(v.get("tflops")),
+                     _f(v.get("mfu"), "{:.1%}"), status.replace("|", "/").replace("\n", " ")[:160]])
+    L += ["", "## Throughput", ""] + _table(["variant", "settings", "images/s (median)", "spread", "ms/step",
+                                             "peak memory", "TFLOP/s", "MFU", "status"], rows)
+    ok = [v for v in variants if v["status"] == "ok" and v.get("stages_ms")]
     if ok:
         cols = [s for s in STAGES if any(s in v["stages_ms"] for v in ok)] + ["other"]
-        L += ["", f"## Where the milliseconds go (ms per step, mean of the timed steps; {m['timing']})", "",
-              "| variant | " + " | ".join(cols) + " | step |", "|---|" + "---:|" * (len(cols) + 1)]
-        for v in ok:
-            st = v["stages_ms"]
-            L.append(f"| {v['name']} | " + " | ".join(_f(st.get(c), "{:,.2f}") for c in cols)
-                     + f" | {_f(v.get('stage_step_ms'), '{:,.2f}')} |")
+        L += ["", f"## Where the milliseconds go (ms per step, mean of the timed steps; {m['timing']})", ""]
+        L += _table(["variant"] + cols + ["step"], [[v["name"]] + [_f(v["stages_ms"].get(c), "{:,.2f}") for c in cols]
+                                                    + [_f(v.get("stage_step_ms"), "{:,.2f}")] for v in ok])
+        by = {v["name"]: v for v in variants}
         e2e = [v for v in ok if v["settings"]["data"] != "synthetic"]
+        src = by.get(e2e[0]["settings"].get("settings_from", "")) if e2e else None
+        rows = [["synthetic", src["name"], _f(_ips(src)), "1.00x", _f(src["stages_ms"].get("data_wait"), "{:,.2f}"),
+                 "–"]] if _ips(src) else []
+        for v in e2e:
+            base = _ips(by.get(v["settings"].get("settings_from", "")))
+            rows.append([v["settings"]["data"], v["name"], _f(_ips(v)), _f(base and _ips(v) / base, "{:.2f}x"),
+                         _f(v["stages_ms"].get("data_wait"), "{:,.2f}"), _f(v.get("data_wait_host_ms"), "{:,.2f}")])
         if e2e:
-            by = {v["name"]: v for v in results["variants"]}
-            L += ["", "## Data feeding (same model settings: synthetic on-device tensors vs loaders)", "",
-                  "| data | variant | images/s | vs synthetic | data_wait stage, ms/step | host blocked on the loader, ms/step |",
-                  "|---|---|---:|---:|---:|---:|"]
-            src = by.get(e2e[0]["settings"].get("settings_from", ""))
-            if src and src.get("status") == "ok":
-                L.append(f"| synthetic | {src['name']} | {_f(src['images_per_s']['median'])} | 1.00x | "
-                         f"{_f(src['stages_ms'].get('data_wait'), '{:,.2f}')} | – |")
-            for v in e2e:
-                base = by.get(v["settings"].get("settings_from", ""))
-                ratio = (v["images_per_s"]["median"] / base["images_per_s"]["median"]
-                         if base and base.get("status") == "ok" else None)
-                L.append(f"| {v['settings']['data']} | {v['name']} | {_f(v['images_per_s']['median'])} | "
-                         f"{_f(ratio, '{:.2f}x')} | {_f(v['stages_ms'].get('data_wait'), '{:,.2f}')} | "
-                         f"{_f(v.get('data_wait_host_ms'), '{:,.2f}')} |")
-    pr = results.get("projection") or {}
+            L += ["", "## Data feeding (same model settings: synthetic on-device tensors vs loaders)", ""]
+            L += _table(["data", "variant", "images/s", "vs synthetic", "data_wait stage, ms/step",
+                         "host blocked on the loader, ms/step"], rows)
     if pr:
         L += ["", f"## Projection: {pr['epochs']} epochs x {pr['images']:,} images", ""]
         head = pr.get("headline")
         if head:
-            L.append(f"From **{head['variant']}** ({head['note']}), {head['images_per_s_per_gpu']:,.0f} images/s per card:")
-            L.append("")
-            L.append("| cards | wall clock |")
-            L.append("|---:|---|")
-            for n, h in head["hours"].items():
-                L.append(f"| {n} | {_hours(h)} |")
+            L += [f"From **{head['variant']}** ({head['note']}), {head['images_per_s_per_gpu']:,.0f} images/s per card:",
+                  ""] + _table(["cards", "wall clock"], [[n, _hours(h)] for n, h in head["hours"].items()])
         if pr.get("seed_recipe_8x32"):
             s = pr["seed_recipe_8x32"]
             L.append(f"\nSeed recipe ({s['note']}): {_hours(s['hours_on_8'])}.")
@@ -239,70 +188,60 @@ def markdown(results: dict) -> str:
         if pr.get("per_variant_1gpu_hours"):
             L.append("\nOne card, per variant: " + "; ".join(
                 f"{k} {_hours(h)}" for k, h in pr["per_variant_1gpu_hours"].items()))
-    g = results.get("goal")
     if g:
+        t = g["target"]
         L += ["", "## Goal", "",
-              f"≥ {g['target']['images_per_s']:,.0f} images/s end to end (DALI, JPEGs) on one H100 at batch 256, "
-              f"≥ {g['target']['vs_compiled']}x the compiled eager step and ≥ {g['target']['vs_mmselfsup']}x the "
-              "mmselfsup-style step of the same run.", "",
+              f"≥ {t['images_per_s']:,.0f} images/s end to end (DALI, JPEGs) on one H100 at batch 256, ≥ "
+              f"{t['vs_compiled']}x the compiled eager step and ≥ {t['vs_mmselfsup']}x the mmselfsup-style step "
+              "of the same run.", "",
               f"- e2e_dali {_f(g['e2e_dali_images_per_s'])} images/s; vs compiled "
               f"{_f(g['ratio_vs_compiled'], '{:.2f}x')}; vs mmselfsup-style {_f(g['ratio_vs_mmselfsup'], '{:.2f}x')}",
               f"- verdict: **{g['verdict']}**"]
-    notes = [f"- {v['name']}: {n}" for v in results["variants"] for n in v.get("notes", [])]
-    if notes:
-        L += ["", "## Notes", ""] + notes
-    return "\n".join(L) + "\n"
+    notes = [f"- {v['name']}: {n}" for v in variants for n in v.get("notes", [])]
+    return "\n".join(L + (["", "## Notes", ""] + notes if notes else [])) + "\n"
 
 
-def write_plots(results: dict, out_dir: str) -> list:
+def write_plots(results, out_dir):
     """throughput.png (images/s per variant, min–max bars) and stages.png (stacked µs per image)."""
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    written = []
-    variants = results["variants"]
-    title = results["environment"].get("device_name", "")
-    names = [v["name"] for v in variants]
-    med = [(v.get("images_per_s") or {}).get("median") or 0.0 for v in variants]
-    lo = [m - ((v.get("images_per_s") or {}).get("min") or m) for m, v in zip(med, variants)]
-    hi = [((v.get("images_per_s") or {}).get("max") or m) - m for m, v in zip(med, variants)]
-    fig, ax = plt.subplots(figsize=(9, 0.55 * len(names) + 1.6))
-    y = range(len(names))
-    ax.barh(y, med, xerr=[lo, hi], color=["C0" if v["status"] == "ok" else "0.8" for v in variants], capsize=3)
+    variants, title = results["variants"], results["environment"].get("device_name", "")
+    ips = [v.get("images_per_s") or {} for v in variants]
+    med = [i.get("median") or 0.0 for i in ips]
+    err = [[m - (i.get("min") or m) for m, i in zip(med, ips)], [(i.get("max") or m) - m for m, i in zip(med, ips)]]
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(variants) + 1.6))
+    ax.barh(range(len(variants)), med, xerr=err, capsize=3,
+            color=["C0" if v["status"] == "ok" else "0.8" for v in variants])
     for i, v in enumerate(variants):
-        label = f"{med[i]:,.0f}" if v["status"] == "ok" else v["status"]
-        ax.text(med[i] + hi[i], i, "  " + label, va="center", fontsize=8)
-    ax.set_yticks(list(y), names)
-    ax.invert_yaxis()
-    ax.set_xlabel("images/s (median over repeats; bars: min–max)")
-    ax.set_title(f"DenseCL training step: {title}", fontsize=10)
-    ax.set_xlim(0, max([m + h for m, h in zip(med, hi)] + [1.0]) * 1.25)
-    fig.tight_layout()
-    p = os.path.join(out_dir, "throughput.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    written.append(p)
+        ax.text(med[i] + err[1][i], i, "  " + (f"{med[i]:,.0f}" if v["status"] == "ok" else v["status"]),
+                va="center", fontsize=8)
+    ax.set_yticks(range(len(variants)), [v["name"] for v in variants])
+    ax.set_xlim(0, max([m + h for m, h in zip(med, err[1])] + [1.0]) * 1.25)
+    paths = [_finish(plt, fig, ax, "images/s (median over repeats; bars: min–max)",
+                     f"DenseCL training step: {title}", os.path.join(out_dir, "throughput.png"))]
 
     ok = [v for v in variants if v["status"] == "ok" and v.get("stages_ms")]
     fig, ax = plt.subplots(figsize=(11, 0.55 * max(1, len(ok)) + 1.8))
-    cols = list(STAGES) + ["other"]
     left = [0.0] * len(ok)
-    for j, c in enumerate(cols):
-        widths = [max(0.0, (v["stages_ms"].get(c) or 0.0)) * 1e3 / v["settings"]["batch"] for v in ok]
-        if not any(widths):
-            continue
-        ax.barh(range(len(ok)), widths, left=left, label=c, color=plt.cm.tab20(j % 20))
-        left = [a + b for a, b in zip(left, widths)]
-    ax.set_yticks(list(range(len(ok))), [v["name"] for v in ok])
-    ax.invert_yaxis()
-    ax.set_xlabel("µs per image (stage time per step / batch)")
-    ax.set_title(f"Where the time goes: {title}", fontsize=10)
+    for j, c in enumerate(list(STAGES) + ["other"]):
+        widths = [max(0.0, v["stages_ms"].get(c) or 0.0) * 1e3 / v["settings"]["batch"] for v in ok]
+        if any(widths):
+            ax.barh(range(len(ok)), widths, left=left, label=c, color=plt.cm.tab20(j % 20))
+            left = [a + b for a, b in zip(left, widths)]
+    ax.set_yticks(range(len(ok)), [v["name"] for v in ok])
     if ok:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return paths + [_finish(plt, fig, ax, "µs per image (stage time per step / batch)",
+                            f"Where the time goes: {title}", os.path.join(out_dir, "stages.png"))]
+
+
+def _finish(plt, fig, ax, xlabel, title, path):
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    p = os.path.join(out_dir, "stages.png")
-    fig.savefig(p, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(p)
-    return written
+    return path
