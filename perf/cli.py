@@ -7,24 +7,18 @@
     python -m perf --data-dir /data/imagenet/train  # end-to-end variants on real data
     python -m perf --config densecl_r50_200e_in1k optim.batch_size=128   # key=value overrides
 
-Run it from the repository root: `-m` puts the checkout itself first on sys.path, so the code
-measured is this checkout's (not an installed copy), and no script folder enters sys.path.
+Run it from the repository root, so `-m` measures this checkout, not an installed copy.
 
-Every variant (--list-variants names them) runs the trainer's own train_step in this one process,
-on one card, one after the other: the mmselfsup-style step (eager fp32, batch 32), eager fp32 and
-bf16 + channels-last, torch.compile, fused Triton loss kernels (CUDA), then the fastest model-only
-setting fed by the torchvision and the DALI loader over JPEGs (generated 500x375 and cached, or
---data-dir). Model-only variants are fed synthetic tensors already on the device.
-
-Per variant: images/s (median, min-max over repeats, each bounded by device synchronizes); the
-time of every stage of the step (densecl_fast.stages, plus data_wait; CUDA events, wall clock on
-the CPU; "other" is the rest: zero_grad, queue clones, the loss sum, idle gaps on the GPU); peak
-memory; TFLOP/s and MFU (FlopCounterMode FLOPs against the bf16 matmul ceiling measured in-process,
-or --peak-tflops). Outputs in --out: results.json, results.md, throughput.png, stages.png and, with
---trace, trace_<variant>.json.gz; the projection turns images/s into the wall clock of the
-200-epoch ImageNet recipe on 1 and N cards. A failing variant is recorded and the suite goes on;
---budget-seconds gives each variant one time cap (its set-up plus a fair share of what the later
-variants leave): repeats shrink to fit, variants that no longer fit are "skipped: budget".
+Every variant (--list-variants names them) runs the trainer's own train_step in this process, on
+one card, one after the other; model-only variants are fed synthetic tensors on the device, the
+end-to-end ones the torchvision or DALI loader over JPEGs (generated 500x375, or --data-dir) with
+the fastest model-only setting. Per variant: images/s (median, min-max over repeats), ms per stage
+of the step (densecl_fast.stages; CUDA events, wall clock on the CPU), peak memory, TFLOP/s and MFU
+(against the bf16 matmul ceiling measured in-process, or --peak-tflops). --out gets results.json,
+results.md, throughput.png, stages.png and, with --trace, trace_<variant>.json.gz. A failing
+variant is recorded and the suite goes on; --budget-seconds gives each variant one time cap before
+it starts (an equal share of what is left, compile estimates set aside): repeats shrink to fit,
+variants that no longer fit are "skipped: budget".
 
 Exit status: 0 when at least one variant was measured, 1 when none was, 2 on a bad config, 130 when
 interrupted (the results measured so far are written in every case).
@@ -37,22 +31,16 @@ import sys
 import time
 
 
-def _resolution(text: str):
-    try:
-        w, h = (int(x) for x in text.lower().split("x"))
-        assert w >= 8 and h >= 8
-        return w, h
-    except Exception:  # noqa: BLE001
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 500x375, got {text!r}")
-
-
-def _int_list(text: str):
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-        assert out and all(n >= 1 for n in out)
-        return out
-    except Exception:  # noqa: BLE001
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of card counts, e.g. 1,8, got {text!r}")
+def _ints(sep, least, what):
+    def parse(text):
+        try:
+            out = [int(x) for x in text.lower().split(sep) if x.strip()]
+        except ValueError:
+            out = []
+        if not out or min(out) < least or (sep == "x" and len(out) != 2):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return tuple(out) if sep == "x" else out
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,13 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wall-clock budget of the whole suite, compile and set-up included (default 480; "
                         "0 = unlimited): repeats shrink to fit, variants that no longer fit are skipped")
     g.add_argument("--compile-estimate-s", type=float, default=None,
-                   help="expected compile time before one was measured, for budget planning "
+                   help="expected compile time before one was measured, set aside in the time caps "
                         "(default 120 on CUDA, 90 on the CPU)")
     g = p.add_argument_group("data variants")
     g.add_argument("--data-dir", default=None, help="image folder for the end-to-end variants (default: generated JPEGs)")
     g.add_argument("--data-images", type=int, default=0,
                    help="number of generated JPEG files (default: enough that the timed steps stay in one epoch)")
-    g.add_argument("--data-resolution", type=_resolution, default=(500, 375), help="generated JPEG size (default 500x375)")
+    g.add_argument("--data-resolution", type=_ints("x", 8, "WIDTHxHEIGHT, e.g. 500x375"), default=(500, 375),
+                   help="generated JPEG size (default 500x375)")
     g.add_argument("--data-cache", default="~/.cache/densecl_fast/perf", help="where generated JPEGs are kept")
     g.add_argument("--workers", type=int, default=None,
                    help="loader workers (torchvision) / CPU threads (DALI) (default: min(16, CPU count))")
@@ -98,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a Chrome trace (trace_<variant>.json.gz) of a few steps of each variant")
     g.add_argument("--trace-variants", default=None, help="with --trace: only these (comma-separated)")
     g.add_argument("--trace-steps", type=int, default=3, help="steps per trace (default 3)")
-    g.add_argument("--gpus", type=_int_list, default=[1, 8], help="card counts for the projection (default 1,8)")
+    g.add_argument("--gpus", type=_ints(",", 1, "comma-separated card counts, e.g. 1,8"), default=[1, 8],
+                   help="card counts for the projection (default 1,8)")
     g.add_argument("--scaling-efficiency", type=float, default=0.9,
                    help="assumed per-card efficiency on more than one card (default 0.9)")
     g.add_argument("--epochs", type=int, default=200, help="projection: epochs (default 200)")
