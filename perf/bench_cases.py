@@ -4,9 +4,8 @@
     pytest perf/bench_cases.py -k kernel   # one group: step | kernel | data
 
 Every case synchronizes inside the timed call, so a round is the device time of the work plus
-launch; `extra_info` carries images/s (or TFLOP/s) derived from the mean round. The whole-suite
-numbers (variants, stages, MFU, projection) come from `python -m perf`; the kernel cases reuse the
-inputs of perf/bench_kernels.py, the data cases the JPEGs of perf/jpegs.py and the public loader.
+launch; `extra_info` carries images/s (or TFLOP/s) derived from the mean round. Inputs, steps and
+loaders come from perf/bench_kernels.py and perf/bench_data.py; whole-suite numbers from `python -m perf`.
 """
 import os
 
@@ -15,11 +14,12 @@ import torch
 
 from densecl_fast import kernels
 from densecl_fast.config import load_config
-from densecl_fast.data import build_loader, dali_available
+from densecl_fast.data import dali_available
 from densecl_fast.engines.single import SingleEngine
 from densecl_fast.model import DenseCL
 from densecl_fast.trainer import train_step
 
+from .bench_data import make_loader
 from .bench_kernels import IMPLS, INFONCE_CASES, MATCH_IMPLS, infonce_inputs, infonce_step, match_inputs, \
     match_step, peak_extra_mib
 from .jpegs import ensure_jpeg_folder
@@ -29,23 +29,16 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 needs_dali = pytest.mark.skipif(not dali_available(), reason="needs NVIDIA DALI")
 
 
-# ---- the harness ---------------------------------------------------------------------------------
-
-def sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
 def bench(benchmark, fn, rounds, per_call=None, key="images_per_s", warmup_rounds=2):
     """Time `fn` (synchronized) for `rounds`; extra_info[key] = per_call / mean round seconds."""
     def once():
         out = fn()
-        sync()
+        if CUDA:
+            torch.cuda.synchronize()
         return out
     out = benchmark.pedantic(once, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
     if per_call is not None:
-        mean = benchmark.stats.stats.mean
-        benchmark.extra_info[key] = per_call / mean if mean else None
+        benchmark.extra_info[key] = per_call / benchmark.stats.stats.mean
     return out
 
 
@@ -63,12 +56,10 @@ def step_case(preset, overrides, device, batch, precision, channels_last):
     cfg = load_config(preset, [f"optim.batch_size={batch}", *overrides])
     torch.manual_seed(0)
     model = DenseCL(cfg.model).to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    model.train()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=fmt).train()
     engine = SingleEngine(device, precision)  # the trainer's one-process engine: optimizer, autocast, step
     engine.setup(model, cfg.optim, cfg.optim.lr * batch / 256)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     size = cfg.data.image_size
     x, y = (torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt) for _ in range(2))
     return lambda: train_step(model, engine, x, y, 0.03, cfg.model.loss_lambda)
@@ -82,8 +73,7 @@ def test_step_tiny_cpu(benchmark, backend):
 
 
 def test_step_momentum_update_resnet18_cpu(benchmark):
-    model = DenseCL(load_config("smoke", []).model)
-    bench(benchmark, model.momentum_update, rounds=10, warmup_rounds=1)
+    bench(benchmark, DenseCL(load_config("smoke", []).model).momentum_update, rounds=10, warmup_rounds=1)
 
 
 @needs_cuda
@@ -111,11 +101,20 @@ def test_step_matmul_bf16_ceiling(benchmark):
 
 # ---- the loss kernels (shapes of DenseCL R50, batch 256; see perf/bench_kernels.py) ---------------
 
+def kernel_case(benchmark, step, grads, rounds=20, warmup_rounds=3):
+    def once():
+        for t in grads:
+            t.grad = None
+        step()
+    once()
+    bench(benchmark, once, rounds=rounds, warmup_rounds=warmup_rounds)
+    if grads[0].is_cuda:
+        benchmark.extra_info["peak_extra_mib"] = peak_extra_mib(step, grads)
+
+
 def test_kernel_queue_infonce_reference_cpu(benchmark):
-    q = torch.nn.functional.normalize(torch.randn(512, 128), dim=1).requires_grad_()
-    queue = torch.nn.functional.normalize(torch.randn(128, 4096), dim=0)
-    l_pos = (q.detach() * torch.randn(512, 128)).sum(1)
-    bench(benchmark, lambda: kernels.queue_infonce_ref(q, l_pos, queue, 0.2).backward(), rounds=5, warmup_rounds=1)
+    inputs = infonce_inputs((512, 4096, 128), torch.float32, "cpu")
+    kernel_case(benchmark, *infonce_step("eager", inputs), rounds=5, warmup_rounds=1)
 
 
 @needs_cuda
@@ -124,28 +123,8 @@ def test_kernel_dense_queue_cross_entropy_reference(benchmark, backend, dtype):
     """The dense loss alone at the recipe's size, eager reference: 256 x 7 x 7 = 12,544 queries x
     65,536 negatives x 128 (reference figure: 23.5 ms bf16 / 27.3 ms fp32)."""
     backend("reference")
-    torch.cuda.reset_peak_memory_stats()
-    m, k, d = 12544, 65536, 128
-    q = torch.nn.functional.normalize(torch.randn(m, d, device="cuda"), dim=1).to(dtype).requires_grad_()
-    queue = torch.nn.functional.normalize(torch.randn(d, k, device="cuda"), dim=0)
-    l_pos = (q.detach().float() * torch.randn(m, d, device="cuda")).sum(1).to(dtype)
-
-    def fwd_bwd():
-        kernels.queue_infonce_ref(q, l_pos, queue, 0.2).backward()
-        q.grad = None
-    base = torch.cuda.memory_allocated()
-    bench(benchmark, fwd_bwd, rounds=20, warmup_rounds=3)
-    benchmark.extra_info["extra_memory_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-
-
-def kernel_case(benchmark, step, grads):
-    def once():
-        for t in grads:
-            t.grad = None
-        step()
-    once()
-    bench(benchmark, once, rounds=20, warmup_rounds=3)
-    benchmark.extra_info["peak_extra_mib"] = peak_extra_mib(step, grads)
+    q, l_pos, queue = infonce_inputs("dense", dtype)
+    kernel_case(benchmark, *infonce_step("eager", (q, l_pos.detach(), queue.float())))   # as recorded: fp32 queue
 
 
 @needs_cuda
@@ -171,10 +150,8 @@ def jpeg_folder(tmp_path_factory):
 
 
 def data_case(benchmark, folder, data_backend, device, tmp_path, batch=16, image_size=64, dtype=torch.float32):
-    cfg = load_config(None, [f"data.source={folder}", f"data.backend={data_backend}",
-                             f"data.image_size={image_size}", f"data.num_workers={min(2, os.cpu_count() or 1)}",
-                             f"data.cache_dir={tmp_path / 'cache'}"])
-    loader = build_loader(cfg.data, batch_size=batch, device=torch.device(device), channels_last=True, dtype=dtype)
+    loader = make_loader(folder, data_backend, batch, device, image_size, min(2, os.cpu_count() or 1),
+                         tmp_path / "cache", dtype=dtype)
     epochs = iter(range(1_000_000))
 
     def epoch():

@@ -4,16 +4,11 @@
     python -m perf.bench_data --device cpu --threads 2 --batch 32 --steps 8
     python -m perf.bench_data --device cuda --backends dali --sweep data.dali.hw_decoder_load=0.5,0.65,0.8,0.95
 
-Images/s counts source images per second, each delivered as two augmented views (the batch pair
-im_q, im_k) on the target device: what a training step consumes. The first `--warmup` batches
-(pipeline build, worker start, cache warm-up) are not timed. The JPEGs are perf/jpegs.py's, made
-once under `--cache-dir`: `--num-images` files of `--resolution` (500x375, ImageNet-like).
-
-Loader options (DALI decoder, hue op, prefetch, ...) are config keys, given as key=value
-overrides (`data.<key>=<value>`, spelled as the config reference in README.md spells them) and
-passed to the config loader untouched, as the trainer would take them; `--sweep KEY=V1,V2,...`
-times the DALI loader once per value. Loaders come only from `densecl_fast.data.build_loader`.
-pytest-benchmark cases of the same pipeline: perf/bench_cases.py (`-k data`).
+Images/s counts source images per second, each delivered as two augmented views on the target
+device (what a training step consumes), after `--warmup` untimed batches. The JPEGs are
+perf/jpegs.py's. Loader options are config keys given as `data.<key>=<value>` overrides, passed to
+the config loader untouched as the trainer would take them; `--sweep KEY=V1,V2,...` times the DALI
+loader once per value. pytest-benchmark cases of the same pipeline: perf/bench_cases.py (`-k data`).
 """
 from __future__ import annotations
 
@@ -22,7 +17,6 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List
 
 import torch
 
@@ -34,66 +28,62 @@ from .jpegs import ensure_jpeg_folder
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def time_loader(loader, steps: int, warmup: int, device: str) -> Dict[str, float]:
-    """Images/s over `steps` batches after `warmup` untimed ones (epochs are chained as needed)."""
-    cuda = device.startswith("cuda")
-    done, epoch, t0, timed, n_per = 0, 0, None, 0, None
-    while done < warmup + steps:
-        loader.set_epoch(epoch)
-        for q, k in loader:
-            n_per = q.shape[0]
-            done += 1
-            if done == warmup:
-                if cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-            elif done > warmup:
-                timed += 1
-            if done >= warmup + steps:
-                break
-        epoch += 1
-    if cuda:
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - (t0 if t0 is not None else time.perf_counter())
-    return {"images_per_s": timed * n_per / dt if dt > 0 else float("nan"), "seconds": dt, "batches": timed,
-            "batch": n_per}
+def make_loader(folder, backend, batch, device, image_size, workers, cache_dir, overrides=(), config=None,
+                channels_last=True, dtype=torch.float32):
+    """The library's own loader over `folder` (shared with the pytest-benchmark data cases)."""
+    cfg = load_config(config, [f"data.source={folder}", f"data.backend={backend}", f"data.image_size={image_size}",
+                               f"data.num_workers={workers}", f"data.cache_dir={cache_dir}", *overrides])
+    return build_loader(cfg.data, batch_size=batch, device=torch.device(device), channels_last=channels_last,
+                        dtype=dtype)
 
 
-def runs(args) -> List[tuple]:
-    """(backend, extra overrides) per timed run: the sweep applies to DALI only."""
-    out = []
-    for backend in args.backends.split(","):
-        if backend == "dali" and args.sweep:
-            key, values = args.sweep.split("=", 1)
-            out += [(backend, [f"{key}={v}"]) for v in values.split(",")]
-        else:
-            out.append((backend, []))
-    return out
+def time_loader(loader, steps, warmup, device):
+    """Images/s over `steps` batches after `warmup` untimed ones (epochs chained as needed)."""
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def batches():
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    it = batches()
+    for _ in range(warmup):
+        next(it)
+    t0 = sync()
+    n = sum(next(it)[0].shape[0] for _ in range(steps))
+    dt = sync() - t0
+    it.close()
+    return {"images_per_s": n / dt, "seconds": dt, "batches": steps, "batch": n // steps}
 
 
-def run(args) -> List[dict]:
+def run(args):
     folder = args.data_dir
     if not folder:
         w, h = map(int, args.resolution.split("x"))
         folder = ensure_jpeg_folder(args.cache_dir, args.num_images, w, h, workers=os.cpu_count() or 1)["path"]
     results = []
-    for backend, extra in runs(args):
-        cfg = load_config(args.config, [f"data.source={folder}", f"data.backend={backend}",
-                                        f"data.image_size={args.image_size}", f"data.num_workers={args.threads}",
-                                        f"data.cache_dir={args.cache_dir}", *args.overrides, *extra])
-        loader = build_loader(cfg.data, batch_size=args.batch, device=torch.device(args.device),
-                              channels_last=not args.nchw, dtype=DTYPES[args.dtype])
-        try:
-            r = time_loader(loader, args.steps, args.warmup, args.device)
-        finally:
-            getattr(loader, "close", lambda: None)()
-            del loader
-        r.update(backend=backend, device=args.device, threads=args.threads, image_size=args.image_size,
-                 dtype=args.dtype if backend == "dali" else "fp32", overrides=list(args.overrides) + extra)
-        results.append(r)
-        print(f"{backend:5s} {args.device:4s} {args.threads:2d} threads  batch {r['batch']:4d}  "
-              f"{r['images_per_s']:8.1f} two-view images/s  ({r['batches']} batches, {r['seconds']:.2f} s) "
-              f"{' '.join(extra)}", flush=True)
+    for backend in args.backends.split(","):
+        key, _, values = args.sweep.partition("=")
+        for extra in ([[f"{key}={v}"] for v in values.split(",")] if backend == "dali" and args.sweep else [[]]):
+            loader = make_loader(folder, backend, args.batch, args.device, args.image_size, args.threads,
+                                 args.cache_dir, [*args.overrides, *extra], args.config, not args.nchw,
+                                 DTYPES[args.dtype])
+            try:
+                r = time_loader(loader, args.steps, args.warmup, args.device)
+            finally:
+                getattr(loader, "close", lambda: None)()
+                del loader
+            r.update(backend=backend, device=args.device, threads=args.threads, image_size=args.image_size,
+                     dtype=args.dtype if backend == "dali" else "fp32", overrides=list(args.overrides) + extra)
+            results.append(r)
+            print(f"{backend:5s} {args.device:4s} {args.threads:2d} threads  batch {r['batch']:4d}  "
+                  f"{r['images_per_s']:8.1f} two-view images/s  ({r['batches']} batches, {r['seconds']:.2f} s) "
+                  f"{' '.join(extra)}", flush=True)
     return results
 
 
@@ -123,6 +113,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.sweep and "=" not in args.sweep:
         p.error("--sweep must look like KEY=V1,V2,...")
+    for name in ("steps", "batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
     return args
 
 
@@ -131,10 +124,8 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device", file=sys.stderr)
         return 2
-    if args.device == "cuda":
-        print(f"device: {torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores", flush=True)
-    else:
-        print(f"device: CPU only, {os.cpu_count()} CPU cores (figures are CPU figures)", flush=True)
+    print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU only'}, {os.cpu_count()} CPU "
+          "cores" + ("" if args.device == "cuda" else " (figures are CPU figures)"), flush=True)
     try:
         results = run(args)
     except ConfigError as e:

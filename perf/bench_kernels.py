@@ -1,27 +1,24 @@
-"""Fused Triton loss kernels vs the eager reference vs the torch.compile'd reference.
+"""Fused Triton loss kernels vs the eager reference vs the torch.compile'd reference (CUDA), and the
+shared kernel harness of perf/bench_cases.py (inputs, fwd+bwd steps, median ms, peak extra MiB).
 
-    python -m perf.bench_kernels            # one table, all measured in this run (needs CUDA)
+    python -m perf.bench_kernels            # one table, all measured in this run
     python -m perf.bench_kernels --sweep-splits 1,2,3,4,6,8   # + the one-pass kernel per split count
-    pytest perf/bench_cases.py -k kernel    # the same cases under pytest-benchmark; skipped without CUDA
+    pytest perf/bench_cases.py -k kernel    # the same cases under pytest-benchmark
 
-Implementations: `fused` (the one-pass queue InfoNCE, kernels/queue_infonce_triton.py, and the
-dense matching kernel), `recompute` (the earlier two-pass queue InfoNCE whose backward recomputes
-the logits, kernels/queue_infonce_recompute_triton.py, kept for this comparison), `eager` (the
-references of kernels/reference.py) and `compiled` (the same under torch.compile).
-
-Cases (the shapes of DenseCL R50, batch 256, 224 px, queue 65,536, bf16):
-    queue InfoNCE, dense:  M = 256 * 7 * 7 = 12,544 rows, K = 65,536, D = 128
-    queue InfoNCE, global: M = 256
-    dense matching:        N = 256, C = 2048, S^2 = 49 (C5 features bf16 channels_last, grids
-                           fp32, as the model passes them under AMP)
-Each is timed forward + backward (median of triton.testing.do_bench, L2 flushed between runs)
-with its peak extra memory (allocator peak minus what the inputs already hold), plus the error of
-the fused result against the eager one as a sanity check of the GPU path.
+Implementations: `fused` (one-pass queue InfoNCE, kernels/queue_infonce_triton.py, and the dense
+matching kernel), `recompute` (the two-pass queue InfoNCE whose backward recomputes the logits,
+kept for this comparison), `eager` (kernels/reference.py) and `compiled` (the same, torch.compile'd).
+Shapes of DenseCL R50, batch 256, 224 px, queue 65,536: queue InfoNCE dense M = 256*7*7 = 12,544
+rows, global M = 256, K = 65,536, D = 128; dense matching N = 256, C = 2048, S^2 = 49 (C5 bf16
+channels_last, grids fp32, as the model passes them under AMP). Each is timed forward + backward
+(median of triton.testing.do_bench, L2 flushed) with its peak memory beyond the inputs, plus the
+error of the fused result against the eager one as a check of the GPU path.
 """
 import argparse
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from densecl_fast import kernels
 
@@ -30,7 +27,6 @@ INFONCE_CASES = {"dense": (12544, 65536, 128), "global": (256, 65536, 128)}
 MATCH_CASE = (256, 2048, 49, 128)  # N, C, S^2, D
 IMPLS = ("fused", "recompute", "eager", "compiled")
 MATCH_IMPLS = ("fused", "eager", "compiled")
-
 _compiled = {}
 
 
@@ -50,12 +46,13 @@ def _fn(op, impl):
     return _compiled[op]
 
 
-def infonce_inputs(case, dtype=torch.bfloat16, seed=0):
-    M, K, D = INFONCE_CASES[case]
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.nn.functional.normalize(torch.randn(M, D, device="cuda", generator=g), dim=1)
-    queue = torch.nn.functional.normalize(torch.randn(D, K, device="cuda", generator=g), dim=0)
-    l_pos = torch.rand(M, device="cuda", generator=g) * 2 - 1
+def infonce_inputs(case, dtype=torch.bfloat16, device="cuda", seed=0):
+    """(q, l_pos, queue) of a case name or an (M, K, D) shape; q and l_pos take gradients."""
+    M, K, D = INFONCE_CASES.get(case, case)
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = F.normalize(torch.randn(M, D, device=device, generator=g), dim=1)
+    queue = F.normalize(torch.randn(D, K, device=device, generator=g), dim=0)
+    l_pos = torch.rand(M, device=device, generator=g) * 2 - 1
     return q.to(dtype).requires_grad_(), l_pos.to(dtype).requires_grad_(), queue.to(dtype)
 
 
@@ -64,43 +61,24 @@ def match_inputs(seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     side = int(round(S2 ** 0.5))
 
-    def c5():
-        # As the model hands them over: a channels_last C5 map flattened to N x C x S^2.
+    def c5():   # as the model hands them over: a channels_last C5 map flattened to N x C x S^2
         x = torch.randn(N, C, side, side, device="cuda", generator=g).relu().bfloat16()
         return x.contiguous(memory_format=torch.channels_last).flatten(2)
-    q_b, k_b = c5(), c5()
-    q_grid = torch.nn.functional.normalize(torch.randn(N, D, S2, device="cuda", generator=g), dim=1)
-    k_grid = torch.nn.functional.normalize(torch.randn(N, D, S2, device="cuda", generator=g), dim=1)
-    return q_b, k_b, q_grid.requires_grad_(), k_grid
+
+    def grid():
+        return F.normalize(torch.randn(N, D, S2, device="cuda", generator=g), dim=1)
+    return c5(), c5(), grid().requires_grad_(), grid()
 
 
 def infonce_step(impl, inputs):
-    fn = _fn("infonce", impl)
-    q, l_pos, queue = inputs
-
-    def step():
-        fn(q, l_pos, queue, T).backward()
-    return step, [q, l_pos]
+    """(fwd+bwd callable, tensors whose .grad it fills)."""
+    fn, (q, l_pos, queue) = _fn("infonce", impl), inputs
+    return lambda: fn(q, l_pos, queue, T).backward(), [q, l_pos]
 
 
 def match_step(impl, inputs):
     fn = _fn("match", impl)
-    q_b, k_b, q_grid, k_grid = inputs
-
-    def step():
-        l_pos, _ = fn(q_b, k_b, q_grid, k_grid)
-        l_pos.sum().backward()
-    return step, [q_grid]
-
-
-def measure(rows, name, impl, step, grads):
-    """Append (name, impl, median ms, peak extra MiB), or (name, impl, error text, None)."""
-    try:
-        step()  # compile / autotune outside the timings
-        rows.append((name, impl, median_ms(step, grads), peak_extra_mib(step, grads)))
-    except Exception as e:  # noqa: BLE001 (reported in the table; the other rows still run)
-        rows.append((name, impl, f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300], None))
-        torch.cuda.empty_cache()
+    return lambda: fn(*inputs)[0].sum().backward(), [inputs[2]]
 
 
 def median_ms(step, grads):
@@ -119,18 +97,28 @@ def peak_extra_mib(step, grads):
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
+def measure(rows, name, impl, step, grads):
+    """Append (name, impl, median ms, peak extra MiB), or (name, impl, error text, None)."""
+    try:
+        step()  # compile / autotune outside the timings
+        rows.append((name, impl, median_ms(step, grads), peak_extra_mib(step, grads)))
+    except Exception as e:  # noqa: BLE001 -- reported in the table; the other rows still run
+        rows.append((name, impl, f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300], None))
+        torch.cuda.empty_cache()
+
+
 def rel_err(a, b):
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def infonce_check(inputs, impl="fused"):
-    """A fused implementation vs eager on the same inputs: loss, grad_q, grad_l_pos (relative to max)."""
+    """An implementation vs eager on the same inputs: loss, grad_q, grad_l_pos (relative to max)."""
     q, l_pos, queue = inputs
     out = []
-    for impl in (impl, "eager"):
+    for i in (impl, "eager"):
         qq, ll = q.detach().clone().requires_grad_(), l_pos.detach().clone().requires_grad_()
-        loss = _fn("infonce", impl)(qq, ll, queue, T)
+        loss = _fn("infonce", i)(qq, ll, queue, T)
         loss.backward()
         out.append((loss, qq.grad, ll.grad))
     (a, ga, la), (b, gb, lb) = out
@@ -138,11 +126,8 @@ def infonce_check(inputs, impl="fused"):
 
 
 def match_check(inputs):
-    q_b, k_b, q_grid, k_grid = inputs
-    lf, idx_f = _fn("match", "fused")(q_b, k_b, q_grid, k_grid)
-    le, idx_e = _fn("match", "eager")(q_b, k_b, q_grid, k_grid)
-    same = (idx_f == idx_e).float().mean().item()
-    return f"index agree {same * 100:.3f}% l_pos {rel_err(lf, le):.1e}"
+    (lf, idx_f), (le, idx_e) = (_fn("match", i)(*inputs) for i in ("fused", "eager"))
+    return f"index agree {(idx_f == idx_e).float().mean().item() * 100:.3f}% l_pos {rel_err(lf, le):.1e}"
 
 
 def main(argv=None):
@@ -162,10 +147,10 @@ def main(argv=None):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"triton {__import__('triton').__version__}  queue InfoNCE in {args.dtype}")
+    from densecl_fast.kernels import dense_match_triton, queue_infonce_recompute_triton
     from densecl_fast.kernels import queue_infonce_triton as qi
     rows = []
-    for case in INFONCE_CASES:
-        M, K, D = INFONCE_CASES[case]
+    for case, (M, K, D) in INFONCE_CASES.items():
         n_split = qi.split_layout(M, K, D, dtype, torch.device("cuda"))[0]
         name = f"queue InfoNCE {case} M={M} K={K} D={D}"
         inputs = infonce_inputs(case, dtype)
@@ -174,12 +159,11 @@ def main(argv=None):
         for impl, note in (("fused", f"; {n_split} splits"), ("recompute", " (recompute)")):
             try:
                 rows.append((name, "check", infonce_check(inputs, impl) + note, None))
-            except Exception as e:  # noqa: BLE001 (reported, the other cases still run)
+            except Exception as e:  # noqa: BLE001 -- reported; the other cases still run
                 rows.append((name, "check", f"{impl} failed: {type(e).__name__}: {e}"[:300], None))
-        if case == "dense" and args.sweep_splits:
-            for n in [int(x) for x in args.sweep_splits.split(",") if x.strip()]:
-                with qi.fixed_splits(n):
-                    measure(rows, name, f"fused/{n}sp", *infonce_step("fused", inputs))
+        for n in ([int(x) for x in args.sweep_splits.split(",") if x.strip()] if case == "dense" else []):
+            with qi.fixed_splits(n):
+                measure(rows, name, f"fused/{n}sp", *infonce_step("fused", inputs))
         del inputs
         torch.cuda.empty_cache()
     N, C, S2, D = MATCH_CASE
@@ -192,20 +176,18 @@ def main(argv=None):
     print(f"{'case':<48} {'impl':<10} {'fwd+bwd ms':>11} {'peak extra MiB':>15}  vs eager")
     base = {name: ms for name, impl, ms, _ in rows if impl == "eager" and isinstance(ms, float)}
     for name, impl, ms, mib in rows:
-        if impl == "check" or not isinstance(ms, float):
+        if isinstance(ms, float):
+            print(f"{name:<48} {impl:<10} {ms:>11.3f} {mib:>15.1f}  "
+                  + (f"{base[name] / ms:.2f}x" if name in base else "–"))
+        else:
             print(f"{name:<48} {'error' if impl == 'check' else impl:<10} {'':>11} {'':>15}  {ms}")
-            continue
-        vs = f"{base[name] / ms:.2f}x" if name in base else "–"
-        print(f"{name:<48} {impl:<10} {ms:>11.3f} {mib:>15.1f}  {vs}")
     for name in base:
-        times = {impl: ms for n, impl, ms, _ in rows if n == name and impl in IMPLS and isinstance(ms, float)}
-        if "fused" not in times:
-            continue
-        print(f"speed-up of fused over eager, {name}: {times['eager'] / times['fused']:.1f}x"
-              + (f", over compiled: {times['compiled'] / times['fused']:.1f}x" if "compiled" in times else "")
-              + (f", over recompute: {times['recompute'] / times['fused']:.2f}x" if "recompute" in times else ""))
-    from densecl_fast.kernels import dense_match_triton, queue_infonce_recompute_triton, queue_infonce_triton
-    for mod in (queue_infonce_triton, queue_infonce_recompute_triton, dense_match_triton):
+        t = {impl: ms for n, impl, ms, _ in rows if n == name and impl in IMPLS and isinstance(ms, float)}
+        if "fused" in t:
+            print(f"speed-up of fused over eager, {name}: {t['eager'] / t['fused']:.1f}x"
+                  + (f", over compiled: {t['compiled'] / t['fused']:.1f}x" if "compiled" in t else "")
+                  + (f", over recompute: {t['recompute'] / t['fused']:.2f}x" if "recompute" in t else ""))
+    for mod in (qi, queue_infonce_recompute_triton, dense_match_triton):
         for kern in mod.AUTOTUNED_KERNELS:
             fn = kern
             while hasattr(fn, "fn"):   # the autotuner and heuristics wrap the jitted function
