@@ -1,11 +1,6 @@
-"""The pytest-benchmark cases of perf/: quick, repeatable pieces of the step, the kernels, the data.
-
-    pytest perf/ --benchmark-only          # CUDA cases are skipped without a GPU
-    pytest perf/bench_cases.py -k kernel   # one group: step | kernel | data
-
-Every case synchronizes inside the timed call, so a round is the device time of the work plus
-launch; `extra_info` carries images/s (or TFLOP/s) derived from the mean round. Inputs, steps and
-loaders come from perf/bench_kernels.py and perf/bench_data.py; whole-suite numbers from `python -m perf`.
+"""pytest-benchmark cases: pieces of the step, the kernels, the data (`pytest perf/ --benchmark-only`,
+`-k step|kernel|data`; CUDA cases skip without a GPU). Each timed call ends in a synchronize;
+`extra_info` has images/s (or TFLOP/s). Inputs and loaders: perf/bench_kernels.py, perf/bench_data.py.
 """
 import os
 
@@ -150,6 +145,7 @@ def jpeg_folder(tmp_path_factory):
 
 
 def data_case(benchmark, folder, data_backend, device, tmp_path, batch=16, image_size=64, dtype=torch.float32):
+    """Whole epochs of the library's loader; the first (build, workers, page cache) is not timed."""
     loader = make_loader(folder, data_backend, batch, device, image_size, min(2, os.cpu_count() or 1),
                          tmp_path / "cache", dtype=dtype)
     epochs = iter(range(1_000_000))
@@ -157,10 +153,8 @@ def data_case(benchmark, folder, data_backend, device, tmp_path, batch=16, image
     def epoch():
         loader.set_epoch(next(epochs))
         return sum(q.shape[0] for q, _ in loader)
-    epoch()   # warm-up: build, workers, page cache
-    n = bench(benchmark, epoch, rounds=3, warmup_rounds=0)
+    n = bench(benchmark, epoch, rounds=3, per_call=len(loader) * batch, warmup_rounds=1)
     benchmark.extra_info["images_per_epoch"] = n
-    benchmark.extra_info["images_per_s"] = n / benchmark.stats.stats.mean
     assert n == len(loader) * batch
 
 

@@ -5,10 +5,9 @@
     python -m perf.bench_data --device cuda --backends dali --sweep data.dali.hw_decoder_load=0.5,0.65,0.8,0.95
 
 Images/s counts source images per second, each delivered as two augmented views on the target
-device (what a training step consumes), after `--warmup` untimed batches. The JPEGs are
-perf/jpegs.py's. Loader options are config keys given as `data.<key>=<value>` overrides, passed to
-the config loader untouched as the trainer would take them; `--sweep KEY=V1,V2,...` times the DALI
-loader once per value. pytest-benchmark cases of the same pipeline: perf/bench_cases.py (`-k data`).
+device (what a training step consumes), after `--warmup` untimed batches. Loader options are config
+keys given as `data.<key>=<value>` overrides, taken as the trainer takes them; `--sweep KEY=V1,...`
+times the DALI loader once per value. pytest-benchmark cases: perf/bench_cases.py (`-k data`).
 """
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def make_loader(folder, backend, batch, device, image_size, workers, cache_dir, overrides=(), config=None,
                 channels_last=True, dtype=torch.float32):
-    """The library's own loader over `folder` (shared with the pytest-benchmark data cases)."""
+    """The library's own loader over `folder` (the pytest-benchmark data cases use it too)."""
     cfg = load_config(config, [f"data.source={folder}", f"data.backend={backend}", f"data.image_size={image_size}",
                                f"data.num_workers={workers}", f"data.cache_dir={cache_dir}", *overrides])
     return build_loader(cfg.data, batch_size=batch, device=torch.device(device), channels_last=channels_last,
@@ -39,36 +38,32 @@ def make_loader(folder, backend, batch, device, image_size, workers, cache_dir, 
 
 def time_loader(loader, steps, warmup, device):
     """Images/s over `steps` batches after `warmup` untimed ones (epochs chained as needed)."""
-    def sync():
-        if device.startswith("cuda"):
+    def now():
+        if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter()
 
     def batches():
-        epoch = 0
-        while True:
+        for epoch in range(1 << 30):
             loader.set_epoch(epoch)
             yield from loader
-            epoch += 1
 
     it = batches()
     for _ in range(warmup):
         next(it)
-    t0 = sync()
+    t0 = now()
     n = sum(next(it)[0].shape[0] for _ in range(steps))
-    dt = sync() - t0
+    dt = now() - t0
     it.close()
     return {"images_per_s": n / dt, "seconds": dt, "batches": steps, "batch": n // steps}
 
 
 def run(args):
-    folder = args.data_dir
-    if not folder:
-        w, h = map(int, args.resolution.split("x"))
-        folder = ensure_jpeg_folder(args.cache_dir, args.num_images, w, h, workers=os.cpu_count() or 1)["path"]
+    folder = args.data_dir or ensure_jpeg_folder(args.cache_dir, args.num_images, *map(int, args.resolution.split("x")),
+                                                 workers=os.cpu_count())["path"]
+    key, _, values = args.sweep.partition("=")
     results = []
     for backend in args.backends.split(","):
-        key, _, values = args.sweep.partition("=")
         for extra in ([[f"{key}={v}"] for v in values.split(",")] if backend == "dali" and args.sweep else [[]]):
             loader = make_loader(folder, backend, args.batch, args.device, args.image_size, args.threads,
                                  args.cache_dir, [*args.overrides, *extra], args.config, not args.nchw,
@@ -77,7 +72,6 @@ def run(args):
                 r = time_loader(loader, args.steps, args.warmup, args.device)
             finally:
                 getattr(loader, "close", lambda: None)()
-                del loader
             r.update(backend=backend, device=args.device, threads=args.threads, image_size=args.image_size,
                      dtype=args.dtype if backend == "dali" else "fp32", overrides=list(args.overrides) + extra)
             results.append(r)
@@ -90,32 +84,30 @@ def run(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m perf.bench_data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.dali.hue=linear")
-    p.add_argument("--config", default=None, help="preset or YAML file for the data section (default: the "
-                   "library defaults)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--backends", default="dali,torch", help="comma-separated: dali, torch (default dali,torch)")
-    p.add_argument("--batch", type=int, default=256, help="images per batch (default 256)")
-    p.add_argument("--steps", type=int, default=40, help="timed batches (default 40)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed batches first (default 5)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="DALI CPU threads / torch DataLoader workers (default: the CPU count)")
-    p.add_argument("--image-size", type=int, default=224, help="side of each view (default 224)")
-    p.add_argument("--num-images", type=int, default=2048, help="JPEGs in the generated folder (default 2048)")
-    p.add_argument("--resolution", default="500x375", help="WxH of the generated JPEGs (default 500x375)")
-    p.add_argument("--data-dir", default="", help="an image folder to read instead of generated JPEGs")
-    p.add_argument("--cache-dir", default="~/.cache/densecl_fast", help="where the JPEGs are kept")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="DALI output dtype (default fp32)")
-    p.add_argument("--nchw", action="store_true", help="contiguous NCHW instead of channels-last")
-    p.add_argument("--sweep", default="", help="KEY=V1,V2,...: time the DALI loader once per value of a config "
-                   "key, e.g. data.dali.hw_decoder_load=0.5,0.65,0.8 (GPU decoding only)")
-    p.add_argument("--json", default="", help="also write the results here")
+    add = p.add_argument
+    add("overrides", nargs="*", help="key=value config overrides, e.g. data.dali.hue=linear")
+    add("--config", default=None, help="preset or YAML file for the data section (default: the library defaults)")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    add("--backends", default="dali,torch", help="comma-separated: dali, torch (default dali,torch)")
+    add("--batch", type=int, default=256, help="images per batch (default 256)")
+    add("--steps", type=int, default=40, help="timed batches (default 40)")
+    add("--warmup", type=int, default=5, help="untimed batches first (default 5)")
+    add("--threads", type=int, default=os.cpu_count(), help="DALI CPU threads / DataLoader workers (default: CPUs)")
+    add("--image-size", type=int, default=224, help="side of each view (default 224)")
+    add("--num-images", type=int, default=2048, help="JPEGs in the generated folder (default 2048)")
+    add("--resolution", default="500x375", help="WxH of the generated JPEGs (default 500x375)")
+    add("--data-dir", default="", help="an image folder to read instead of generated JPEGs")
+    add("--cache-dir", default="~/.cache/densecl_fast", help="where the JPEGs are kept")
+    add("--dtype", default="fp32", choices=sorted(DTYPES), help="DALI output dtype (default fp32)")
+    add("--nchw", action="store_true", help="contiguous NCHW instead of channels-last")
+    add("--sweep", default="", help="KEY=V1,V2,...: time the DALI loader once per value of a config key, "
+        "e.g. data.dali.hw_decoder_load=0.5,0.65,0.8 (GPU decoding only)")
+    add("--json", default="", help="also write the results here")
     args = p.parse_args(argv)
     if args.sweep and "=" not in args.sweep:
         p.error("--sweep must look like KEY=V1,V2,...")
-    for name in ("steps", "batch"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1")
+    if min(args.steps, args.batch) < 1:
+        p.error("--steps and --batch must be >= 1")
     return args
 
 

@@ -1,18 +1,15 @@
-"""Fused Triton loss kernels vs the eager reference vs the torch.compile'd reference (CUDA), and the
-shared kernel harness of perf/bench_cases.py (inputs, fwd+bwd steps, median ms, peak extra MiB).
+"""Fused Triton loss kernels vs the eager and the torch.compile'd reference (CUDA), forward +
+backward at the shapes of DenseCL R50 (batch 256, 224 px, queue 65,536, bf16); also the kernel
+harness of perf/bench_cases.py (inputs, steps, median ms, peak MiB beyond the inputs).
 
     python -m perf.bench_kernels            # one table, all measured in this run
     python -m perf.bench_kernels --sweep-splits 1,2,3,4,6,8   # + the one-pass kernel per split count
     pytest perf/bench_cases.py -k kernel    # the same cases under pytest-benchmark
 
-Implementations: `fused` (one-pass queue InfoNCE, kernels/queue_infonce_triton.py, and the dense
-matching kernel), `recompute` (the two-pass queue InfoNCE whose backward recomputes the logits,
-kept for this comparison), `eager` (kernels/reference.py) and `compiled` (the same, torch.compile'd).
-Shapes of DenseCL R50, batch 256, 224 px, queue 65,536: queue InfoNCE dense M = 256*7*7 = 12,544
-rows, global M = 256, K = 65,536, D = 128; dense matching N = 256, C = 2048, S^2 = 49 (C5 bf16
-channels_last, grids fp32, as the model passes them under AMP). Each is timed forward + backward
-(median of triton.testing.do_bench, L2 flushed) with its peak memory beyond the inputs, plus the
-error of the fused result against the eager one as a check of the GPU path.
+`fused`: the one-pass queue InfoNCE and the dense matching kernel; `recompute`: the two-pass queue
+InfoNCE (backward recomputes the logits), kept for this comparison; `eager`: kernels/reference.py;
+`compiled`: the same under torch.compile. Times are medians of triton.testing.do_bench (L2 flushed);
+"check" rows give the error of a kernel against eager on the same inputs.
 """
 import argparse
 import sys
@@ -23,8 +20,8 @@ import torch.nn.functional as F
 from densecl_fast import kernels
 
 T = 0.2
-INFONCE_CASES = {"dense": (12544, 65536, 128), "global": (256, 65536, 128)}
-MATCH_CASE = (256, 2048, 49, 128)  # N, C, S^2, D
+INFONCE_CASES = {"dense": (12544, 65536, 128), "global": (256, 65536, 128)}   # M (256 or 256*7*7), K, D
+MATCH_CASE = (256, 2048, 49, 128)  # N, C, S^2, D: C5 bf16 channels_last, grids fp32, as under AMP
 IMPLS = ("fused", "recompute", "eager", "compiled")
 MATCH_IMPLS = ("fused", "eager", "compiled")
 _compiled = {}
@@ -126,8 +123,8 @@ def infonce_check(inputs, impl="fused"):
 
 
 def match_check(inputs):
-    (lf, idx_f), (le, idx_e) = (_fn("match", i)(*inputs) for i in ("fused", "eager"))
-    return f"index agree {(idx_f == idx_e).float().mean().item() * 100:.3f}% l_pos {rel_err(lf, le):.1e}"
+    (lf, i_f), (le, i_e) = (_fn("match", i)(*inputs) for i in ("fused", "eager"))
+    return f"index agree {(i_f == i_e).float().mean().item() * 100:.3f}% l_pos {rel_err(lf, le):.1e}"
 
 
 def main(argv=None):

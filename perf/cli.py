@@ -7,18 +7,14 @@
     python -m perf --data-dir /data/imagenet/train  # end-to-end variants on real data
     python -m perf --config densecl_r50_200e_in1k optim.batch_size=128   # key=value overrides
 
-Run it from the repository root, so `-m` measures this checkout, not an installed copy.
-
-Every variant (--list-variants names them) runs the trainer's own train_step in this process, on
-one card, one after the other; model-only variants are fed synthetic tensors on the device, the
-end-to-end ones the torchvision or DALI loader over JPEGs (generated 500x375, or --data-dir) with
-the fastest model-only setting. Per variant: images/s (median, min-max over repeats), ms per stage
-of the step (densecl_fast.stages; CUDA events, wall clock on the CPU), peak memory, TFLOP/s and MFU
-(against the bf16 matmul ceiling measured in-process, or --peak-tflops). --out gets results.json,
-results.md, throughput.png, stages.png and, with --trace, trace_<variant>.json.gz. A failing
-variant is recorded and the suite goes on; --budget-seconds gives each variant one time cap before
-it starts (an equal share of what is left, compile estimates set aside): repeats shrink to fit,
-variants that no longer fit are "skipped: budget".
+Run from the repository root (`-m` then measures this checkout). Each variant (--list-variants)
+runs the trainer's own train_step in this process on one card, fed synthetic tensors on the device
+or, end to end, the torchvision or DALI loader over JPEGs. Per variant: images/s (median, min-max
+over repeats), ms per stage, peak memory, TFLOP/s and MFU; --out gets results.json, results.md,
+throughput.png, stages.png (and trace_<variant>.json.gz with --trace). A failing variant is recorded
+and the suite goes on; --budget-seconds gives each variant one time cap before it starts (an equal
+share of what is left, compile estimates set aside): repeats shrink to fit, variants that no longer
+fit are "skipped: budget".
 
 Exit status: 0 when at least one variant was measured, 1 when none was, 2 on a bad config, 130 when
 interrupted (the results measured so far are written in every case).
@@ -46,56 +42,52 @@ def _ints(sep, least, what):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m perf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("what to run")
-    g.add_argument("--config", default=None,
-                   help="preset or YAML file (default: densecl_r50_200e_in1k on CUDA, smoke on the CPU)")
-    g.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.batch_size=128")
-    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    g.add_argument("--variants", default=None, help="comma-separated subset of the variants above (default: all)")
-    g.add_argument("--skip", default=None, help="comma-separated variants to leave out")
-    g.add_argument("--baseline-batch", type=int, default=32,
-                   help="per-GPU batch of the mmselfsup-style variant (default 32, the seed's 8x32)")
-    g.add_argument("--compile-mode", default="default",
-                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
-    g.add_argument("--cudnn-benchmark", action="store_true",
-                   help="set torch.backends.cudnn.benchmark (the trainer leaves it off)")
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("how long")
-    g.add_argument("--warmup", type=int, default=5, help="warm-up steps per variant (default 5; compile is in the first)")
-    g.add_argument("--steps", type=int, default=10, help="timed steps per repeat (default 10)")
-    g.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (default 5)")
-    g.add_argument("--budget-seconds", type=float, default=480.0,
-                   help="wall-clock budget of the whole suite, compile and set-up included (default 480; "
-                        "0 = unlimited): repeats shrink to fit, variants that no longer fit are skipped")
-    g.add_argument("--compile-estimate-s", type=float, default=None,
-                   help="expected compile time before one was measured, set aside in the time caps "
-                        "(default 120 on CUDA, 90 on the CPU)")
-    g = p.add_argument_group("data variants")
-    g.add_argument("--data-dir", default=None, help="image folder for the end-to-end variants (default: generated JPEGs)")
-    g.add_argument("--data-images", type=int, default=0,
-                   help="number of generated JPEG files (default: enough that the timed steps stay in one epoch)")
-    g.add_argument("--data-resolution", type=_ints("x", 8, "WIDTHxHEIGHT, e.g. 500x375"), default=(500, 375),
-                   help="generated JPEG size (default 500x375)")
-    g.add_argument("--data-cache", default="~/.cache/densecl_fast/perf", help="where generated JPEGs are kept")
-    g.add_argument("--workers", type=int, default=None,
-                   help="loader workers (torchvision) / CPU threads (DALI) (default: min(16, CPU count))")
-    g = p.add_argument_group("outputs")
-    g.add_argument("--out", default=None, help="results folder (default perf/results/<date-time>)")
-    g.add_argument("--peak-tflops", type=float, default=None,
-                   help="the card's bf16 matmul ceiling in TFLOP/s for MFU (default: measured in-process)")
-    g.add_argument("--trace", action="store_true",
-                   help="also write a Chrome trace (trace_<variant>.json.gz) of a few steps of each variant")
-    g.add_argument("--trace-variants", default=None, help="with --trace: only these (comma-separated)")
-    g.add_argument("--trace-steps", type=int, default=3, help="steps per trace (default 3)")
-    g.add_argument("--gpus", type=_ints(",", 1, "comma-separated card counts, e.g. 1,8"), default=[1, 8],
-                   help="card counts for the projection (default 1,8)")
-    g.add_argument("--scaling-efficiency", type=float, default=0.9,
-                   help="assumed per-card efficiency on more than one card (default 0.9)")
-    g.add_argument("--epochs", type=int, default=200, help="projection: epochs (default 200)")
-    g.add_argument("--dataset-images", type=int, default=1_281_167, help="projection: images per epoch (ImageNet-1k)")
-    g.add_argument("--no-plots", action="store_true")
-    g.add_argument("--quiet", action="store_true", help="no progress lines")
-    g.add_argument("--list-variants", action="store_true", help="print the variants and exit")
+    add = p.add_argument_group("what to run").add_argument
+    add("--config", default=None, help="preset or YAML file (default: densecl_r50_200e_in1k on CUDA, smoke on the CPU)")
+    add("overrides", nargs="*", help="key=value config overrides, e.g. optim.batch_size=128")
+    add("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    add("--variants", default=None, help="comma-separated subset of the variants above (default: all)")
+    add("--skip", default=None, help="comma-separated variants to leave out")
+    add("--baseline-batch", type=int, default=32,
+        help="per-GPU batch of the mmselfsup-style variant (default 32, the seed's 8x32)")
+    add("--compile-mode", default="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    add("--cudnn-benchmark", action="store_true", help="set torch.backends.cudnn.benchmark (the trainer leaves it off)")
+    add("--seed", type=int, default=0)
+    add = p.add_argument_group("how long").add_argument
+    add("--warmup", type=int, default=5, help="warm-up steps per variant (default 5; compile is in the first)")
+    add("--steps", type=int, default=10, help="timed steps per repeat (default 10)")
+    add("--repeats", type=int, default=5, help="timed repeats per variant (default 5)")
+    add("--budget-seconds", type=float, default=480.0,
+        help="wall-clock budget of the whole suite, compile and set-up included (default 480; 0 = unlimited): "
+             "repeats shrink to fit, variants that no longer fit are skipped")
+    add("--compile-estimate-s", type=float, default=None, help="expected compile time before one was measured, "
+        "set aside in the time caps (default 120 on CUDA, 90 on the CPU)")
+    add = p.add_argument_group("data variants").add_argument
+    add("--data-dir", default=None, help="image folder for the end-to-end variants (default: generated JPEGs)")
+    add("--data-images", type=int, default=0,
+        help="number of generated JPEG files (default: enough that the timed steps stay in one epoch)")
+    add("--data-resolution", type=_ints("x", 8, "WIDTHxHEIGHT, e.g. 500x375"), default=(500, 375),
+        help="generated JPEG size (default 500x375)")
+    add("--data-cache", default="~/.cache/densecl_fast/perf", help="where generated JPEGs are kept")
+    add("--workers", type=int, default=None,
+        help="loader workers (torchvision) / CPU threads (DALI) (default: min(16, CPU count))")
+    add = p.add_argument_group("outputs").add_argument
+    add("--out", default=None, help="results folder (default perf/results/<date-time>)")
+    add("--peak-tflops", type=float, default=None,
+        help="the card's bf16 matmul ceiling in TFLOP/s for MFU (default: measured in-process)")
+    add("--trace", action="store_true", help="also write a Chrome trace (trace_<variant>.json.gz) of a few steps")
+    add("--trace-variants", default=None, help="with --trace: only these (comma-separated)")
+    add("--trace-steps", type=int, default=3, help="steps per trace (default 3)")
+    add("--gpus", type=_ints(",", 1, "comma-separated card counts, e.g. 1,8"), default=[1, 8],
+        help="card counts for the projection (default 1,8)")
+    add("--scaling-efficiency", type=float, default=0.9,
+        help="assumed per-card efficiency on more than one card (default 0.9)")
+    add("--epochs", type=int, default=200, help="projection: epochs (default 200)")
+    add("--dataset-images", type=int, default=1_281_167, help="projection: images per epoch (ImageNet-1k)")
+    add("--no-plots", action="store_true")
+    add("--quiet", action="store_true", help="no progress lines")
+    add("--list-variants", action="store_true", help="print the variants and exit")
     return p
 
 

@@ -93,43 +93,36 @@ def _synced(device) -> float:
 
 
 def measure_matmul_tflops(device: torch.device, max_seconds: float = 10.0) -> dict:
-    """The achieved matmul ceiling: CUDA bf16 at 8192^3 and 16384x8192x8192 (best of 3 x 20,
-    wall clock between synchronizes); CPU bf16 and fp32 at 1024^3 (bf16 is emulated on many CPUs: the larger counts)."""
+    """The achieved matmul ceiling, best of 3 trials of back-to-back matmuls (wall clock between
+    synchronizes): bf16 at 8192^3 and 16384x8192x8192 on CUDA, fp32 at 1024^3 on the CPU (where
+    bf16 is emulated on many chips)."""
     cuda = device.type == "cuda"
     shapes = [(8192, 8192, 8192), (16384, 8192, 8192)] if cuda else [(1024, 1024, 1024)]
-    dtypes = {"bf16": torch.bfloat16} if cuda else {"bf16": torch.bfloat16, "fp32": torch.float32}
-    iters, trials = (20, 3) if cuda else (3, 2)
-    t_end, best = time.perf_counter() + max_seconds, {}
-    for dname, dtype in dtypes.items():
-        best[dname] = 0.0
-        for m, k, n in shapes:
-            if time.perf_counter() > t_end:
-                break
-            a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
-            c = a @ b
-            for trial in range(trials + 1):   # the first is a warm-up
-                t0 = _synced(device)
-                for _ in range(iters):
-                    torch.matmul(a, b, out=c)
-                if trial:
-                    best[dname] = max(best[dname], 2.0 * m * k * n * iters / (_synced(device) - t0) / 1e12)
-            del a, b, c
+    dtype, iters, trials = (torch.bfloat16, 20, 3) if cuda else (torch.float32, 3, 3)
+    t_end, best = time.perf_counter() + max_seconds, 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        c = a @ b
+        for trial in range(trials + 1):   # the first is a warm-up
+            t0 = _synced(device)
+            for _ in range(iters):
+                torch.matmul(a, b, out=c)
+            if trial:
+                best = max(best, 2.0 * m * k * n * iters / (_synced(device) - t0) / 1e12)
+        del a, b, c
+        if time.perf_counter() > t_end:
+            break
     if cuda:
         torch.cuda.empty_cache()
-    what = max(best, key=best.get)
-    return {"tflops": best[what], "source": "measured", "by_dtype": best,
-            "what": f"{what} matmul" + ("" if cuda else " (the larger of bf16 and fp32 on this CPU)"),
+    return {"tflops": best, "source": "measured", "what": "bf16 matmul" if cuda else "fp32 matmul",
             "method": f"best of {trials} trials x {iters} matmuls ({', '.join('x'.join(map(str, s)) for s in shapes)})"}
 
 
-FLOP_INCLUDES = ("torch.utils.flop_counter.FlopCounterMode over one training step (forward + backward) "
-                 "with the reference loss kernels; 2 FLOPs per multiply-accumulate; counts convolutions, "
-                 "linear layers and matmuls and their backward: query encoder forward + backward (~3x "
-                 "forward; the first conv has no input gradient), key encoder forward (1x), both neck "
-                 "branches, the queue logits of both losses (forward + gradient to the queries), and the "
-                 "dense matching (C5 similarity bmm). Not counted: elementwise ops, batch norm, "
-                 "normalisation, softmax/logsumexp, the momentum update and SGD (all memory-bound; "
-                 "together well under 1% of the total).")
+FLOP_INCLUDES = ("FlopCounterMode over one training step with the reference loss kernels, 2 FLOPs per "
+                 "multiply-accumulate: convolutions, linear layers and matmuls, forward and backward (query "
+                 "encoder ~3x forward, key encoder 1x, both necks, both losses' queue logits, the dense "
+                 "matching). Not counted: elementwise ops, BN, softmax, momentum update, SGD (memory-bound, "
+                 "well under 1% together).")
 
 
 def count_step_flops(cfg, batch: int, image_size: int) -> dict:

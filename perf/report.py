@@ -162,19 +162,6 @@ def markdown(results):
         L += ["", f"## Where the milliseconds go (ms per step, mean of the timed steps; {m['timing']})", ""]
         L += _table(["variant"] + cols + ["step"], [[v["name"]] + [_f(v["stages_ms"].get(c), "{:,.2f}") for c in cols]
                                                     + [_f(v.get("stage_step_ms"), "{:,.2f}")] for v in ok])
-        by = {v["name"]: v for v in variants}
-        e2e = [v for v in ok if v["settings"]["data"] != "synthetic"]
-        src = by.get(e2e[0]["settings"].get("settings_from", "")) if e2e else None
-        rows = [["synthetic", src["name"], _f(_ips(src)), "1.00x", _f(src["stages_ms"].get("data_wait"), "{:,.2f}"),
-                 "–"]] if _ips(src) else []
-        for v in e2e:
-            base = _ips(by.get(v["settings"].get("settings_from", "")))
-            rows.append([v["settings"]["data"], v["name"], _f(_ips(v)), _f(base and _ips(v) / base, "{:.2f}x"),
-                         _f(v["stages_ms"].get("data_wait"), "{:,.2f}"), _f(v.get("data_wait_host_ms"), "{:,.2f}")])
-        if e2e:
-            L += ["", "## Data feeding (same model settings: synthetic on-device tensors vs loaders)", ""]
-            L += _table(["data", "variant", "images/s", "vs synthetic", "data_wait stage, ms/step",
-                         "host blocked on the loader, ms/step"], rows)
     if pr:
         L += ["", f"## Projection: {pr['epochs']} epochs x {pr['images']:,} images", ""]
         head = pr.get("headline")

@@ -18,7 +18,6 @@ import shlex
 import signal
 import statistics
 import sys
-import threading
 import time
 import traceback
 
@@ -34,7 +33,7 @@ from densecl_fast.trainer import train_step
 from . import report
 from .environment import environment, process_peak_rss_bytes
 from .jpegs import ensure_jpeg_folder
-from .measure import STAGES, StageClock, count_step_flops, marks_for, measure_matmul_tflops
+from .measure import StageClock, count_step_flops, marks_for, measure_matmul_tflops
 from .sources import LoaderSource, Skip, SyntheticSource, fused_kernels_status, kernels_backend
 from .variants import default_variants, fit_plan
 
@@ -47,7 +46,9 @@ class Suite:
         self.say = (lambda *x: None) if a.quiet else (lambda *x: print("[perf]", *x, flush=True))
         self.t0 = t0
         self.budget_s = a.budget_seconds if a.budget_seconds and a.budget_seconds > 0 else math.inf
-        self.device = resolve_device(a.device)
+        if a.device == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda but no CUDA device is visible")
+        self.device = torch.device(a.device if a.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
         self.cuda = self.device.type == "cuda"
         self.cfg_name = a.config or ("densecl_r50_200e_in1k" if self.cuda else "smoke")
         self.cfg = load_config(self.cfg_name, list(a.overrides))
@@ -83,9 +84,11 @@ class Suite:
     def left(self):
         return self.budget_s - self.spent() - OUTPUT_RESERVE_S
 
-    def sync(self):
+    def now(self):
+        """The wall clock after the device has caught up."""
         if self.cuda:
             torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def save(self, plots=False):
         r, a = self.results, self.args
@@ -103,36 +106,32 @@ class Suite:
         report.write_json(os.path.join(a.out, "results.json"), r)
         with open(os.path.join(a.out, "results.md"), "w") as f:
             f.write(report.markdown(r))
+        return r
 
     def measure_setup(self):
         r, a = self.results, self.args
         r["environment"] = environment(self.device)
-        self.say(f"device {r['environment']['device_name']} | config {self.cfg_name} ({self.cfg.model.arch}, batch "
-                 f"{self.batch}, {self.image_size} px) | budget {a.budget_seconds or 'unlimited'} s | out {a.out}")
-        if a.peak_tflops:
-            r["peak"] = {"tflops": a.peak_tflops, "source": "given (--peak-tflops)", "what": "bf16 matmul",
-                         "method": None}
-        else:
-            r["peak"] = measure_matmul_tflops(self.device, max_seconds=min(15.0, max(1.0, self.left() / 20)))
-        self.say(f"ceiling: {report.tflops_text(r['peak']['tflops'])} TFLOP/s {r['peak']['what']}")
+        r["peak"] = ({"tflops": a.peak_tflops, "source": "given (--peak-tflops)", "what": "bf16 matmul", "method": None}
+                     if a.peak_tflops else measure_matmul_tflops(self.device, min(15.0, max(1.0, self.left() / 20))))
         try:
             r["flops"] = count_step_flops(self.cfg.model, self.batch, self.image_size)
-            self.say(f"FLOPs: {r['flops']['per_image'] / 1e9:,.2f} GFLOP per image per step")
         except Exception as e:  # noqa: BLE001 -- TFLOP/s and MFU are then left out
             r["flops"] = {"per_image": None, "error": f"{type(e).__name__}: {e}"}
+        self.say(f"{r['environment']['device_name']} | {self.cfg_name} ({self.cfg.model.arch}, batch {self.batch}, "
+                 f"{self.image_size} px) | ceiling {report.tflops_text(r['peak']['tflops'])} TFLOP/s | budget "
+                 f"{a.budget_seconds or 'unlimited'} s | out {a.out}")
 
     # -- the model, reused while the key stays the same (a compiled one keeps its graphs)
     def model_key(self, s):
         return (s["batch"], s["bn_group_size"], s["precision"], s["channels_last"], s["compile"], self.args.compile_mode)
 
     def drop_model(self):
-        if self.model is not None:
-            compiled, self.model = self.model[0][4], None
-            gc.collect()
-            if compiled:   # fresh models would otherwise pile up recompiles
-                torch._dynamo.reset()
-            if self.cuda:
-                torch.cuda.empty_cache()
+        if self.model is not None and self.model[0][4]:
+            torch._dynamo.reset()   # fresh models would otherwise pile up recompiles
+        self.model = None
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
 
     def get_model(self, s):
         key = self.model_key(s)
@@ -190,7 +189,8 @@ class Suite:
         if not math.isfinite(left):
             return math.inf
         own = self.compile_s if self.compiles(s) else 0.0
-        rest = [self.settings_for(v) for v in self.variants[index + 1:] if self.cuda or not v.cuda_only]
+        rest = [self.settings_for(v) for v in self.variants[index + 1:]
+                if (self.cuda or not v.cuda_only) and (v.data != "dali" or dali_available())]
         later = {self.model_key(r) for r in rest if r["compile"] and self.compiles(r)} - {self.model_key(s)}
         reserve = self.compile_s * len(later) if own + self.compile_s * len(later) <= left else 0.0
         return own + max(0.0, left - own - reserve) / (1 + len(rest))
@@ -205,26 +205,19 @@ class Suite:
         if s["data"] == "synthetic":
             return SyntheticSource(s["batch"], self.image_size, self.device, s["channels_last"], self.args.seed,
                                    self.input_dtype(s))
-        a, meta = self.args, self.results["meta"]
-        folder = a.data_dir
+        a, folder = self.args, self.args.data_dir
         if not folder:   # one folder for every data variant: enough that the timed steps stay in one epoch
             need = a.data_images or max((w + n * r + a.trace_steps + 4) * s["batch"] for w, n, r in
                                         (self.plan({**s, "data": v.data}) for v in self.variants if v.data != "synthetic"))
             if self.jpegs is None or self.jpegs["count"] < need:
-                self.say(f"  JPEG folder: {need:,} files in {a.data_cache} ...")
                 self.jpegs = ensure_jpeg_folder(a.data_cache, need, *a.data_resolution, workers=max(1, self.workers))
-            j, folder = self.jpegs, self.jpegs["path"]
-            meta["data"] = f"generated JPEGs {j['width']}x{j['height']} q90 ({j['distinct']} distinct, {j['count']:,} files)"
-        else:
-            meta["data"] = f"folder {folder}"
-        meta["data"] += f", {self.workers} workers/threads"
+            folder = self.jpegs["path"]
+        self.results["meta"]["data"] = f"{folder}, {self.workers} workers/threads"
         dcfg = copy.deepcopy(self.cfg.data)
         dcfg.source, dcfg.backend, dcfg.num_workers = folder, s["data"], self.workers
         loader = build_loader(dcfg, batch_size=s["batch"], rank=0, world_size=1, device=self.device,
-                              seed=self.args.seed, channels_last=s["channels_last"], dtype=self.input_dtype(s))
-        notes.append(f"data: {folder}, {len(loader)} steps per epoch")
-        if s["data"] == "dali" and not self.cuda:
-            notes.append("DALI on the CPU (CPU decoding): not the GPU pipeline the goal is about")
+                              seed=a.seed, channels_last=s["channels_last"], dtype=self.input_dtype(s))
+        notes.append(f"{len(loader)} steps per epoch")
         return LoaderSource(loader)
 
     # -- one variant
@@ -245,16 +238,12 @@ class Suite:
             need = (self.compile_s if self.compiles(s) else 0.0) + 2 * self.per_image_s * s["batch"]
             if left <= 0 or cap < need:
                 raise Skip(f"budget (needs ~{need:.0f} s, a cap of {max(0.0, cap):.0f} s of {max(0.0, left):.0f} s left)")
-            self.say(f"{tag}: start: {report.settings_text(rec)}"
-                     + (f" (settings of {s['settings_from']})" if "settings_from" in s else "")
-                     + (f" | cap {cap:.0f} s of {left:.0f} s left" if math.isfinite(cap) else ""))
+            self.say(f"{tag}: {report.settings_text(rec)} | cap {cap:.0f} s of {left:.0f} s left")
             with kernels_backend(s["fused"], self.device) as active:
                 rec["kernels_active"] = active
                 self.measure(v, s, rec, time.perf_counter() + cap)
             rec["status"] = "ok"
-            ips = rec["images_per_s"]
-            self.say(f"{tag}: done: {ips['median']:,.1f} images/s (min {ips['min']:,.1f}, max {ips['max']:,.1f}), "
-                     f"{rec['step_ms']:,.1f} ms/step [{time.monotonic() - t_start:.0f} s]")
+            self.say(f"{tag}: {rec['images_per_s']['median']:,.1f} images/s [{time.monotonic() - t_start:.0f} s]")
         except Skip as e:
             rec.update(status="skipped", reason=str(e))
             self.say(f"{tag}: skipped: {e}")
@@ -268,16 +257,14 @@ class Suite:
             if s["compile"] and rec.get("phase") in ("build", "first step"):
                 self.compile_failed[self.model_key(s)] = (v.name, rec["error"])
             self.drop_model()   # its state may be broken (OOM mid-step, failed compile)
-        finally:
-            rec["seconds"] = time.monotonic() - t_start
-            gc.collect()
-            if self.cuda:
-                torch.cuda.empty_cache()
+        rec["seconds"] = time.monotonic() - t_start
         return rec
 
     def measure(self, v, s, rec, deadline):
         a = self.args
-        if self.cuda:
+        if self.cuda:   # what the previous variant left unreferenced must not count in this one's peak
+            gc.collect()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
         compiling = self.compiles(s)
         rec["phase"] = "build"
@@ -302,17 +289,14 @@ class Suite:
                 clock.end_step()
 
         def timed_step():
-            t = time.perf_counter()
+            t = self.now()
             one_step(False)
-            self.sync()
-            return time.perf_counter() - t
+            return self.now() - t
 
         try:
             with stages.timed(clock):
                 warm, steps, repeats = self.plan(s)
                 rec["phase"] = "first step"
-                if compiling:
-                    self.say("  compiling (first step) ...")
                 first = rec["first_step_s"] = timed_step()
                 rec["phase"] = "warm-up"
                 times = []
@@ -329,21 +313,17 @@ class Suite:
                 fit = fit_plan(step_s, deadline - time.perf_counter(), steps, repeats)
                 if fit is None:
                     raise Skip(f"budget (a step takes {step_s:.1f} s, beyond this variant's cap)")
-                if fit != (steps, repeats):
-                    rec["notes"].append(f"timed {fit[0]} steps x {fit[1]} repeats instead of {steps} x {repeats} (budget)")
-                elif (steps, repeats) != (a.steps, a.repeats):
-                    rec["notes"].append(f"timed {steps} steps x {repeats} repeats, warm-up {warm} "
-                                        "(data variant: covers the loader's start-up and bursts)")
+                if fit != (a.steps, a.repeats):
+                    rec["notes"].append(f"timed {fit[0]} steps x {fit[1]} repeats, warm-up {warm}"
+                                        + (" (budget)" if fit != (steps, repeats) else " (the loader's bursts)"))
                 steps, repeats = fit
                 rec["phase"] = "timed"
                 wraps0, per_repeat = source.wraps, []
                 for _ in range(repeats):
-                    self.sync()
-                    t = time.perf_counter()
+                    t = self.now()
                     for _ in range(steps):
                         one_step(True)
-                    self.sync()
-                    per_repeat.append(steps * s["batch"] / (time.perf_counter() - t))
+                    per_repeat.append(steps * s["batch"] / (self.now() - t))
                 if source.wraps > wraps0:
                     rec["notes"].append(f"the loader crossed {source.wraps - wraps0} epoch boundaries while timed")
                 rec["final_loss"] = loss = float(out["loss"].detach().float())
@@ -362,34 +342,24 @@ class Suite:
 
     def record(self, s, rec, per_repeat, summ, host_wait):
         med = statistics.median(per_repeat)
-        rec["repeats_images_per_s"] = per_repeat
-        rec["images_per_s"] = {"median": med, "min": min(per_repeat), "max": max(per_repeat),
-                               "spread_pct": 100.0 * (max(per_repeat) - min(per_repeat)) / 2 / med,
-                               "stdev": statistics.stdev(per_repeat) if len(per_repeat) > 1 else 0.0,
-                               "repeats": len(per_repeat)}
-        rec["repeats"] = len(per_repeat)
-        rec["step_ms"] = 1e3 * s["batch"] / med
-        rec["stages_ms"] = {k: 1e3 * x for k, x in summ["stages"].items()}
-        rec["stages_ms"]["other"] = 1e3 * summ["other"]
-        rec["stage_step_ms"] = 1e3 * summ["step"]
-        if summ["nested"]:
-            rec["nested_stages_ms"] = {k: 1e3 * x for k, x in summ["nested"].items()}
-        missing = [st for st in STAGES if st not in summ["stages"]]
-        if missing:
-            rec["notes"].append("stage ranges not seen: " + ", ".join(missing))
+        lo, hi, n = min(per_repeat), max(per_repeat), len(per_repeat)
+        rec.update(repeats_images_per_s=per_repeat, repeats=n, step_ms=1e3 * s["batch"] / med,
+                   images_per_s={"median": med, "min": lo, "max": hi, "spread_pct": 50.0 * (hi - lo) / med,
+                                 "stdev": statistics.stdev(per_repeat) if n > 1 else 0.0, "repeats": n},
+                   stages_ms={k: 1e3 * x for k, x in {**summ["stages"], "other": summ["other"]}.items()},
+                   stage_step_ms=1e3 * summ["step"], nested_stages_ms={k: 1e3 * x for k, x in summ["nested"].items()})
         rec["data_wait_host_ms"] = 1e3 * statistics.mean(host_wait) if host_wait else None
         if self.cuda:
-            rec["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            rec["peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
+            rec.update(peak_memory_gib=torch.cuda.max_memory_allocated(self.device) / 2**30,
+                       peak_reserved_gib=torch.cuda.max_memory_reserved(self.device) / 2**30)
         else:
-            rec["peak_memory_gib"], rec["process_peak_rss_gib"] = None, process_peak_rss_bytes() / 2**30
+            rec.update(peak_memory_gib=None, process_peak_rss_gib=process_peak_rss_bytes() / 2**30)
         fl, peak = (self.results["flops"] or {}).get("per_image"), (self.results["peak"] or {}).get("tflops")
         if fl:
             rec["tflops"] = fl * med / 1e12
             rec["mfu"] = rec["tflops"] / peak if peak else None
             if rec["mfu"] and rec["mfu"] > 1.0:
-                rec["notes"].append("MFU above 100%: the measured ceiling is too low (a busy machine while it was "
-                                    "measured?); pass --peak-tflops")
+                rec["notes"].append("MFU above 100%: the measured ceiling is too low; pass --peak-tflops")
 
     def trace(self, v, one_step, rec):
         from torch.profiler import ProfilerActivity, profile
@@ -397,7 +367,7 @@ class Suite:
             with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])) as prof:
                 for _ in range(self.args.trace_steps):
                     one_step(False)
-                self.sync()
+                self.now()
             rec["trace"] = os.path.join(self.args.out, f"trace_{v.name}.json.gz")
             prof.export_chrome_trace(rec["trace"])
         except Exception as e:  # noqa: BLE001 -- a trace is an extra; the figures stand without it
@@ -409,18 +379,12 @@ class Suite:
             self.measure_setup()
         except KeyboardInterrupt:
             interrupted = True
-            self.say("interrupted during set-up; writing what was measured")
         self.save()
         for i, v in enumerate(self.variants):
-            if interrupted:
-                rec = {"status": "skipped", "reason": "interrupted"}
-            else:
-                try:
-                    rec = self.run_variant(i, v)
-                except KeyboardInterrupt:
-                    interrupted = True
-                    rec = {"status": "failed", "error": "interrupted"}
-                    self.say(f"{v.name}: interrupted; writing what was measured")
+            try:
+                rec = {"status": "skipped", "reason": "interrupted"} if interrupted else self.run_variant(i, v)
+            except KeyboardInterrupt:
+                interrupted, rec = True, {"status": "failed", "error": "interrupted"}
             if "name" not in rec:
                 rec = {"name": v.name, "title": v.title, **rec, "settings": self.settings_for(v), "data": v.data,
                        "notes": []}
@@ -432,17 +396,7 @@ class Suite:
             print("\n" + report.markdown(self.results), flush=True)
             print(f"[perf] wrote {self.args.out}/results.json, results.md"
                   + ("" if self.args.no_plots else ", throughput.png, stages.png") + f" in {self.spent():.0f} s")
-        if interrupted:
-            return 130
-        return 0 if any(r["status"] == "ok" for r in self.records) else 1
-
-
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is visible")
-    return torch.device(name)
+        return 130 if interrupted else 0 if any(r["status"] == "ok" for r in self.records) else 1
 
 
 def select_variants(args):
@@ -467,10 +421,8 @@ def run(args, argv=None, t0=None):
     def on_term(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    in_main = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, on_term) if in_main else None
+    old = signal.signal(signal.SIGTERM, on_term)
     try:
         return Suite(args, argv, t0).run()
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGTERM, old)

@@ -56,14 +56,18 @@ class LoaderSource:
         self.it = self.loader = None
 
 
+def _set_backend(name: str) -> str:
+    with warnings.catch_warnings():   # the DENSECL_KERNELS override warning: reported as a Skip instead
+        warnings.simplefilter("ignore")
+        return kernels.set_backend(name)
+
+
 @contextlib.contextmanager
 def kernels_backend(fused: bool, device: torch.device):
     """Fused (triton) or reference loss kernels for one variant; the previous backend is restored."""
     prev, want = kernels.get_backend(), ("triton" if fused else "reference")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            got = kernels.set_backend(want)
+        got = _set_backend(want)
         if got != want:
             raise Skip(f"kernels backend {want!r} requested but {got!r} is in effect (DENSECL_KERNELS is set)")
         try:
@@ -74,9 +78,7 @@ def kernels_backend(fused: bool, device: torch.device):
             raise Skip("fused kernels: not available (active backend is the reference)")
         yield active
     finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            kernels.set_backend(prev)
+        _set_backend(prev)
 
 
 def fused_kernels_status(device) -> str:
