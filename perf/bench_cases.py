@@ -10,7 +10,6 @@ import torch
 from densecl_fast import kernels
 from densecl_fast.config import load_config
 from densecl_fast.data import dali_available
-from densecl_fast.engines.single import SingleEngine
 from densecl_fast.model import DenseCL
 from densecl_fast.trainer import train_step
 
@@ -18,6 +17,8 @@ from .bench_data import make_loader
 from .bench_kernels import IMPLS, INFONCE_CASES, MATCH_IMPLS, infonce_inputs, infonce_step, match_inputs, \
     match_step, peak_extra_mib
 from .jpegs import ensure_jpeg_folder
+from .runner import build_model
+from .sources import SyntheticSource
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -49,15 +50,9 @@ def backend():
 
 def step_case(preset, overrides, device, batch, precision, channels_last):
     cfg = load_config(preset, [f"optim.batch_size={batch}", *overrides])
-    torch.manual_seed(0)
-    model = DenseCL(cfg.model).to(device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model.to(memory_format=fmt).train()
-    engine = SingleEngine(device, precision)  # the trainer's one-process engine: optimizer, autocast, step
-    engine.setup(model, cfg.optim, cfg.optim.lr * batch / 256)
-    size = cfg.data.image_size
-    x, y = (torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt) for _ in range(2))
-    return lambda: train_step(model, engine, x, y, 0.03, cfg.model.loss_lambda)
+    model, engine = build_model(cfg, device, precision, channels_last)
+    x, y = SyntheticSource(batch, cfg.data.image_size, device, channels_last, seed=0).next()
+    return lambda: train_step(model, engine, x, y, cfg.optim.lr * batch / 256, cfg.model.loss_lambda)
 
 
 def test_step_tiny_cpu(benchmark, backend):
@@ -80,18 +75,6 @@ def test_step_cuda(benchmark, backend, batch, precision, channels_last, extra):
     backend("reference")
     step = step_case("densecl_r50_200e_in1k", extra, torch.device("cuda"), batch, precision, channels_last)
     bench(benchmark, step, rounds=10 if batch == 256 else 20, per_call=batch, warmup_rounds=3)
-
-
-@needs_cuda
-def test_step_matmul_bf16_ceiling(benchmark):
-    n = 8192
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    c = torch.empty_like(a)
-
-    def mm():
-        for _ in range(10):
-            torch.matmul(a, b, out=c)
-    bench(benchmark, mm, rounds=10, per_call=10 * 2 * n ** 3 / 1e12, key="tflops")
 
 
 # ---- the loss kernels (shapes of DenseCL R50, batch 256; see perf/bench_kernels.py) ---------------

@@ -45,7 +45,7 @@ class Suite:
         a = self.args = args
         self.say = (lambda *x: None) if a.quiet else (lambda *x: print("[perf]", *x, flush=True))
         self.t0 = t0
-        self.budget_s = a.budget_seconds if a.budget_seconds and a.budget_seconds > 0 else math.inf
+        self.budget_s = a.budget_seconds if a.budget_seconds > 0 else math.inf
         if a.device == "cuda" and not torch.cuda.is_available():
             raise SystemExit("error: --device cuda but no CUDA device is visible")
         self.device = torch.device(a.device if a.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
@@ -62,8 +62,6 @@ class Suite:
         self.compile_failed = {}     # model key -> (variant, error): a failed compile is not retried
         self.compile_s = a.compile_estimate_s if a.compile_estimate_s is not None else (120.0 if self.cuda else 90.0)
         self.per_image_s = 0.0       # slowest seconds per image seen (bf16-equivalent), for the skip check
-        if os.path.exists(a.out) and not os.path.isdir(a.out):
-            raise SystemExit(f"error: --out {a.out} exists and is not a folder")
         os.makedirs(a.out, exist_ok=True)
         m = self.cfg.model
         self.results = {"meta": {
@@ -94,8 +92,7 @@ class Suite:
         r, a = self.results, self.args
         r["variants"] = self.records
         r["projection"] = report.projection(self.records, a.gpus, a.scaling_efficiency, a.dataset_images, a.epochs)
-        r["goal"] = report.goal_verdict(self.records, r["environment"].get("device_name", ""),
-                                        self.batch, self.image_size)
+        r["goal"] = report.goal_verdict(self.records, r["environment"].get("device_name", ""), self.batch, self.image_size)
         r["meta"]["seconds"] = self.spent()
         if plots and not a.no_plots:
             try:
@@ -106,7 +103,6 @@ class Suite:
         report.write_json(os.path.join(a.out, "results.json"), r)
         with open(os.path.join(a.out, "results.md"), "w") as f:
             f.write(report.markdown(r))
-        return r
 
     def measure_setup(self):
         r, a = self.results, self.args
@@ -140,16 +136,9 @@ class Suite:
         self.drop_model()
         cfg = copy.deepcopy(self.cfg)
         cfg.optim.batch_size, cfg.model.bn_group_size = s["batch"], s["bn_group_size"]
-        validate(cfg)
-        torch.manual_seed(self.args.seed)
-        model = DenseCL(cfg.model).to(self.device)
-        if s["channels_last"]:
-            model.to(memory_format=torch.channels_last)
-        engine = SingleEngine(self.device, s["precision"])   # the trainer's one-process engine
         mode = None if self.args.compile_mode == "default" else self.args.compile_mode
-        engine.setup(model, cfg.optim, cfg.optim.lr * s["batch"] / 256, compile=s["compile"], compile_mode=mode)
-        model.train()
-        self.model = (key, model, engine)
+        self.model = (key, *build_model(cfg, self.device, s["precision"], s["channels_last"], s["compile"], mode,
+                                        self.args.seed))
         return self.model[1:], False
 
     # -- settings, plan, cap
@@ -296,7 +285,7 @@ class Suite:
         try:
             with stages.timed(clock):
                 warm, steps, repeats = self.plan(s)
-                rec["phase"] = "first step"
+                rec["phase"] = "first step" if compiling else "warm-up"   # a failure in "first step" is the compile's
                 first = rec["first_step_s"] = timed_step()
                 rec["phase"] = "warm-up"
                 times = []
@@ -397,6 +386,16 @@ class Suite:
             print(f"[perf] wrote {self.args.out}/results.json, results.md"
                   + ("" if self.args.no_plots else ", throughput.png, stages.png") + f" in {self.spent():.0f} s")
         return 130 if interrupted else 0 if any(r["status"] == "ok" for r in self.records) else 1
+
+
+def build_model(cfg, device, precision, channels_last, compile=False, compile_mode=None, seed=0):
+    """DenseCL and the trainer's one-process engine (optimizer, autocast, step body) as a training run has them."""
+    validate(cfg)
+    torch.manual_seed(seed)
+    model = DenseCL(cfg.model).to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    engine = SingleEngine(device, precision)
+    engine.setup(model, cfg.optim, cfg.optim.lr * cfg.optim.batch_size / 256, compile=compile, compile_mode=compile_mode)
+    return model.train(), engine
 
 
 def select_variants(args):
