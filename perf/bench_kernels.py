@@ -94,12 +94,16 @@ def peak_extra_mib(step, grads):
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
-def measure(rows, name, impl, step, grads):
-    """Append (name, impl, median ms, peak extra MiB), or (name, impl, error text, None)."""
+def timed(step, grads):
+    step()  # compile / autotune outside the timings
+    return median_ms(step, grads), peak_extra_mib(step, grads)
+
+
+def attempt(rows, name, impl, fn):
+    """Append (name, impl, *fn()), or (name, impl, error text, None): the other rows still run."""
     try:
-        step()  # compile / autotune outside the timings
-        rows.append((name, impl, median_ms(step, grads), peak_extra_mib(step, grads)))
-    except Exception as e:  # noqa: BLE001 -- reported in the table; the other rows still run
+        rows.append((name, impl, *fn()))
+    except Exception as e:  # noqa: BLE001 -- reported in the table
         rows.append((name, impl, f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300], None))
         torch.cuda.empty_cache()
 
@@ -152,23 +156,20 @@ def main(argv=None):
         name = f"queue InfoNCE {case} M={M} K={K} D={D}"
         inputs = infonce_inputs(case, dtype)
         for impl in impls:
-            measure(rows, name, impl, *infonce_step(impl, inputs))
+            attempt(rows, name, impl, lambda: timed(*infonce_step(impl, inputs)))
         for impl, note in (("fused", f"; {n_split} splits"), ("recompute", " (recompute)")):
-            try:
-                rows.append((name, "check", infonce_check(inputs, impl) + note, None))
-            except Exception as e:  # noqa: BLE001 -- reported; the other cases still run
-                rows.append((name, "check", f"{impl} failed: {type(e).__name__}: {e}"[:300], None))
+            attempt(rows, name, "check", lambda: (infonce_check(inputs, impl) + note, None))
         for n in ([int(x) for x in args.sweep_splits.split(",") if x.strip()] if case == "dense" else []):
             with qi.fixed_splits(n):
-                measure(rows, name, f"fused/{n}sp", *infonce_step("fused", inputs))
+                attempt(rows, name, f"fused/{n}sp", lambda: timed(*infonce_step("fused", inputs)))
         del inputs
         torch.cuda.empty_cache()
     N, C, S2, D = MATCH_CASE
     name = f"dense matching N={N} C={C} S2={S2} D={D}"
     inputs = match_inputs()
     for impl in [i for i in impls if i in MATCH_IMPLS]:
-        measure(rows, name, impl, *match_step(impl, inputs))
-    rows.append((name, "check", match_check(inputs), None))
+        attempt(rows, name, impl, lambda: timed(*match_step(impl, inputs)))
+    attempt(rows, name, "check", lambda: (match_check(inputs), None))
 
     print(f"{'case':<48} {'impl':<10} {'fwd+bwd ms':>11} {'peak extra MiB':>15}  vs eager")
     base = {name: ms for name, impl, ms, _ in rows if impl == "eager" and isinstance(ms, float)}
