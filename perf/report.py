@@ -118,8 +118,9 @@ def settings_text(v):
                          "dali": "DALI loader"}.get(s.get("data"), str(s.get("data")))])
 
 
-def _table(head, rows):
-    return ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)] + \
+def _table(head, rows, text=(0,)):
+    """A markdown table; the columns in `text` are left-aligned, the others (figures) right-aligned."""
+    return ["| " + " | ".join(head) + " |", "|" + "".join("---|" if i in text else "---:|" for i in range(len(head)))] + \
            ["| " + " | ".join(map(str, r)) + " |" for r in rows]
 
 
@@ -155,7 +156,7 @@ def markdown(results):
                      _f(v.get("peak_memory_gib"), "{:,.1f} GiB"), tflops_text(v.get("tflops")),
                      _f(v.get("mfu"), "{:.1%}"), status.replace("|", "/").replace("\n", " ")[:160]])
     L += ["", "## Throughput", ""] + _table(["variant", "settings", "images/s (median)", "spread", "ms/step",
-                                             "peak memory", "TFLOP/s", "MFU", "status"], rows)
+                                             "peak memory", "TFLOP/s", "MFU", "status"], rows, (0, 1, 8))
     ok = [v for v in variants if v["status"] == "ok" and v.get("stages_ms")]
     if ok:
         cols = [s for s in STAGES if any(s in v["stages_ms"] for v in ok)] + ["other"]
@@ -167,7 +168,7 @@ def markdown(results):
         head = pr.get("headline")
         if head:
             L += [f"From **{head['variant']}** ({head['note']}), {head['images_per_s_per_gpu']:,.0f} images/s per card:",
-                  ""] + _table(["cards", "wall clock"], [[n, _hours(h)] for n, h in head["hours"].items()])
+                  ""] + _table(["cards", "wall clock"], [[n, _hours(h)] for n, h in head["hours"].items()], (1,))
         if pr.get("seed_recipe_8x32"):
             s = pr["seed_recipe_8x32"]
             L.append(f"\nSeed recipe ({s['note']}): {_hours(s['hours_on_8'])}.")
