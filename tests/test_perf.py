@@ -124,6 +124,18 @@ def test_failing_variant_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch
     assert "failed: RuntimeError: boom" in (out / "results.md").read_text()
 
 
+def test_a_failed_ceiling_measurement_leaves_mfu_out_and_the_variants_run(tmp_path, monkeypatch):
+    def fail(*a, **k):
+        raise RuntimeError("no matmul today")
+
+    monkeypatch.setattr(runner, "measure_matmul_tflops", fail)
+    rc, res, out = run_cli(tmp_path, "--variants", "eager_bf16_cl", "--no-plots")
+    assert rc == 0
+    assert res["peak"]["tflops"] is None and "no matmul today" in res["peak"]["method"]
+    v = by_name(res)["eager_bf16_cl"]
+    assert v["status"] == "ok" and v["mfu"] is None and v["tflops"] > 0
+
+
 def test_failed_compile_is_not_retried(tmp_path, monkeypatch):
     def broken_compile(*a, **k):
         raise RuntimeError("inductor exploded")
