@@ -40,9 +40,6 @@ def build_loader(data_cfg, *, batch_size: int, rank: int = 0, world_size: int = 
                  device: torch.device = torch.device("cpu"), seed: int = 0, channels_last: bool = False,
                  dtype: torch.dtype = torch.float32):
     """`dtype` is a hint: DALI emits it directly (bf16 halves the bytes); torchvision emits float32."""
-    if not str(data_cfg.source).strip():
-        raise DataError("data.source is empty: point it at an image folder, a .txt file list, or 'synthetic' "
-                        "(e.g. data.source=/data/imagenet/train)")
     backend = resolve_backend(data_cfg, device)
     if backend == "dali":
         if not dali_available():

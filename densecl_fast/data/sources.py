@@ -118,7 +118,8 @@ def resolve_source(data_cfg) -> Listing:
     """List `data_cfg.source` without judging the result (see `list_samples` for the checks)."""
     source = str(data_cfg.source).strip()
     if not source:
-        raise DataError("data.source is empty: give an image folder, a .txt file list, or 'synthetic'")
+        raise DataError("data.source is empty: point it at an image folder, a .txt file list, or 'synthetic' "
+                        "(e.g. data.source=/data/imagenet/train)")
     fmnist = fashion_mnist.parse_source(source)
     if fmnist is not None:
         folder = fashion_mnist.ensure_image_folder(*fmnist, data_cfg.cache_dir)
