@@ -30,7 +30,9 @@ import numpy as np
 import nvidia.dali.fn as fn
 import nvidia.dali.math as dmath
 import nvidia.dali.types as types
+import torch
 from nvidia.dali import pipeline_def
+from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD
 from .params import GRAPH_FIELDS
@@ -207,3 +209,11 @@ class DecodeCheck:
         except Exception as e:  # DALI raises RuntimeError subclasses with the decoder's message
             self._pipe = None   # "no longer valid" after an error: a fresh one next time
             return f"DALI cannot decode it: {first_error_line(e)}"
+
+
+def gpu_output_to_torch(t, device: torch.device) -> torch.Tensor:
+    """A dense DALI GPU output as a new torch tensor on `device`, copied on torch's current stream
+    (so the training step that follows sees it without another sync)."""
+    x = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
+    feed_ndarray(t, x, cuda_stream=torch.cuda.current_stream(device))
+    return x

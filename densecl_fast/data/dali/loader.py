@@ -23,7 +23,7 @@ from ...config import validate_dali
 from .. import DataError
 from ..plan import BadFileLog, check_layout
 from .feeds import Batch, open_feed
-from .graph import DecodeCheck, build_two_view_pipeline, first_error_line
+from .graph import DecodeCheck, build_two_view_pipeline, first_error_line, gpu_output_to_torch
 from .params import draw_view_params, graph_inputs
 
 log = logging.getLogger(__name__)
@@ -231,9 +231,7 @@ class DaliTwoViewLoader:
             if self.device.type == "cpu":
                 x = torch.from_numpy(np.array(t))
             else:
-                from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
-                x = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=self.device)
-                feed_ndarray(t, x, cuda_stream=torch.cuda.current_stream(self.device))
+                x = gpu_output_to_torch(t, self.device)
             if self.channels_last:
                 x = x.permute(0, 3, 1, 2)          # NHWC memory = channels-last NCHW, no copy
             if x.dtype != self.dtype:
