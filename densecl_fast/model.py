@@ -6,6 +6,8 @@ Loss = (1 - λ) · global InfoNCE + λ · dense InfoNCE, both against a queue of
 from __future__ import annotations
 
 import copy
+import functools
+import math
 
 import torch
 import torch.distributed as dist
@@ -77,6 +79,17 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+def concat_all_gather_many(*xs: torch.Tensor) -> tuple:
+    """concat_all_gather of tensors that share their batch dimension, in one collective instead
+    of one each: flattened side by side in their widest dtype (exact there and back), then split."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return xs
+    dtype = functools.reduce(torch.promote_types, (x.dtype for x in xs))
+    widths = [math.prod(x.shape[1:]) for x in xs]
+    flat = concat_all_gather(torch.cat([x.reshape(x.shape[0], -1).to(dtype) for x in xs], dim=1))
+    return tuple(p.reshape(-1, *x.shape[1:]).to(x.dtype) for p, x in zip(flat.split(widths, dim=1), xs))
+
+
 class DenseCL(nn.Module):
     def __init__(self, cfg: ModelConfig):
         """cfg: the `model` section of a Config (`DenseCL(cfg.model)`)."""
@@ -135,7 +148,7 @@ class DenseCL(nn.Module):
 
     @torch.no_grad()
     def _enqueue(self, k: torch.Tensor, k2: torch.Tensor):
-        k, k2 = concat_all_gather(k), concat_all_gather(k2)
+        k, k2 = concat_all_gather_many(k, k2)
         n, K = k.shape[0], self.queue.shape[1]
         if K % n != 0:
             raise ValueError(f"queue length {K} must be a multiple of the global batch {n}")
@@ -180,7 +193,7 @@ class DenseCL(nn.Module):
             dist.broadcast(perm, src=0)
             outs = self.encoder_k(all_k[perm.view(world, n)[rank]])
             mine = torch.argsort(perm).view(world, n)[rank]  # where this rank's images sit in the permuted batch
-            return tuple(concat_all_gather(o)[mine] for o in outs)
+            return tuple(o[mine] for o in concat_all_gather_many(*outs))
         # One process, or per-rank grouped BN ("group"), or SyncBatchNorm ("sync").
         perm = (torch.randperm(n, device=im_k.device, generator=self.shuffle_generator(im_k.device))
                 if groups > 1 else None)

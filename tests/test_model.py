@@ -311,3 +311,27 @@ def test_whole_model_compiles_as_one_graph_with_its_stage_ranges():
     x = torch.randn(2, 3, 32, 32)
     out = torch.compile(model, fullgraph=True, backend="eager")(x, x.flip(0))
     assert torch.isfinite(out["loss"])
+
+
+def test_gather_many_is_one_collective_and_gives_each_tensor_back(monkeypatch):
+    """Two fake ranks: rank r contributes x + r. Mixed dtypes and shapes come back exactly."""
+    import torch.distributed as dist
+    from densecl_fast import model as model_mod
+
+    calls = []
+
+    def all_gather(out, x):
+        calls.append(x.dtype)
+        for r, o in enumerate(out):
+            o.copy_(x + r)
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    a = torch.randn(3, 4, 5).bfloat16()
+    b = torch.randn(3, 2)
+    ga, gb = model_mod.concat_all_gather_many(a, b)
+    assert calls == [torch.float32]
+    assert ga.dtype == torch.bfloat16 and ga.shape == (6, 4, 5) and gb.shape == (6, 2)
+    assert torch.equal(ga[:3], a) and torch.equal(gb[:3], b) and torch.equal(gb[3:], b + 1)
+    assert torch.equal(ga[3:], (a.float() + 1).bfloat16())
