@@ -133,7 +133,11 @@ class Engine:
         return ck
 
 
-def reject_fp16(engine: str, precision: str) -> None:
+def reject_unsupported(engine: str, precision: str, cfg, why_no_compile: str) -> None:
+    """What the sharding engines refuse: fp16 (bf16 needs no loss scaling) and train.compile."""
     if precision == "fp16":
         raise ConfigError(f"train.precision=fp16 is not supported with train.engine={engine}; use bf16 "
                           f"(no loss scaling needed)")
+    if cfg is not None and cfg.train.compile:
+        raise ConfigError(f"train.compile=true is not supported with train.engine={engine} ({why_no_compile}); "
+                          "use train.engine=ddp to compile")

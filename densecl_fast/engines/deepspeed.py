@@ -30,7 +30,7 @@ from .. import checkpoint as ckpt_io
 from ..config import ConfigError
 from ..distributed import ensure_process_group
 from .. import stages
-from .base import Engine, make_optimizer, reject_fp16
+from .base import Engine, make_optimizer, reject_unsupported
 
 LAUNCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "launch")
 CLIENT_KEY = ckpt_io.DS_CLIENT_KEY  # client-state entry: the DenseCL tensors outside the engine
@@ -99,10 +99,7 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, device, precision, dist_info=None, cfg=None):
         super().__init__(device, precision, dist_info, cfg)
-        reject_fp16("deepspeed", precision)
-        if cfg is not None and cfg.train.compile:
-            raise ConfigError("train.compile=true is not supported with train.engine=deepspeed (the query "
-                              "encoder runs through DeepSpeed's forward); use train.engine=ddp to compile")
+        reject_unsupported("deepspeed", precision, cfg, "the query encoder runs through DeepSpeed's forward")
         world = dist_info.world_size if dist_info else 1
         self.ds_config = resolve_ds_config(cfg, world, precision)
         self.ds = None

@@ -24,9 +24,8 @@ import torch
 import torch.nn as nn
 
 from .. import checkpoint as ckpt_io
-from ..config import ConfigError
 from ..distributed import ensure_process_group
-from .base import Engine, reject_fp16
+from .base import Engine, reject_unsupported
 
 
 class FSDPEngine(Engine):
@@ -35,12 +34,9 @@ class FSDPEngine(Engine):
 
     def __init__(self, device, precision, dist_info=None, cfg=None):
         super().__init__(device, precision, dist_info, cfg)
-        reject_fp16("fsdp", precision)
-        if cfg is not None and cfg.train.compile:
-            # Compiling the encoders before fully_shard failed in inductor on the CPU (2 ranks, torch
-            # 2.14: "Cannot convert expression to float" on a recompile); not tested on CUDA.
-            raise ConfigError("train.compile=true is not supported with train.engine=fsdp yet; use "
-                              "train.engine=ddp to compile")
+        # Compiling the encoders before fully_shard failed in inductor on the CPU (2 ranks, torch
+        # 2.14: "Cannot convert expression to float" on a recompile); not tested on CUDA.
+        reject_unsupported("fsdp", precision, cfg, "not yet: inductor failed on the sharded encoders")
 
     def describe(self) -> str:
         world = self.dist.world_size if self.dist else 1
