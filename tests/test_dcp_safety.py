@@ -19,7 +19,7 @@ from densecl_fast.eval import features
 from densecl_fast.eval.__main__ import main as eval_main
 from densecl_fast.export import main as export_main
 from densecl_fast.trainer import train
-from densecl_fast.weights import WeightsError, load_backbone_state
+from densecl_fast.weights import WeightsError
 from helpers import PRETRAIN, load_script, tiny
 
 pretrain_cli = load_script("pretrain_cli_dcp_safety", PRETRAIN)
