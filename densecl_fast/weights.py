@@ -16,7 +16,7 @@ layerN.i.bnK, layerN.0.downsample.0/1), so only prefixes differ; detectron2 rena
 
 Safety: nothing in a file is executed. Torch files are read with `torch.load(weights_only=True)`;
 pickles (detectron2 .pkl) with an Unpickler that only rebuilds numpy arrays, dtypes and plain
-containers. Every problem is a one-line `WeightsError` naming the file and what is wrong.
+containers (safe_pickle; fsdp folders' DCP metadata likewise, see checkpoint.read_dcp_metadata). Every problem is a one-line `WeightsError` naming the file and what is wrong.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torchvision
 
+from . import safe_pickle
 from .checkpoint import (CheckpointError, atomic_save, checkpoint_kind, folder_model_state, load_checkpoint,
                          read_checkpoint_meta)
 
@@ -143,22 +144,16 @@ def d2_to_tv(name: str) -> str:
 # Safe file reading
 # --------------------------------------------------------------------------------------------
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Rebuilds numpy arrays, numpy scalars/dtypes, OrderedDict and plain containers; refuses every
-    other global (a pickle that names os.system, eval, a class of some library ... is never run)."""
-    ALLOWED = {
-        ("collections", "OrderedDict"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-        ("_codecs", "encode"),  # how Python-2 era pickles (detectron2's model zoo) store bytes
-    }
-
-    def find_class(self, module, name):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing pickled global {module}.{name} (only numpy arrays are allowed)")
+# What a detectron2 pickle may name: numpy arrays, numpy scalars/dtypes, OrderedDict and plain
+# containers; every other global (os.system, eval, a class of some library ...) is refused.
+_D2_GLOBALS = frozenset({
+    ("collections", "OrderedDict"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),  # how Python-2 era pickles (detectron2's model zoo) store bytes
+})
 
 
 def _first_line(e: Exception) -> str:
@@ -188,7 +183,7 @@ def read_file(path: str):
     if head[:1] == b"\x80":  # a pickle stream: detectron2's .pkl
         try:
             with open(path, "rb") as f:
-                return _SafeUnpickler(f, encoding="latin1").load()
+                return safe_pickle.load(f, _D2_GLOBALS, "numpy arrays", encoding="latin1")
         except pickle.UnpicklingError as e:
             raise WeightsError(f"{path}: {_first_line(e)}") from None
         except Exception as e:
@@ -299,8 +294,8 @@ def read_weights(path: str, arch: Optional[str] = None) -> Weights:
     if os.path.isdir(path) and checkpoint_kind(path) in ("dcp", "ds"):  # fsdp / deepspeed checkpoint folder
         try:
             meta, state = read_checkpoint_meta(path), folder_model_state(path)
-        except CheckpointError as e:
-            raise WeightsError(_first_line(e)) from None
+        except CheckpointError as e:  # ours: one line already, naming the folder and the file
+            raise WeightsError(str(e)) from None
         w = _parse_state(state, path, "densecl_fast", arch)
         w.step, w.config = meta.get("step"), meta.get("config") or {}
         return w

@@ -98,27 +98,69 @@ def test_the_pypi_kernels_package_beside_ours(tmp_path):
     assert under(r["ours"], OURS) or under(r["ours"], os.path.dirname(r["package"]))
 
 
+def source_copy(tmp_path):
+    """What pip builds, copied: pip builds in the source folder and would leave build/ in the checkout."""
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py"):
+        shutil.copy(os.path.join(ROOT, name), src / name)
+    for folder in ("densecl_fast", "kernels"):
+        shutil.copytree(os.path.join(ROOT, folder), src / folder, ignore=ignore)
+    return src
+
+
+def pip_install_target(src, target, *options):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # pip's own sys.path is the point
+    return subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *options,
+                           "--target", str(target), str(src)], capture_output=True, text=True, timeout=600,
+                          cwd=str(src.parent), env=env)
+
+
+def check_installed(src, target):
+    """Every package of the source tree is installed, ours as densecl_fast.kernels, none as `kernels`."""
+    assert (target / "densecl_fast" / "kernels" / "queue_infonce_triton.py").is_file()
+    assert not (target / "kernels").exists(), "no top-level `kernels` may be installed"
+    for init in (src / "densecl_fast").rglob("__init__.py"):
+        assert (target / init.relative_to(src)).is_file(), init
+    assert (target / "densecl_fast" / "configs" / "smoke.yaml").is_file()
+
+
 @pytest.mark.slow
 def test_normal_install(tmp_path, impostor):
     """pip install (not editable) into a folder: densecl_fast/kernels is a real sub-package there,
     used from anywhere; from the repository root the source tree wins, with its own kernels."""
-    src, target = tmp_path / "src", tmp_path / "site"
-    # A copy: pip builds in the source folder and would leave build/ in the checkout.
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
-    src.mkdir()
-    shutil.copy(os.path.join(ROOT, "setup.py"), src / "setup.py")
-    for folder in ("densecl_fast", "kernels"):
-        shutil.copytree(os.path.join(ROOT, folder), src / folder, ignore=ignore)
-    # With build isolation, as pip's default: without it, setuptools loads the PyPI kernels package's
-    # egg_info plugin while the repository root is on sys.path, finds our folder, and fails (README).
-    build = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                            "--target", str(target), str(src)], capture_output=True, text=True, timeout=600,
-                           cwd=str(tmp_path))
+    src, target = source_copy(tmp_path), tmp_path / "site"
+    build = pip_install_target(src, target)  # pip's default: an isolated PEP 517 build (pyproject.toml)
     assert build.returncode == 0, build.stderr[-3000:]
-    assert (target / "densecl_fast" / "kernels" / "queue_infonce_triton.py").is_file()
-    assert not (target / "kernels").exists(), "no top-level `kernels` may be installed"
+    check_installed(src, target)
     r = probe(str(tmp_path), [str(target), impostor])
     assert under(r["package"], target) and under(r["ours"], target / "densecl_fast" / "kernels")
     assert under(r["other"], impostor)
     r = probe(ROOT, [str(target), impostor])
     assert under(r["ours"], OURS)
+
+
+def _setuptools_major():
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return int(version("setuptools").split(".")[0])
+    except (PackageNotFoundError, ValueError):
+        return 0
+
+
+@pytest.mark.skipif(_setuptools_major() < 64, reason="needs setuptools >= 64 here (pyproject.toml's build requirement)")
+def test_build_without_isolation_beside_the_pypi_kernels(tmp_path):
+    """A build in this environment, where the PyPI `kernels` (the dev extra) registers an egg_info
+    plugin: the legacy setup.py path (pip 23's choice without pyproject.toml when `wheel` is
+    installed, or --no-build-isolation) put the source root on sys.path, so the plugin's
+    `kernels._internals` was looked for in our kernels/ folder and the install failed."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    found = subprocess.run([sys.executable, "-c", "import importlib.util as u; s = u.find_spec('kernels'); "
+                            "print(s.origin if s else '')"], cwd=str(tmp_path), env=env, capture_output=True, text=True)
+    if not found.stdout.strip() or under(found.stdout.strip(), OURS):
+        pytest.skip("the PyPI kernels package is not installed (pip install -e .[dev] brings it)")
+    src, target = source_copy(tmp_path), tmp_path / "site"
+    build = pip_install_target(src, target, "--no-build-isolation")
+    assert build.returncode == 0, build.stderr[-3000:]
+    check_installed(src, target)

@@ -92,13 +92,14 @@ class FSDPEngine(Engine):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
         meta = meta if meta is not None else ckpt_io.read_checkpoint_meta(path)
+        # The metadata through the allow-list, every shard file checked: a damaged or doctored
+        # folder is a one-line error here, not DCP's traceback (or its unpickling) on every rank.
+        reader, planner = ckpt_io.dcp_loader(path, ckpt_io.read_dcp_metadata(path))
         state = self._state()
         try:
-            dcp.load(state, checkpoint_id=path)
+            dcp.load(state, storage_reader=reader, planner=planner)
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optimizer"])
-        except Exception as e:  # DCP raises CheckpointException (a BaseException subclass is not caught)
-            first = str(e).strip().splitlines()
-            raise ckpt_io.CheckpointError(f"checkpoint {path} cannot be loaded into this model: "
-                                          f"{type(e).__name__}: {first[0] if first else ''}") from e
+        except (Exception, ckpt_io.dcp_exception()) as e:  # DCP's CheckpointException is a BaseException
+            raise ckpt_io.dcp_error(path, e, "cannot be loaded into this model") from e
         return meta

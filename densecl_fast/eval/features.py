@@ -12,7 +12,8 @@ Feature names:
 
 Cache: one .npy per (trunk identity, data fingerprint, split, image size, feature name) under
 `cache_dir`, written atomically. The trunk identity of a file is its real path, size and mtime
-(plus the encoder); of `random` the arch, seed and torch version (the init depends on torch's RNG).
+(of a checkpoint folder: its files' total size and newest mtime; plus the encoder); of `random`
+the arch, seed and torch version (the init depends on torch's RNG).
 `EXTRACTED` counts extraction passes in this process (tests check a second run reuses the cache).
 """
 from __future__ import annotations
@@ -55,17 +56,25 @@ def build_trunk(checkpoint: str, arch: Optional[str], seed: int, encoder: str = 
         ident = f"random:{arch}:{seed}:torch{torch.__version__}"
     else:
         path = os.path.abspath(os.path.expanduser(checkpoint))
-        if not os.path.isfile(path):
-            raise WeightsError(f"{checkpoint}: no such file")
+        if not os.path.exists(path):  # a file, or an fsdp/deepspeed checkpoint folder (weights reads both)
+            raise WeightsError(f"{checkpoint}: no such file or checkpoint folder")
         arch_found, state = load_backbone_state(path, encoder=encoder, arch=arch)
         trunk = ResNetTrunk(arch_found)
         missing, unexpected = trunk.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise WeightsError(f"{checkpoint}: trunk keys do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
         arch = arch_found
-        st = os.stat(os.path.realpath(path))
-        ident = f"file:{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}:{encoder}"
+        ident = f"file:{os.path.realpath(path)}:{_stamp(path)}:{encoder}"
     return trunk.eval(), arch, ident
+
+
+def _stamp(path: str) -> str:
+    """Size and mtime of a file; of a checkpoint folder, of every file in it (a folder's own mtime
+    does not change when a file in it is rewritten)."""
+    real = os.path.realpath(path)
+    files = [os.path.join(real, n) for n in sorted(os.listdir(real))] if os.path.isdir(real) else [real]
+    sts = [os.stat(f) for f in files if os.path.isfile(f)]
+    return f"{sum(st.st_size for st in sts)}:{max((st.st_mtime_ns for st in sts), default=0)}"
 
 
 def stages(trunk: ResNetTrunk, x: torch.Tensor) -> Dict[str, torch.Tensor]:
