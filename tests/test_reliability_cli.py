@@ -5,12 +5,15 @@ and the launcher, eval and trainer report bad input before any work (only rank 0
 """
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torchvision
 
 from densecl_fast import export
+from helpers import PRETRAIN, load_script
 
 # ---- export: never over its own input ----------------------------------------------------------------
 
@@ -85,3 +88,59 @@ def test_export_argument_errors_are_one_line(tv_file, tmp_path, capsys, argv, wo
     rc, _, err = run_export([tv_file, *argv], capsys)
     assert rc == 2
     assert_one_error(err, *words)
+
+
+# ---- the launcher, eval and the trainer: bad input first, one line, rank 0 ----------------------------
+
+pretrain_cli = load_script("pretrain_cli_rel", PRETRAIN)
+
+
+@pytest.mark.parametrize("env, prints", [({"RANK": "1", "LOCAL_RANK": "1"}, False),
+                                         ({"RANK": "0", "LOCAL_RANK": "0"}, True),
+                                         ({"RANK": "8", "LOCAL_RANK": "0"}, True),  # first process of machine 2
+                                         ({}, True)])
+def test_only_the_first_rank_of_a_machine_prints_the_error(monkeypatch, capsys, env, prints):
+    for k in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert pretrain_cli.main(["--config", "no_such_preset"]) == 2
+    err = capsys.readouterr().err
+    if prints:
+        assert_one_error(err, "no_such_preset")
+    else:
+        assert err == ""
+
+
+def test_under_torchrun_one_error_line_for_two_ranks(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", PRETRAIN,
+                        "--config", "no_such_preset"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode != 0
+    assert sum(line.startswith("error: ") for line in r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_a_bad_init_from_is_reported_before_the_data_set(tmp_path, capsys):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not weights\n")
+    rc = pretrain_cli.main(["model.arch=resnet18", f"train.out_dir={tmp_path / 'run'}", f"train.init_from={bad}",
+                            f"data.source={tmp_path / 'no_such_folder'}", "train.tensorboard=false"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert_one_error(err, "train.init_from", "notes.txt")
+
+
+def test_eval_checks_out_before_reading_data(tmp_path, capsys):
+    from densecl_fast.eval.__main__ import main as eval_main
+    taken = tmp_path / "results.txt"
+    taken.write_text("someone's notes\n")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "knn.json").mkdir()
+    for out, words in ((taken, ["--out", "is a file"]), (tmp_path / "dir", ["knn.json is a folder"]),
+                       (taken / "sub", ["--out", "is a file"]), ("", ["--out is empty"])):
+        # a data set that does not exist: the --out problem must be the one reported
+        rc = eval_main(["knn", "--checkpoint", "random", "--arch", "resnet18", "--data", str(tmp_path / "none"),
+                        "--out", str(out), "--no-cache"])
+        err = capsys.readouterr().err
+        assert rc == 2
+        assert_one_error(err, *words)
+    assert taken.read_text() == "someone's notes\n"
