@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 
+from .checkpoint import checkpoint_kind
 from .weights import ARCHS, FORMATS, WeightsError, export_backbone, read_weights
 
 
@@ -49,6 +50,11 @@ def check_out(ckpt: str, out: str) -> list[str]:
                              f"choose another file")
         if os.path.isdir(path):
             raise UsageError(f"--out {out}: {path} is a folder; name a file")
+        folder = os.path.dirname(os.path.realpath(path))
+        while folder != os.path.dirname(folder):  # a file of ours in a checkpoint folder could be taken for a shard
+            if checkpoint_kind(folder) in ("dcp", "ds") and os.path.isdir(folder):
+                raise UsageError(f"--out {out}: lies inside the checkpoint folder {folder}; write the export elsewhere")
+            folder = os.path.dirname(folder)
         if os.path.lexists(path):
             replaced.append(path)
     return replaced
