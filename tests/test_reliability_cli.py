@@ -67,6 +67,13 @@ def test_export_writes_nothing_into_a_checkpoint_folder(tmp_path, capsys):
         assert rc == 2, err
         assert_one_error(err, "would write over the checkpoint being exported")
     assert sorted(os.listdir(folder)) == ["__0_0.distcp"] and (folder / "__0_0.distcp").read_bytes() == b"shard"
+    # a file inside a checkpoint folder as the input: nothing is written beside it either
+    inner = folder / "r18.pth"
+    inner.write_bytes(b"weights")
+    rc, _, err = run_export([inner, "--format", "torchvision", "--out", folder / "r18_tv.pth"], capsys)
+    assert rc == 2, err
+    assert_one_error(err, "inside the checkpoint folder")
+    assert sorted(os.listdir(folder)) == ["__0_0.distcp", "r18.pth"]
 
 
 def test_export_says_which_files_it_replaced(tv_file, tmp_path, capsys):
@@ -144,3 +151,188 @@ def test_eval_checks_out_before_reading_data(tmp_path, capsys):
         assert rc == 2
         assert_one_error(err, *words)
     assert taken.read_text() == "someone's notes\n"
+
+
+# ---- reproduce.py: a refused command can be corrected in place ------------------------------------------
+
+from densecl_fast import reproduce as rp  # noqa: E402
+
+
+def repro_tiny(data_cache):
+    """A reproduction's settings for a CPU run of seconds (as tests/test_reproduce.py's)."""
+    return ["--config", "smoke", "--probe-steps", "2", "model.hid_dim=32", "model.out_dim=16", "model.queue_len=64",
+            "model.bn_group_size=4", "data.image_size=64", "data.synthetic_images=40", "data.synthetic_resolution=80",
+            "data.num_workers=0", f"data.cache_dir={data_cache}", "optim.batch_size=8", "train.tensorboard=false",
+            "train.progress=false", "train.log_every=1"]
+
+
+@pytest.fixture
+def planned(monkeypatch):
+    """rp.probe replaced by a recorder that stops the reproduction (Stopped: exit 0) before any training:
+    the arguments a command got past its checks with."""
+    seen = []
+
+    def fake_probe(args, state, t_start):
+        seen.append(dict(vars(args)))
+        raise rp.Stopped("stopped by the test")
+
+    monkeypatch.setattr(rp, "probe", fake_probe)
+    return seen
+
+
+def one_line(capsys):
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_refused_budget_or_data_set_leaves_nothing_that_blocks_the_corrected_command(tmp_path, data_cache,
+                                                                                          capsys, planned):
+    out = str(tmp_path / "repro")
+    t = repro_tiny(data_cache)
+    assert rp.main(["--data", "synthetic", "--budget", "1s", "--out", out, *t]) == 2
+    assert "--budget 1s" in one_line(capsys)
+    assert rp.main(["--data", str(tmp_path / "no_such_folder"), "--budget", "2ep", "--out", out, *t]) == 2
+    assert "no_such_folder" in one_line(capsys)
+    assert rp.main(["--data", "synthetic", "--budget", "2ep", "--out", out, *t, "model.arch=vgg16"]) == 2
+    assert "model.arch" in one_line(capsys)
+    assert not os.path.exists(os.path.join(out, "state.json"))
+    # the corrected command, into the same --out
+    assert rp.main(["--data", "synthetic", "--budget", "2ep", "--out", out, *t]) == 0
+    assert planned[-1]["budget"] == "2ep"
+    assert json.load(open(os.path.join(out, "state.json")))["args"]["budget"] == "2ep"
+
+
+def test_a_plan_refused_after_the_probe_can_be_replaced_or_resumed_with_other_arguments(tmp_path, data_cache,
+                                                                                           capsys, monkeypatch):
+    out = str(tmp_path / "repro")
+    t = repro_tiny(data_cache)
+
+    def refusing_probe(args, state, t_start):  # what a budget that fits no epoch, or a killed probe, ends in
+        raise rp.UsageError("--budget 1m: no full epoch fits")
+
+    monkeypatch.setattr(rp, "probe", refusing_probe)
+    assert rp.main(["--data", "synthetic", "--budget", "1m", "--out", out, *t]) == 2
+    one_line(capsys)
+    state = json.load(open(os.path.join(out, "state.json")))
+    assert state["args"]["budget"] == "1m" and state["stages"] == {}
+
+    seen = []
+
+    def stopping_probe(args, state, t_start):
+        seen.append(args.budget)
+        raise rp.Stopped("stopped by the test")
+
+    monkeypatch.setattr(rp, "probe", stopping_probe)
+    # --resume with a corrected budget: accepted, since no stage had finished
+    assert rp.main(["--resume", "--budget", "3ep", "--out", out]) == 0
+    assert "replace the recorded ones" in capsys.readouterr().out and seen == ["3ep"]
+    assert json.load(open(os.path.join(out, "state.json")))["args"]["budget"] == "3ep"
+    # or a new command into the same --out
+    assert rp.main(["--data", "synthetic", "--budget", "2ep", "--out", out, *t]) == 0
+    assert seen == ["3ep", "2ep"]
+    # once a stage has finished, the record binds: the old refusals stand
+    state = json.load(open(os.path.join(out, "state.json")))
+    p = rp.make_plan(rp.parse_budget("2ep"), step_s=0.1, steps_per_epoch=5, num_images=40, global_batch=8,
+                     startup_s=1.0, runs=1, spent_s=1.0, nproc=1, device="cpu")
+    state.update(plan={**p, "probe": {"timed_steps": 2}, "config": {"preset": "smoke"}},
+                 stages={"plan": {"finished": 1}})
+    json.dump(state, open(os.path.join(out, "state.json"), "w"))
+    assert rp.main(["--data", "synthetic", "--budget", "2ep", "--out", out, *t]) == 2
+    assert "add --resume" in one_line(capsys)
+    assert rp.main(["--resume", "--budget", "3ep", "--out", out]) == 2
+    assert "differs from the recorded '2ep'" in one_line(capsys)
+
+
+# ---- reproduce.py: odd state.json contents and budgets ---------------------------------------------------
+
+@pytest.mark.parametrize("content, words", [
+    ([], "holds a list"),
+    ({"args": "synthetic", "plan": None, "stages": {}}, "'args' is a string"),
+    ({"args": {}, "plan": None, "stages": {"plan": {"finished": 1.0}}},
+     "the plan stage is marked done but 'plan' is null"),
+    ({"args": {}, "plan": None, "stages": ["plan"]}, "'stages' is a list"),
+    ({"args": {"nproc": "2"}, "plan": None, "stages": {}}, "args.nproc is a string"),
+    ({"args": {}, "plan": {"epochs": 2}, "stages": {"plan": {}}}, "plan.steps is missing"),
+    ({"args": {}, "plan": None, "stages": {"pretrain:densecl": 3}}, "stage 'pretrain:densecl' is int"),
+])
+@pytest.mark.parametrize("resume", [True, False])
+def test_odd_state_files_are_one_line_naming_the_file(tmp_path, capsys, content, words, resume):
+    out = tmp_path / "repro"
+    out.mkdir()
+    (out / "state.json").write_text(json.dumps(content))
+    argv = ["--resume"] if resume else ["--data", "synthetic", "--budget", "2ep", "--config", "smoke"]
+    assert rp.main([*argv, "--out", str(out)]) == 2
+    err = one_line(capsys)
+    assert str(out / "state.json") in err and words in err
+
+
+def test_a_budget_too_large_for_a_float_is_one_line(tmp_path, capsys):
+    with pytest.raises(rp.UsageError, match="too large"):
+        rp.parse_budget("9" * 400 + "h")
+    assert rp.main(["--data", "synthetic", "--budget", "9" * 400 + "h", "--config", "smoke",
+                    "--out", str(tmp_path / "o")]) == 2
+    err = one_line(capsys)
+    assert err.startswith("error: --budget 999") and len(err) < 400
+
+
+# ---- reproduce.py: the throughput probe keeps to its share and a dying probe is one line -----------------
+
+FAKE_PROBE = """import json, os, signal, sys, time
+d = [a.split('=', 1)[1] for a in sys.argv if a.startswith('train.out_dir=')][-1]
+os.makedirs(d, exist_ok=True)
+open(os.path.join(d, 'child.pid'), 'w').write(str(os.getpid()))
+with open(os.path.join(d, 'metrics.jsonl'), 'a') as f:  # STEPS steps of 1 s at batch 8, 5 steps per epoch
+    for step in range(1, STEPS + 1):
+        f.write(json.dumps({'step': step, 'epoch': step / 5, 'img_per_s': 8.0}) + chr(10))
+if ACTION == 'kill':
+    os.kill(os.getpid(), signal.SIGKILL)
+time.sleep(600)
+"""
+
+
+def fake_probe(tmp_path, monkeypatch, action, steps, torchrun=False):
+    """rp.probe_command replaced by a child that logs `steps` steps, then kills itself (SIGKILL, as the
+    out-of-memory killer does) or hangs; under a real torchrun with `torchrun`."""
+    script = tmp_path / "fake_probe.py"
+    script.write_text(FAKE_PROBE.replace("STEPS", str(steps)).replace("ACTION", repr(action)))
+    if torchrun:
+        cmd = lambda args, ov, nproc: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+                                       str(script), *ov]
+    else:
+        cmd = lambda args, ov, nproc: [sys.executable, str(script), *ov]
+    monkeypatch.setattr(rp, "probe_command", cmd)
+
+
+@pytest.mark.parametrize("torchrun", [False, True])
+def test_a_probe_killed_by_the_oom_killer_is_one_line(tmp_path, data_cache, capsys, monkeypatch, torchrun):
+    fake_probe(tmp_path, monkeypatch, "kill", 2, torchrun)
+    out = tmp_path / "repro"
+    rc = rp.main(["--data", "synthetic", "--budget", "2ep", "--out", str(out), *repro_tiny(data_cache)])
+    err = one_line(capsys)
+    assert rc == 2
+    assert "killed by signal 9 (SIGKILL)" in err and "out-of-memory" in err and "optim.batch_size" in err, err
+    assert "2 of 5 steps done" in err and str(out / "probe.log") in err
+    # refused before a plan: the corrected command may use the same --out
+    assert json.load(open(out / "state.json"))["stages"] == {}
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_a_probe_past_its_share_of_the_budget_is_stopped_and_refused(tmp_path, data_cache, capsys, monkeypatch,
+                                                                      steps):
+    fake_probe(tmp_path, monkeypatch, "hang", steps)
+    monkeypatch.setattr(rp, "PROBE_SHARE", 0.05)  # of 1 min: 3 s
+    out = tmp_path / "repro"
+    rc = rp.main(["--data", "synthetic", "--budget", "1m", "--out", str(out), *repro_tiny(data_cache)])
+    err = one_line(capsys)
+    assert rc == 2 and "--budget 1m: the throughput probe" in err and "5% share of the budget (3 s)" in err, err
+    if steps:  # 2 of 5 steps of ~1 s: the probe needs >= 6 s, i.e. a budget of >= 6 / 5% = 2 min
+        assert "2 of 5 steps done" in err and "give at least ~" in err
+        need = err.split("give at least ~")[1].split(",")[0]
+        value, unit = need.split()
+        assert unit == "min" and 2.0 <= float(value) < 10, err
+    else:
+        assert "had not finished one step" in err and "must be well over ~" in err
+    pid = int(open(out / "probe" / "child.pid").read())
+    with pytest.raises(ProcessLookupError):  # the hanging probe was killed, not left behind
+        os.kill(pid, 0)
