@@ -1,7 +1,7 @@
 """Reliability of the command-line surfaces (issue 20): an export never writes over its own input,
 a refused reproduction can be corrected in the same --out, the reproduction's throughput probe keeps
 to its share of the budget and a probe that dies is one line, odd state.json contents are one line,
-and the launcher, eval and trainer report bad input before any work (only rank 0 prints it).
+and the launcher, eval and trainer report bad input before any work (once per machine under torchrun).
 """
 import json
 import os
@@ -13,6 +13,7 @@ import torch
 import torchvision
 
 from densecl_fast import export
+from densecl_fast import reproduce as rp
 from helpers import PRETRAIN, load_script
 
 # ---- export: never over its own input ----------------------------------------------------------------
@@ -155,9 +156,6 @@ def test_eval_checks_out_before_reading_data(tmp_path, capsys):
 
 # ---- reproduce.py: a refused command can be corrected in place ------------------------------------------
 
-from densecl_fast import reproduce as rp  # noqa: E402
-
-
 def repro_tiny(data_cache):
     """A reproduction's settings for a CPU run of seconds (as tests/test_reproduce.py's)."""
     return ["--config", "smoke", "--probe-steps", "2", "model.hid_dim=32", "model.out_dim=16", "model.queue_len=64",
@@ -182,7 +180,7 @@ def planned(monkeypatch):
 
 def one_line(capsys):
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert_one_error(err)
     return err
 
 
