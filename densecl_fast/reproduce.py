@@ -469,7 +469,9 @@ def probe(args, state: State, t_start: float) -> dict:
         if args.nproc > 1:  # torchrun sets OMP_NUM_THREADS=1 for the ranks only when it starts several: match it
             env.setdefault("OMP_NUM_THREADS", "1")
         t0 = time.time()
-        rc, wall = run_child(probe_command(args, ov, nproc), env, log_path, deadline)
+        rc, wall, stopped_by = run_child(probe_command(args, ov, nproc), env, log_path, deadline)
+        if stopped_by and rc != 0:  # a signal before the trainer's handler (or torchrun's own exit status)
+            raise Stopped(f"the throughput probe was stopped by {stopped_by} before it finished")
         if rc != 0:
             raise probe_failure(rc, wall, log_path, read_metrics_so_far(d), n=n, batch=batch, cfg=base,
                                 budget=budget, t_probe=t0, t_start=t_start, runs=runs,
@@ -529,26 +531,33 @@ def probe_command(args, overrides: list[str], nproc: int) -> list[str]:
             "--config", args.config, *overrides]
 
 
-def run_child(cmd: list[str], env: dict, log_path: str, deadline: float | None) -> tuple[int | None, float]:
+def run_child(cmd: list[str], env: dict, log_path: str,
+              deadline: float | None) -> tuple[int | None, float, str | None]:
     """Run `cmd` (stdout and stderr into `log_path`; SIGTERM/SIGINT to this process passed on) ->
-    (exit status, negative for a signal; None when `deadline` came first and its whole process group
-    was killed, seconds)."""
+    (exit status, negative for a signal, None when `deadline` came first and its whole process group
+    was killed; seconds; the name of the signal passed on, if one was)."""
     t0 = time.time()
+    passed = []
+
+    def pass_on(signum, _frame):
+        passed.append(signal.Signals(signum).name)
+        proc.send_signal(signum)
+
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         # its own process group, so that a probe past its deadline goes with every process it started
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        old = {s: signal.signal(s, lambda signum, _f: proc.send_signal(signum))
-               for s in (signal.SIGTERM, signal.SIGINT)}
+        old = {s: signal.signal(s, pass_on) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             while True:
                 left = None if deadline is None else deadline - time.time()
-                if left is not None and left <= 0:
+                if left is not None and left <= 0 and not passed:
                     _kill_group(proc)
-                    return None, time.time() - t0
+                    return None, time.time() - t0, None
                 try:
-                    return proc.wait(timeout=None if left is None else min(left, 1.0)), time.time() - t0
+                    rc = proc.wait(timeout=None if left is None or passed else max(0.01, min(left, 1.0)))
+                    return rc, time.time() - t0, (passed[0] if passed else None)
                 except subprocess.TimeoutExpired:
                     pass
         except BaseException:

@@ -334,3 +334,20 @@ def test_a_probe_past_its_share_of_the_budget_is_stopped_and_refused(tmp_path, d
     pid = int(open(out / "probe" / "child.pid").read())
     with pytest.raises(ProcessLookupError):  # the hanging probe was killed, not left behind
         os.kill(pid, 0)
+
+
+def test_a_signal_to_the_reproduction_during_the_probe_stops_it_for_resume(tmp_path, data_cache, capsys,
+                                                                            monkeypatch):
+    import signal
+    import threading
+    fake_probe(tmp_path, monkeypatch, "hang", 0)  # a child that dies of the SIGTERM passed on (the trainer's
+    out = tmp_path / "repro"                        # handler is not installed yet at start-up)
+    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        rc = rp.main(["--data", "synthetic", "--budget", "2ep", "--out", str(out), *repro_tiny(data_cache)])
+    finally:
+        timer.cancel()
+    assert rc == 0
+    assert "probe was stopped by SIGTERM" in capsys.readouterr().out
+    assert json.load(open(out / "state.json"))["stages"] == {}
