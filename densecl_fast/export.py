@@ -45,7 +45,8 @@ def check_out(ckpt: str, out: str) -> list[str]:
     replaced = []
     for path in (out, out + ".json"):
         inside = os.path.isdir(src) and os.path.realpath(path).startswith(src.rstrip(os.sep) + os.sep)
-        if os.path.lexists(ckpt) and (_same(path, ckpt) or inside):  # a checkpoint folder (fsdp .dcp, deepspeed .ds): nothing inside it either
+        # an input folder (fsdp .dcp, deepspeed .ds, any other): nothing inside it either
+        if os.path.lexists(ckpt) and (_same(path, ckpt) or inside):
             raise UsageError(f"--out {out}: would write over the checkpoint being exported ({ckpt}); "
                              f"choose another file")
         if os.path.isdir(path):
