@@ -15,8 +15,9 @@ Stages, each recorded in OUT/state.json when it completes (so `--resume` skips i
                     and of the random-init trunk (OUT/eval/TRUNK/MODE.json)
   report            OUT/report.md, report.json, loss.png, throughput.png, eval.png
 
-Only public entry points are used: `load_config`, `train`, launch/pretrain.py (under torchrun with
---nproc > 1), the eval CLI, the export CLI, and the run directories' metrics.jsonl and checkpoints.
+Only public entry points are used: `load_config`, `train`, launch/pretrain.py (the probe, in a child
+process; every run under torchrun with --nproc > 1), the eval CLI, the export CLI, and the run
+directories' metrics.jsonl and checkpoints.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ RECIPE_EPOCHS = 200                # the seed recipe's schedule length (what is 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 ASSUMED_SCALING = 0.9              # multi-device efficiency when it was not measured (perf/ uses the same)
 PROBE_WARMUP = 3                   # first steps of the probe not timed (allocator, workers, compile)
+PROBE_SHARE = 0.25                 # of a time budget, the most the throughput probe(s) may take
+MIN_TIME_BUDGET = 60.0             # seconds: less cannot hold a probe in its share and an epoch after it
 EXPORT_FORMATS = (("torchvision", "pth"), ("detectron2", "pkl"), ("mmdet", "mm.pth"))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,6 +79,8 @@ def parse_budget(text: str) -> dict:
     if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([smhd])", "", s).strip():
         raise UsageError(f"--budget {text!r}: use a duration (8h, 90m, 1h30m, 45s) or epochs (20ep)")
     seconds = sum(float(v) * _TIME_UNITS[u] for v, u in parts)
+    if not math.isfinite(seconds):  # hundreds of digits overflow a float
+        raise UsageError(f"--budget {str(text)[:40]}{'...' if len(str(text)) > 40 else ''}: too large a number")
     if seconds <= 0:
         raise UsageError(f"--budget {text}: must be more than 0")
     return {"kind": "time", "seconds": seconds, "text": text}
@@ -178,6 +183,15 @@ class State:
                     self.data = json.load(f)
             except (OSError, ValueError) as e:
                 raise UsageError(f"{self.path} is unreadable ({e}); move it away to start over") from None
+            problem = state_problem(self.data)
+            if problem:
+                raise UsageError(f"{self.path} is not a reproduction's state: {problem}; repair it or move it "
+                                 f"away to start over")
+
+    def finished_any(self) -> bool:
+        """Whether any stage finished: before that (a refused or stopped plan) nothing depends on the
+        recorded arguments, so a corrected command may replace them."""
+        return bool(self.data["stages"])
 
     def save(self):
         tmp = self.path + ".tmp"
@@ -193,6 +207,60 @@ class State:
     def mark(self, stage: str, **info):
         self.data["stages"][stage] = {"finished": time.time(), **info}
         self.save()
+
+
+_NUM = (int, float)
+_PLAN_NUMBERS = ("epochs", "steps", "steps_per_epoch", "global_batch", "num_images", "nproc", "runs", "step_s",
+                 "images_per_s", "startup_s", "epoch_s", "run_s", "pretrain_s", "expected_finish", "recipe_epochs",
+                 "full_recipe_s_here", "full_recipe_s_in1k_here", "full_recipe_s_1_device",
+                 "full_recipe_s_8_devices", "scaling_efficiency")
+_ARG_TYPES = {"data": str, "val": str, "voc": str, "budget": str, "baseline": bool, "config": str, "nproc": int,
+              "probe_steps": int, "eval_image_size": int, "eval_max_train": int, "eval_max_val": int,
+              "eval_workers": int, "no_random": bool}
+_STAGE_FIELDS = {"pretrain": ("checkpoint", str), "export": ("files", dict), "eval": ("json", str),
+                 "report": ("files", list)}
+
+
+def _kind(v) -> str:
+    return "null" if v is None else {dict: "an object", list: "a list", str: "a string"}.get(type(v), type(v).__name__)
+
+
+def state_problem(data) -> str | None:
+    """What makes `data` (a parsed state.json) unusable, in words; None when it is usable. Checks every
+    field the reproduction and its report read, so a damaged file is one line, not a traceback."""
+    if not isinstance(data, dict):
+        return f"it holds {_kind(data)}, not an object"
+    args, stages, plan = data.get("args"), data.get("stages"), data.get("plan")
+    if not isinstance(args, dict):
+        return f"'args' is {_kind(args)}, not an object"
+    for k, v in args.items():
+        want = _ARG_TYPES.get(k)
+        if want and v is not None and not (isinstance(v, want) and (want is bool or not isinstance(v, bool))):
+            return f"args.{k} is {_kind(v)}"
+    ov = args.get("overrides", [])
+    if not isinstance(ov, list) or not all(isinstance(o, str) for o in ov):
+        return "args.overrides is not a list of strings"
+    if not isinstance(stages, dict):
+        return f"'stages' is {_kind(stages)}, not an object"
+    for name, info in stages.items():
+        if not isinstance(info, dict):
+            return f"stage {name!r} is {_kind(info)}, not an object"
+        field = None if name.endswith(":partial") else _STAGE_FIELDS.get(name.split(":")[0])
+        if field and not isinstance(info.get(field[0]), field[1]):
+            return f"stage {name!r} has no {field[0]!r}"
+    if "plan" in stages or plan is not None:
+        if not isinstance(plan, dict):
+            return f"the plan stage is marked done but 'plan' is {_kind(plan)}" if "plan" in stages \
+                else f"'plan' is {_kind(plan)}"
+        bad = [k for k in _PLAN_NUMBERS if not isinstance(plan.get(k), _NUM) or isinstance(plan.get(k), bool)]
+        if bad:
+            return f"plan.{bad[0]} is missing or not a number"
+        if not isinstance(plan.get("budget"), dict) or not isinstance(plan["budget"].get("text"), str):
+            return "plan.budget is not a budget"
+        for k in ("config", "probe"):
+            if not isinstance(plan.get(k), dict):
+                return f"plan.{k} is {_kind(plan.get(k))}, not an object"
+    return None
 
 
 # ---- arguments ----------------------------------------------------------------------------------------
@@ -224,31 +292,62 @@ RECORDED = ("data", "val", "voc", "budget", "baseline", "config", "nproc", "prob
 
 
 def resolve_args(argv) -> tuple[argparse.Namespace, State]:
+    """The arguments (with --resume: the recorded ones, updated by those given) and the state, recorded
+    only after every input that can be checked without training was: a refused command leaves
+    nothing behind that blocks its corrected form. A plan refused after the probe (a budget too
+    small, a probe that died) leaves a state with no finished stage, which a new command into the
+    same --out, or --resume with other arguments, replaces."""
     args = parser().parse_intermixed_args(argv)
     out = os.path.abspath(args.out)
     args.out = out
+    state = State(out) if os.path.exists(os.path.join(out, "state.json")) else None
+    replaced = []
     if args.resume:
-        if not os.path.exists(os.path.join(out, "state.json")):
+        if state is None:
             raise UsageError(f"--resume: {out} holds no reproduction (no state.json); start one without --resume")
-        state = State(out)
         rec = state.data["args"]
         defaults = parser().parse_args([])
-        for k in RECORDED:  # given again: must agree; left out: taken from the record
-            given = getattr(args, k)
-            if given != getattr(defaults, k) and given != rec.get(k):
-                raise UsageError(f"--resume: --{k.replace('_', '-')} {given} differs from the recorded "
-                                 f"{rec.get(k)!r}; start a new reproduction in another --out instead")
-            setattr(args, k, rec.get(k))
+        for k in RECORDED:  # given again: must agree (or, before any stage finished, replaces); left out: recorded
+            given, recorded = getattr(args, k), rec.get(k, getattr(defaults, k))
+            if given != getattr(defaults, k) and given != recorded:
+                if state.finished_any():
+                    raise UsageError(f"--resume: --{k.replace('_', '-')} {given} differs from the recorded "
+                                     f"{recorded!r}; start a new reproduction in another --out instead")
+                replaced.append(f"--{k.replace('_', '-')} {given} (recorded: {recorded!r})")
+            else:
+                setattr(args, k, recorded)
         # Later overrides win: e.g. `optim.max_steps=0` lifts a stop asked for before.
         args.overrides = list(rec.get("overrides", [])) + list(args.overrides)
-        return args, state
+    elif state is not None and state.finished_any():
+        raise UsageError(f"--out {out} already holds a reproduction: add --resume to continue it, or choose another --out")
+    check_inputs(args)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: {e.strerror or e}") from None
+    if state is not None and not state.finished_any() and (replaced or not args.resume):
+        what = ", ".join(replaced) if replaced else "this command's arguments"
+        print(f"note: {state.path} had no finished stage (a refused or stopped plan): {what} replace the "
+              f"recorded ones", flush=True)
+    if state is None or not args.resume or replaced:
+        state = state or State(out)
+        state.data.update(args={k: getattr(args, k) for k in RECORDED} | {"overrides": list(args.overrides)},
+                          plan=None, stages={})
+        state.save()
+    return args, state
+
+
+def check_inputs(args) -> None:
+    """Every check that needs no training: arguments, budget, overrides, --val/--voc, config, data source."""
     if not args.data:
         raise UsageError("--data is required (an ImageNet train folder, a .txt list, synthetic or fashion-mnist:ROOT)")
     if not args.budget:
         raise UsageError("--budget is required (e.g. 8h, 90m or 20ep)")
-    parse_budget(args.budget)
-    if os.path.exists(os.path.join(out, "state.json")):
-        raise UsageError(f"--out {out} already holds a reproduction: add --resume to continue it, or choose another --out")
+    budget = parse_budget(args.budget)
+    if budget["kind"] == "time" and budget["seconds"] < MIN_TIME_BUDGET:
+        raise UsageError(f"--budget {args.budget}: give at least {fmt_duration(MIN_TIME_BUDGET)}: the throughput "
+                         f"probe (a process start, the data, the model, {PROBE_WARMUP} + --probe-steps steps) must "
+                         f"fit in {PROBE_SHARE:.0%} of it and whole epochs in the rest; or a budget in epochs (1ep)")
     if args.nproc < 1 or args.probe_steps < 1:
         raise UsageError("--nproc and --probe-steps must be >= 1")
     for o in args.overrides:
@@ -260,16 +359,19 @@ def resolve_args(argv) -> tuple[argparse.Namespace, State]:
             raise UsageError(f"{name} {v}: no such folder or file")
     # Recorded absolute, so `--resume` works from another working directory.
     args.val, args.voc = (os.path.abspath(v) if v else v for v in (args.val, args.voc))
-    if args.data != "synthetic" and not args.data.startswith("fashion-mnist:") and os.path.exists(args.data):
-        args.data = os.path.abspath(args.data)
+    from .data import DataError
+    from .data.fashion_mnist import parse_source
     try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--out {out}: {e.strerror or e}") from None
-    state = State(out)
-    state.data["args"] = {k: getattr(args, k) for k in RECORDED} | {"overrides": list(args.overrides)}
-    state.save()
-    return args, state
+        fmnist = parse_source(args.data)
+    except DataError as e:
+        raise UsageError(f"--data {args.data}: {e}") from None
+    if fmnist and not os.path.isdir(fmnist[0]):
+        raise UsageError(f"--data {args.data}: no such folder {fmnist[0]}")
+    if args.data != "synthetic" and not fmnist and not any(c in args.data for c in "*?["):  # (DALI shard patterns)
+        if not os.path.exists(os.path.expanduser(args.data)):
+            raise UsageError(f"--data {args.data}: no such folder or file")
+        args.data = os.path.abspath(os.path.expanduser(args.data))
+    load_cfg(args, run_cfg_overrides(args, os.path.join(args.out, "probe")))  # the config, with every override
 
 
 # ---- pretraining: in-process, or torchrun around launch/pretrain.py -------------------------------
@@ -288,9 +390,9 @@ def load_cfg(args, overrides):
 
 def run_training(args, overrides: list[str], nproc: int) -> dict:
     """One pretraining run; -> {"status", "step", "total_steps"} (read from the run directory for torchrun).
-    In this process when the whole reproduction is one process; else in child processes (torchrun, and
-    plain python for the one-process scaling probe), so this process holds no GPU memory while the
-    ranks train (it evaluates on the GPU afterwards)."""
+    In this process when the whole reproduction is one process; else under torchrun, so this process
+    holds no GPU memory while the ranks train (it evaluates on the GPU afterwards). (The probes run
+    through `probe_command` and `run_child`.)"""
     cfg = load_cfg(args, overrides)  # every config problem is a one-line error before anything starts
     if nproc == 1 and args.nproc == 1:
         from .checkpoint import CheckpointError, CheckpointWriteError
@@ -302,12 +404,10 @@ def run_training(args, overrides: list[str], nproc: int) -> dict:
             raise RunFailed(f"{e} (continue with --resume once fixed)") from None
         except (DataError, CheckpointError) as e:
             raise UsageError(str(e)) from None
-    # torchrun also for the one-process scaling probe: the same launcher and environment as the ranks,
-    # so the measured efficiency compares like with like.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            os.path.join(REPO, "launch", "pretrain.py"), "--config", args.config, *overrides]
     print("  $ " + " ".join(cmd), flush=True)
-    try:  # follow a redirect of sys.stdout (the probe's log) when it is a real file
+    try:  # follow a redirect of sys.stdout when it is a real file
         sys.stdout.flush()
         out = sys.stdout if sys.stdout.fileno() >= 0 else None
     except (AttributeError, OSError, ValueError):
@@ -346,6 +446,8 @@ def probe(args, state: State, t_start: float) -> dict:
     budget = parse_budget(args.budget)
     runs = 2 if args.baseline else 1
     base = load_cfg(args, run_cfg_overrides(args, os.path.join(args.out, "probe")))
+    # A time budget bounds the probe(s): past their share the plan could not keep to the budget anyway.
+    deadline = t_start + PROBE_SHARE * budget["seconds"] if budget["kind"] == "time" else None
 
     def timed(nproc: int, name: str, extra=()) -> dict:
         d = os.path.join(args.out, name)
@@ -354,18 +456,27 @@ def probe(args, state: State, t_start: float) -> dict:
         ov = run_cfg_overrides(args, d, [f"optim.max_steps={n}", "train.log_every=1", "train.tensorboard=false",
                                          "train.progress=false", f"train.ckpt_every_epochs={RECIPE_EPOCHS}",
                                          "train.keep_last=1", *extra])
-        print(f"plan: timing {n} steps ({PROBE_WARMUP} warm-up) on {nproc} process(es) into {d} ...", flush=True)
-        t0 = time.time()
-        # The trainer's own lines (its banner, "max_steps at step N ... continue with --resume auto")
-        # would read as advice about the reproduction: they go to the probe's log instead.
-        with open(os.path.join(args.out, f"{name}.log"), "w") as log, contextlib.redirect_stdout(log):
-            run_training(args, ov, nproc)
-        wall = time.time() - t0
-        recs = read_metrics(d)
         batch = base.optim.batch_size  # global batch: what img_per_s in metrics.jsonl counts
         for e in extra:
             if e.startswith("optim.batch_size="):
                 batch = int(e.split("=", 1)[1])
+        print(f"plan: timing {n} steps ({PROBE_WARMUP} warm-up) on {nproc} process(es) into {d} ...", flush=True)
+        # A child process: one the out-of-memory killer ends is reported here, in one line. Its lines
+        # (the trainer's banner, "max_steps at step N ... continue with --resume auto") would read as
+        # advice about the reproduction: they go to the probe's log.
+        log_path = os.path.join(args.out, f"{name}.log")
+        env = dict(os.environ)
+        if args.nproc > 1:  # torchrun sets OMP_NUM_THREADS=1 for the ranks only when it starts several: match it
+            env.setdefault("OMP_NUM_THREADS", "1")
+        t0 = time.time()
+        rc, wall, stopped_by = run_child(probe_command(args, ov, nproc), env, log_path, deadline)
+        if stopped_by and rc != 0:  # a signal before the trainer's handler (or torchrun's own exit status)
+            raise Stopped(f"the throughput probe was stopped by {stopped_by} before it finished")
+        if rc != 0:
+            raise probe_failure(rc, wall, log_path, read_metrics_so_far(d), n=n, batch=batch, cfg=base,
+                                budget=budget, t_probe=t0, t_start=t_start, runs=runs,
+                                second_probe=nproc > 1)
+        recs = read_metrics(d)
         ckpts = list_checkpoints(d)
         if not ckpts:
             raise UsageError(f"the throughput probe in {d} wrote no checkpoint")
@@ -404,6 +515,142 @@ def probe(args, state: State, t_start: float) -> dict:
                       "backend": base.data.backend, "batch_size": base.optim.batch_size,
                       "lr_per_256": base.optim.lr, "loss_lambda": base.model.loss_lambda}
     return plan
+
+
+PRETRAIN_SCRIPT = os.path.join(REPO, "launch", "pretrain.py")
+
+
+def probe_command(args, overrides: list[str], nproc: int) -> list[str]:
+    """The probe's child: launch/pretrain.py as the pretraining runs start it (in this process's
+    interpreter when the reproduction runs one process; torchrun when it runs several, also for the
+    one-process scaling probe: the same launcher and environment as the ranks, so the measured
+    efficiency compares like with like)."""
+    if args.nproc == 1:
+        return [sys.executable, PRETRAIN_SCRIPT, "--config", args.config, *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), PRETRAIN_SCRIPT,
+            "--config", args.config, *overrides]
+
+
+def run_child(cmd: list[str], env: dict, log_path: str,
+              deadline: float | None) -> tuple[int | None, float, str | None]:
+    """Run `cmd` (stdout and stderr into `log_path`; SIGTERM/SIGINT to this process passed on) ->
+    (exit status, negative for a signal, None when `deadline` came first and its whole process group
+    was killed; seconds; the name of the signal passed on, if one was)."""
+    t0 = time.time()
+    passed = []
+
+    def pass_on(signum, _frame):
+        passed.append(signal.Signals(signum).name)
+        proc.send_signal(signum)
+
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        # its own process group, so that a probe past its deadline goes with every process it started
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        old = {s: signal.signal(s, pass_on) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while True:
+                left = None if deadline is None else deadline - time.time()
+                if left is not None and left <= 0 and not passed:
+                    _kill_group(proc)
+                    return None, time.time() - t0, None
+                try:
+                    rc = proc.wait(timeout=None if left is None or passed else max(0.01, min(left, 1.0)))
+                    return rc, time.time() - t0, (passed[0] if passed else None)
+                except subprocess.TimeoutExpired:
+                    pass
+        except BaseException:
+            _kill_group(proc)
+            raise
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def _kill_group(proc) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def read_metrics_so_far(run_dir: str) -> list[dict]:
+    """metrics.jsonl of a run that was killed: its last line may be cut off."""
+    path, recs = os.path.join(run_dir, "metrics.jsonl"), []
+    with contextlib.suppress(OSError), open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                if isinstance(rec, dict) and isinstance(rec.get("img_per_s"), _NUM) and rec["img_per_s"] > 0:
+                    recs.append(rec)
+    return recs
+
+
+def _last_error_line(log_path: str) -> str | None:
+    with contextlib.suppress(OSError), open(log_path, errors="replace") as f:
+        lines = [line.strip() for line in f if line.startswith("error: ")]
+        return lines[-1][len("error: "):] if lines else None
+    return None
+
+
+def probe_failure(rc: int | None, wall: float, log_path: str, recs: list[dict], *, n: int, batch: int, cfg,
+                  budget: dict, t_probe: float, t_start: float, runs: int, second_probe: bool) -> Exception:
+    """The one-line error of a probe that did not finish: past its share of the budget (rc None), killed
+    by a signal, refused its input (exit status 2) or failed."""
+    done = f"{len(recs)} of {n} steps done" if recs else "before its first step"
+    if rc is None:
+        share = PROBE_SHARE * budget["seconds"]
+        if not recs:  # nothing measured: only a lower bound
+            low = (time.time() - t_start) / PROBE_SHARE
+            return UsageError(
+                f"--budget {budget['text']}: the throughput probe had not finished one step after "
+                f"{fmt_duration(wall)}, its {PROBE_SHARE:.0%} share of the budget ({fmt_duration(share)}); the budget "
+                f"must be well over ~{fmt_duration(low)} (try ~{fmt_duration(2 * low)}), or give one in epochs "
+                f"(e.g. 1ep: the plan then says how long an epoch takes)")
+        step_s = statistics.median(batch / r["img_per_s"] for r in recs)
+        startup = max(0.0, wall - sum(batch / r["img_per_s"] for r in recs))
+        probe_s = (t_probe - t_start) + wall + (n - len(recs)) * step_s
+        if second_probe:  # the one-process scaling probe comes after this one
+            probe_s += startup + n * step_s
+        last = recs[-1]
+        spe = last["step"] / last["epoch"] if last.get("epoch") else None  # "epoch" is step / steps per epoch
+        epoch_s = spe * step_s if spe else 0.0
+        need = max(probe_s / PROBE_SHARE, probe_s + runs * (startup + epoch_s))
+        return UsageError(
+            f"--budget {budget['text']}: the throughput probe would take ~{fmt_duration(probe_s)} ({done} in "
+            f"{fmt_duration(wall)}, ~{step_s:.2f} s/step), more than its {PROBE_SHARE:.0%} share of the budget "
+            f"({fmt_duration(share)}); give at least ~{fmt_duration(need * 1.1)}, fewer --probe-steps, or a "
+            f"budget in epochs (e.g. 1ep)")
+    sig = -rc if rc < 0 else _signal_in_log(log_path) if rc != 2 else None
+    if sig:
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = "unknown"
+        if sig == signal.SIGKILL:
+            gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+            fix = "lower optim.batch_size (the lr follows it; model.queue_len must stay a multiple of it)"
+            fix += ", fewer data.num_workers" if cfg.data.num_workers else ""
+            fix += "" if _cuda_used(cfg) else " or run on a GPU"
+            return UsageError(
+                f"the throughput probe was killed by signal 9 (SIGKILL) after {fmt_duration(wall)}, {done}: almost "
+                f"always the out-of-memory killer (a batch of {batch} {cfg.model.arch} images at {cfg.data.image_size} "
+                f"px on a machine with {gib:.0f} GiB); {fix}; its log: {log_path}")
+        return UsageError(f"the throughput probe died of signal {sig} ({name}) after {fmt_duration(wall)}, {done}; "
+                          f"its log: {log_path}")
+    line = _last_error_line(log_path)
+    if rc == 2:
+        return UsageError(line or f"the throughput probe refused its input (exit status 2); its log: {log_path}")
+    return RunFailed(f"the throughput probe failed (exit status {rc}){': ' + line if line else ''}; "
+                     f"its log: {log_path}")
+
+
+def _signal_in_log(log_path: str) -> int | None:
+    """The signal that ended a rank, from torchrun's failure summary ("exitcode  : -9")."""
+    with contextlib.suppress(OSError), open(log_path, errors="replace") as f:
+        m = re.findall(r"exitcode\s*:\s*-(\d+)", f.read())
+        return int(m[0]) if m else None
+    return None
 
 
 def _cuda_used(cfg) -> bool:

@@ -27,7 +27,7 @@ from .data import DataError, build_loader, resolve_backend
 from .distributed import all_reduce_max, cleanup, init_distributed
 from .engines import Engine, build_engine
 from .model import DenseCL
-from .weights import WeightsError, load_into_model
+from .weights import WeightsError, load_into_model, read_weights
 
 
 class NonFiniteLossError(RuntimeError):
@@ -151,6 +151,12 @@ def _train(cfg: Config, held: list) -> dict:
     if t_cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     kernels.set_backend(t_cfg.kernels)
+
+    if t_cfg.init_from and not resume_path:  # an unreadable or odd file: one line before the data set is listed
+        try:  # (read again into the model below; how it fits the model's widths is checked there)
+            read_weights(t_cfg.init_from, cfg.model.arch)
+        except WeightsError as e:
+            raise ckpt_io.CheckpointError(f"train.init_from: {e}") from e
 
     # ---- data: every data problem is reported before a model is built --------------------------
     loader = build_loader(cfg.data, batch_size=per_rank_batch, rank=dist_info.rank,

@@ -22,6 +22,15 @@ from densecl_fast.data import DataError  # noqa: E402
 from densecl_fast.trainer import NonFiniteLossError, train  # noqa: E402
 
 
+def _error(e: Exception) -> None:
+    """The `error:` line, printed by the first process of each machine only: under torchrun every rank
+    meets the same bad input, and one line per console is the promise. (A problem only another rank of
+    the machine has still ends the launch: torchrun's summary names that rank's exit status.)"""
+    local = os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) or "0"
+    if local.strip() in ("0", ""):
+        print(f"error: {e}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="smoke", help=f"preset ({', '.join(list_presets())}) or a YAML file")
@@ -42,13 +51,13 @@ def main(argv=None) -> int:
             return 0
         summary = train(cfg)
     except CheckpointWriteError as e:  # disk full or I/O error: the run failed, the inputs were fine
-        print(f"error: {e}", file=sys.stderr)
+        _error(e)
         return 1
     except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(e)
         return 2
     except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(e)
         return 1
     if int(os.environ.get("RANK", "0") or 0) == 0:  # one summary per run, not per process
         print(f"{summary['status']}: {summary['step']}/{summary['total_steps']} steps, run directory "

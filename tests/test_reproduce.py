@@ -111,8 +111,10 @@ def test_the_launcher_exits_2_with_one_line(tmp_path):
 def test_an_existing_reproduction_needs_resume_and_the_same_arguments(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
+    p = plan("2ep")
+    p.update(probe={"timed_steps": 10}, config={"preset": "smoke"})
     (out / "state.json").write_text(json.dumps({"version": 1, "args": {"data": "synthetic", "budget": "2ep"},
-                                                "plan": None, "stages": {}}))
+                                                "plan": p, "stages": {"plan": {"finished": 1.0}}}))
     assert rp.main(["--data", "synthetic", "--budget", "2ep", "--out", str(out)]) == 2
     assert "add --resume" in capsys.readouterr().err
     assert rp.main(["--resume", "--budget", "3ep", "--out", str(out)]) == 2
@@ -176,23 +178,23 @@ def test_tiny_reproduction_end_to_end_stops_resumes_and_reports(tmp_path, data_c
     assert len(open(os.path.join(out, "densecl", "metrics.jsonl")).readlines()) == 10
 
 
-def test_a_budget_too_small_for_one_epoch_is_refused_after_measuring(tmp_path, data_cache, capsys):
+def test_a_budget_below_the_floor_is_refused_before_anything_is_recorded(tmp_path, data_cache, capsys):
     out = str(tmp_path / "repro")
     rc = rp.main(["--data", "synthetic", "--budget", "1s", "--out", out, *tiny(data_cache)])
     err = capsys.readouterr().err
-    assert rc == 2 and "no full epoch fits" in err and err.count("\n") == 1, err
+    assert rc == 2 and "give at least 60 s" in err and err.count("\n") == 1, err
+    assert not os.path.exists(os.path.join(out, "state.json"))
 
 
 def test_a_signal_during_the_probe_stops_the_reproduction_without_a_plan(tmp_path, data_cache, capsys, monkeypatch):
     out = str(tmp_path / "repro")
-
-    def stopped_trainer(args, overrides, nproc):  # what the trainer leaves after SIGTERM at step 2
-        run_dir = [o.split("=", 1)[1] for o in overrides if o.startswith("train.out_dir=")][-1]
-        os.makedirs(os.path.join(run_dir, "checkpoints"))
-        open(os.path.join(run_dir, "checkpoints", "ckpt_000000002.pt"), "w").close()
-        return {"status": "stopped by SIGTERM", "step": 2, "total_steps": 1000}
-
-    monkeypatch.setattr(rp, "run_training", stopped_trainer)
+    # what the trainer leaves after SIGTERM at step 2 (a checkpoint of that step, exit status 0)
+    child = tmp_path / "stopped_trainer.py"
+    child.write_text("import os, sys\n"
+                     "d = [a.split('=', 1)[1] for a in sys.argv if a.startswith('train.out_dir=')][-1]\n"
+                     "os.makedirs(os.path.join(d, 'checkpoints'))\n"
+                     "open(os.path.join(d, 'checkpoints', 'ckpt_000000002.pt'), 'w').close()\n")
+    monkeypatch.setattr(rp, "probe_command", lambda args, ov, nproc: [sys.executable, str(child), *ov])
     assert rp.main(["--data", "synthetic", "--budget", "2ep", "--out", out, *tiny(data_cache)]) == 0
     text = capsys.readouterr().out
     assert "probe was stopped at step 2 of 5" in text and f"--out {out} --resume" in text

@@ -78,6 +78,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_out(out: str, mode: str) -> None:
+    """--out must be a folder we can write DIR/<mode>.json and .md into, checked before any data
+    is read or feature extracted (an existing folder, or one that can be made)."""
+    if not out:
+        raise UsageError("--out is empty: name the results folder (e.g. --out eval/)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out}: is a file, not a folder")
+    for ext in ("json", "md"):
+        f = os.path.join(out, f"{mode}.{ext}")
+        if os.path.isdir(f):
+            raise UsageError(f"--out {out}: {f} is a folder, so the results cannot be written there")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):  # the nearest existing folder: os.makedirs creates the rest
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {parent} is not writable")
+
+
 def run(args) -> tuple[dict, list, str]:
     if args.mode not in MODES:
         raise UsageError(f"unknown mode {args.mode!r}: use one of {', '.join(MODES)}")
@@ -96,6 +116,7 @@ def run(args) -> tuple[dict, list, str]:
         raise UsageError(f"--costs {args.costs!r}: give comma-separated numbers") from None
     if args.preset and args.mode != "linear":
         raise UsageError("--preset is for the linear mode")
+    check_out(args.out, args.mode)
     try:
         device = features.resolve_device(args.device)
     except ValueError as e:
