@@ -13,7 +13,9 @@ import torch
 import torchvision
 
 from densecl_fast import export
-from densecl_fast import reproduce as rp
+from densecl_fast.reproduce import cli as repro_cli, main, probe as probe_mod
+from densecl_fast.reproduce.errors import Stopped, UsageError
+from densecl_fast.reproduce.plan import make_plan, parse_budget
 from helpers import PRETRAIN, load_script
 
 # ---- export: never over its own input ----------------------------------------------------------------
@@ -154,7 +156,7 @@ def test_eval_checks_out_before_reading_data(tmp_path, capsys):
     assert taken.read_text() == "someone's notes\n"
 
 
-# ---- reproduce.py: a refused command can be corrected in place ------------------------------------------
+# ---- reproduce: a refused command can be corrected in place ------------------------------------------
 
 def repro_tiny(data_cache):
     """A reproduction's settings for a CPU run of seconds (as tests/test_reproduce.py's)."""
@@ -166,15 +168,15 @@ def repro_tiny(data_cache):
 
 @pytest.fixture
 def planned(monkeypatch):
-    """rp.probe replaced by a recorder that stops the reproduction (Stopped: exit 0) before any training:
-    the arguments a command got past its checks with."""
+    """The probe the stage runner calls (repro_cli.probe) replaced by a recorder that stops the reproduction
+    (Stopped: exit 0) before any training: the arguments a command got past its checks with."""
     seen = []
 
     def fake_probe(args, state, t_start):
         seen.append(dict(vars(args)))
-        raise rp.Stopped("stopped by the test")
+        raise Stopped("stopped by the test")
 
-    monkeypatch.setattr(rp, "probe", fake_probe)
+    monkeypatch.setattr(repro_cli, "probe", fake_probe)
     return seen
 
 
@@ -188,15 +190,15 @@ def test_a_refused_budget_or_data_set_leaves_nothing_that_blocks_the_corrected_c
                                                                                           capsys, planned):
     out = str(tmp_path / "repro")
     t = repro_tiny(data_cache)
-    assert rp.main(["--data", "synthetic", "--budget", "1s", "--out", out, *t]) == 2
+    assert main(["--data", "synthetic", "--budget", "1s", "--out", out, *t]) == 2
     assert "--budget 1s" in one_line(capsys)
-    assert rp.main(["--data", str(tmp_path / "no_such_folder"), "--budget", "2ep", "--out", out, *t]) == 2
+    assert main(["--data", str(tmp_path / "no_such_folder"), "--budget", "2ep", "--out", out, *t]) == 2
     assert "no_such_folder" in one_line(capsys)
-    assert rp.main(["--data", "synthetic", "--budget", "2ep", "--out", out, *t, "model.arch=vgg16"]) == 2
+    assert main(["--data", "synthetic", "--budget", "2ep", "--out", out, *t, "model.arch=vgg16"]) == 2
     assert "model.arch" in one_line(capsys)
     assert not os.path.exists(os.path.join(out, "state.json"))
     # the corrected command, into the same --out
-    assert rp.main(["--data", "synthetic", "--budget", "2ep", "--out", out, *t]) == 0
+    assert main(["--data", "synthetic", "--budget", "2ep", "--out", out, *t]) == 0
     assert planned[-1]["budget"] == "2ep"
     assert json.load(open(os.path.join(out, "state.json")))["args"]["budget"] == "2ep"
 
@@ -207,10 +209,10 @@ def test_a_plan_refused_after_the_probe_can_be_replaced_or_resumed_with_other_ar
     t = repro_tiny(data_cache)
 
     def refusing_probe(args, state, t_start):  # what a budget that fits no epoch, or a killed probe, ends in
-        raise rp.UsageError("--budget 1m: no full epoch fits")
+        raise UsageError("--budget 1m: no full epoch fits")
 
-    monkeypatch.setattr(rp, "probe", refusing_probe)
-    assert rp.main(["--data", "synthetic", "--budget", "1m", "--out", out, *t]) == 2
+    monkeypatch.setattr(repro_cli, "probe", refusing_probe)
+    assert main(["--data", "synthetic", "--budget", "1m", "--out", out, *t]) == 2
     one_line(capsys)
     state = json.load(open(os.path.join(out, "state.json")))
     assert state["args"]["budget"] == "1m" and state["stages"] == {}
@@ -219,30 +221,30 @@ def test_a_plan_refused_after_the_probe_can_be_replaced_or_resumed_with_other_ar
 
     def stopping_probe(args, state, t_start):
         seen.append(args.budget)
-        raise rp.Stopped("stopped by the test")
+        raise Stopped("stopped by the test")
 
-    monkeypatch.setattr(rp, "probe", stopping_probe)
+    monkeypatch.setattr(repro_cli, "probe", stopping_probe)
     # --resume with a corrected budget: accepted, since no stage had finished
-    assert rp.main(["--resume", "--budget", "3ep", "--out", out]) == 0
+    assert main(["--resume", "--budget", "3ep", "--out", out]) == 0
     assert "replace the recorded ones" in capsys.readouterr().out and seen == ["3ep"]
     assert json.load(open(os.path.join(out, "state.json")))["args"]["budget"] == "3ep"
     # or a new command into the same --out
-    assert rp.main(["--data", "synthetic", "--budget", "2ep", "--out", out, *t]) == 0
+    assert main(["--data", "synthetic", "--budget", "2ep", "--out", out, *t]) == 0
     assert seen == ["3ep", "2ep"]
     # once a stage has finished, the record binds: the old refusals stand
     state = json.load(open(os.path.join(out, "state.json")))
-    p = rp.make_plan(rp.parse_budget("2ep"), step_s=0.1, steps_per_epoch=5, num_images=40, global_batch=8,
+    p = make_plan(parse_budget("2ep"), step_s=0.1, steps_per_epoch=5, num_images=40, global_batch=8,
                      startup_s=1.0, runs=1, spent_s=1.0, nproc=1, device="cpu")
     state.update(plan={**p, "probe": {"timed_steps": 2}, "config": {"preset": "smoke"}},
                  stages={"plan": {"finished": 1}})
     json.dump(state, open(os.path.join(out, "state.json"), "w"))
-    assert rp.main(["--data", "synthetic", "--budget", "2ep", "--out", out, *t]) == 2
+    assert main(["--data", "synthetic", "--budget", "2ep", "--out", out, *t]) == 2
     assert "add --resume" in one_line(capsys)
-    assert rp.main(["--resume", "--budget", "3ep", "--out", out]) == 2
+    assert main(["--resume", "--budget", "3ep", "--out", out]) == 2
     assert "differs from the recorded '2ep'" in one_line(capsys)
 
 
-# ---- reproduce.py: odd state.json contents and budgets ---------------------------------------------------
+# ---- reproduce: odd state.json contents and budgets ---------------------------------------------------
 
 @pytest.mark.parametrize("content, words", [
     ([], "holds a list"),
@@ -260,21 +262,21 @@ def test_odd_state_files_are_one_line_naming_the_file(tmp_path, capsys, content,
     out.mkdir()
     (out / "state.json").write_text(json.dumps(content))
     argv = ["--resume"] if resume else ["--data", "synthetic", "--budget", "2ep", "--config", "smoke"]
-    assert rp.main([*argv, "--out", str(out)]) == 2
+    assert main([*argv, "--out", str(out)]) == 2
     err = one_line(capsys)
     assert str(out / "state.json") in err and words in err
 
 
 def test_a_budget_too_large_for_a_float_is_one_line(tmp_path, capsys):
-    with pytest.raises(rp.UsageError, match="too large"):
-        rp.parse_budget("9" * 400 + "h")
-    assert rp.main(["--data", "synthetic", "--budget", "9" * 400 + "h", "--config", "smoke",
+    with pytest.raises(UsageError, match="too large"):
+        parse_budget("9" * 400 + "h")
+    assert main(["--data", "synthetic", "--budget", "9" * 400 + "h", "--config", "smoke",
                     "--out", str(tmp_path / "o")]) == 2
     err = one_line(capsys)
     assert err.startswith("error: --budget 999") and len(err) < 400
 
 
-# ---- reproduce.py: the throughput probe keeps to its share and a dying probe is one line -----------------
+# ---- reproduce: the throughput probe keeps to its share and a dying probe is one line -----------------
 
 FAKE_PROBE = """import json, os, signal, sys, time
 d = [a.split('=', 1)[1] for a in sys.argv if a.startswith('train.out_dir=')][-1]
@@ -290,7 +292,7 @@ time.sleep(600)
 
 
 def fake_probe(tmp_path, monkeypatch, action, steps, torchrun=False):
-    """rp.probe_command replaced by a child that logs `steps` steps, then kills itself (SIGKILL, as the
+    """probe_command replaced by a child that logs `steps` steps, then kills itself (SIGKILL, as the
     out-of-memory killer does) or hangs; under a real torchrun with `torchrun`."""
     script = tmp_path / "fake_probe.py"
     script.write_text(FAKE_PROBE.replace("STEPS", str(steps)).replace("ACTION", repr(action)))
@@ -299,14 +301,14 @@ def fake_probe(tmp_path, monkeypatch, action, steps, torchrun=False):
                                        str(script), *ov]
     else:
         cmd = lambda args, ov, nproc: [sys.executable, str(script), *ov]
-    monkeypatch.setattr(rp, "probe_command", cmd)
+    monkeypatch.setattr(probe_mod, "probe_command", cmd)
 
 
 @pytest.mark.parametrize("torchrun", [False, True])
 def test_a_probe_killed_by_the_oom_killer_is_one_line(tmp_path, data_cache, capsys, monkeypatch, torchrun):
     fake_probe(tmp_path, monkeypatch, "kill", 2, torchrun)
     out = tmp_path / "repro"
-    rc = rp.main(["--data", "synthetic", "--budget", "2ep", "--out", str(out), *repro_tiny(data_cache)])
+    rc = main(["--data", "synthetic", "--budget", "2ep", "--out", str(out), *repro_tiny(data_cache)])
     err = one_line(capsys)
     assert rc == 2
     assert "killed by signal 9 (SIGKILL)" in err and "out-of-memory" in err and "optim.batch_size" in err, err
@@ -319,9 +321,9 @@ def test_a_probe_killed_by_the_oom_killer_is_one_line(tmp_path, data_cache, caps
 def test_a_probe_past_its_share_of_the_budget_is_stopped_and_refused(tmp_path, data_cache, capsys, monkeypatch,
                                                                       steps):
     fake_probe(tmp_path, monkeypatch, "hang", steps)
-    monkeypatch.setattr(rp, "PROBE_SHARE", 0.05)  # of 1 min: 3 s
+    monkeypatch.setattr(probe_mod, "PROBE_SHARE", 0.05)  # of 1 min: 3 s
     out = tmp_path / "repro"
-    rc = rp.main(["--data", "synthetic", "--budget", "1m", "--out", str(out), *repro_tiny(data_cache)])
+    rc = main(["--data", "synthetic", "--budget", "1m", "--out", str(out), *repro_tiny(data_cache)])
     err = one_line(capsys)
     assert rc == 2 and "--budget 1m: the throughput probe" in err and "5% share of the budget (3 s)" in err, err
     if steps:  # 2 of 5 steps of ~1 s: the probe needs >= 6 s, i.e. a budget of >= 6 / 5% = 2 min
@@ -345,7 +347,7 @@ def test_a_signal_to_the_reproduction_during_the_probe_stops_it_for_resume(tmp_p
     timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
     try:
-        rc = rp.main(["--data", "synthetic", "--budget", "2ep", "--out", str(out), *repro_tiny(data_cache)])
+        rc = main(["--data", "synthetic", "--budget", "2ep", "--out", str(out), *repro_tiny(data_cache)])
     finally:
         timer.cancel()
     assert rc == 0

@@ -7,7 +7,11 @@ import sys
 
 import pytest
 
-from densecl_fast import reproduce as rp
+from densecl_fast.reproduce import main, probe as probe_mod
+from densecl_fast.reproduce.errors import UsageError
+from densecl_fast.reproduce.plan import (ASSUMED_SCALING, IMAGENET_TRAIN_IMAGES, RECIPE_EPOCHS, make_plan, parse_budget,
+                                         plan_lines)
+from densecl_fast.reproduce.runs import EXPORT_FORMATS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,26 +29,26 @@ def tiny(data_cache):
 @pytest.mark.parametrize("text, seconds", [("8h", 28800), ("90m", 5400), ("1h30m", 5400), ("45s", 45),
                                            ("2d", 172800), ("0.5h", 1800), (" 3M ", 180)])
 def test_time_budgets_parse(text, seconds):
-    b = rp.parse_budget(text)
+    b = parse_budget(text)
     assert b["kind"] == "time" and b["seconds"] == pytest.approx(seconds)
 
 
 @pytest.mark.parametrize("text, epochs", [("20ep", 20), ("1ep", 1), ("200 epochs", 200)])
 def test_epoch_budgets_parse(text, epochs):
-    assert rp.parse_budget(text) == {"kind": "epochs", "epochs": epochs, "text": text}
+    assert parse_budget(text) == {"kind": "epochs", "epochs": epochs, "text": text}
 
 
 @pytest.mark.parametrize("text", ["", "8", "h", "8x", "8h extra", "0ep", "201ep", "0m", "-3h", "ep20"])
 def test_bad_budgets_are_refused(text):
-    with pytest.raises(rp.UsageError, match="--budget"):
-        rp.parse_budget(text)
+    with pytest.raises(UsageError, match="--budget"):
+        parse_budget(text)
 
 
 def plan(budget, **kw):
     base = dict(step_s=0.5, steps_per_epoch=100, num_images=3200, global_batch=32, startup_s=10.0, runs=2,
                 spent_s=30.0, nproc=1, device="cuda", now=1000.0)
     base.update(kw)
-    return rp.make_plan(rp.parse_budget(budget), **base)
+    return make_plan(parse_budget(budget), **base)
 
 
 def test_time_budget_fits_whole_epochs_for_every_run():
@@ -63,20 +67,20 @@ def test_plan_projects_the_full_recipe():
     assert p["epochs"] == 20 and p["epochs_that_fit"] is None
     assert p["images_per_s"] == 64.0
     assert p["full_recipe_s_here"] == 200 * 50.0
-    assert p["full_recipe_s_in1k_here"] == pytest.approx(200 * rp.IMAGENET_TRAIN_IMAGES / 64.0)
-    assert p["full_recipe_s_8_devices"] == pytest.approx(200 * 3200 / (64.0 * 8 * rp.ASSUMED_SCALING))
+    assert p["full_recipe_s_in1k_here"] == pytest.approx(200 * IMAGENET_TRAIN_IMAGES / 64.0)
+    assert p["full_recipe_s_8_devices"] == pytest.approx(200 * 3200 / (64.0 * 8 * ASSUMED_SCALING))
     assert "assumed" in p["scaling_note"]
     # With 2 processes measured against one: efficiency = 2-process img/s / (2 x one-process img/s)
     m = plan("20ep", nproc=2, single_ips=40.0)
     assert m["scaling_efficiency"] == pytest.approx(64.0 / 80.0) and "measured" in m["scaling_note"]
     assert m["full_recipe_s_8_devices"] == pytest.approx(200 * 3200 / (40.0 * 8 * 0.8))
-    lines = rp.plan_lines(p)
+    lines = plan_lines(p)
     assert lines[0].startswith("plan: budget 20ep -> 20 epoch(s)") and "8 such devices" in lines[-1]
 
 
 def test_a_long_budget_stops_at_the_recipe_and_a_short_one_is_an_error():
-    assert plan("1000h")["epochs"] == rp.RECIPE_EPOCHS
-    with pytest.raises(rp.UsageError, match="no full epoch fits"):
+    assert plan("1000h")["epochs"] == RECIPE_EPOCHS
+    with pytest.raises(UsageError, match="no full epoch fits"):
         plan("2m")  # 120 - 30 - 20 = 70 s < 2 runs x 50 s
 
 
@@ -96,7 +100,7 @@ def test_a_long_budget_stops_at_the_recipe_and_a_short_one_is_an_error():
     (["--data", "synthetic", "--budget", "2ep", "--bogus"], "unrecognized"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
-    rc = rp.main([*argv, "--out", str(tmp_path / "out")])
+    rc = main([*argv, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
@@ -115,9 +119,9 @@ def test_an_existing_reproduction_needs_resume_and_the_same_arguments(tmp_path, 
     p.update(probe={"timed_steps": 10}, config={"preset": "smoke"})
     (out / "state.json").write_text(json.dumps({"version": 1, "args": {"data": "synthetic", "budget": "2ep"},
                                                 "plan": p, "stages": {"plan": {"finished": 1.0}}}))
-    assert rp.main(["--data", "synthetic", "--budget", "2ep", "--out", str(out)]) == 2
+    assert main(["--data", "synthetic", "--budget", "2ep", "--out", str(out)]) == 2
     assert "add --resume" in capsys.readouterr().err
-    assert rp.main(["--resume", "--budget", "3ep", "--out", str(out)]) == 2
+    assert main(["--resume", "--budget", "3ep", "--out", str(out)]) == 2
     assert "--budget 3ep differs from the recorded '2ep'" in capsys.readouterr().err
 
 
@@ -128,7 +132,7 @@ def test_tiny_reproduction_end_to_end_stops_resumes_and_reports(tmp_path, data_c
     out = str(tmp_path / "repro")
     argv = ["--data", "synthetic", "--budget", "2ep", "--baseline", "--out", out, *tiny(data_cache)]
     # 1. a pretraining stopped after 3 of its 10 steps (40 images, batch 8: 5 steps per epoch)
-    assert rp.main([*argv, "optim.max_steps=3"]) == 0
+    assert main([*argv, "optim.max_steps=3"]) == 0
     text = capsys.readouterr().out
     assert "plan: budget 2ep -> 2 epoch(s)" in text and "10 steps of 5 per epoch" in text
     assert "pretrain:densecl stopped" in text and "--resume" in text
@@ -137,7 +141,7 @@ def test_tiny_reproduction_end_to_end_stops_resumes_and_reports(tmp_path, data_c
     assert not os.path.exists(os.path.join(out, "report.md"))
 
     # 2. --resume continues that run from its checkpoint (a later override lifts the stop) and finishes
-    assert rp.main(["--resume", "--out", out, "optim.max_steps=0"]) == 0
+    assert main(["--resume", "--out", out, "optim.max_steps=0"]) == 0
     text = capsys.readouterr().out
     assert "skip plan (done)" in text and "resuming its latest checkpoint" in text
     assert "resumed from" in text and "at step 3" in text
@@ -159,7 +163,7 @@ def test_tiny_reproduction_end_to_end_stops_resumes_and_reports(tmp_path, data_c
         with open(os.path.join(out, png), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     for run in ("densecl", "mocov2"):
-        for fmt, ext in rp.EXPORT_FORMATS:
+        for fmt, ext in EXPORT_FORMATS:
             assert os.path.getsize(os.path.join(out, "export", f"{run}_{fmt}.{ext}")) > 0
 
     # 3. --resume after a lost report: every finished stage is skipped, only the report is redone
@@ -169,7 +173,7 @@ def test_tiny_reproduction_end_to_end_stops_resumes_and_reports(tmp_path, data_c
     os.remove(os.path.join(out, "report.md"))
     ckpt = os.path.join(out, "densecl", "checkpoints", "ckpt_000000010.pt")
     stamp = os.path.getmtime(ckpt)
-    assert rp.main(["--resume", "--out", out]) == 0
+    assert main(["--resume", "--out", out]) == 0
     text = capsys.readouterr().out
     for stage in ("plan", "pretrain:densecl", "pretrain:mocov2", "export:densecl", "eval:densecl:knn"):
         assert f"skip {stage} (done)" in text
@@ -180,7 +184,7 @@ def test_tiny_reproduction_end_to_end_stops_resumes_and_reports(tmp_path, data_c
 
 def test_a_budget_below_the_floor_is_refused_before_anything_is_recorded(tmp_path, data_cache, capsys):
     out = str(tmp_path / "repro")
-    rc = rp.main(["--data", "synthetic", "--budget", "1s", "--out", out, *tiny(data_cache)])
+    rc = main(["--data", "synthetic", "--budget", "1s", "--out", out, *tiny(data_cache)])
     err = capsys.readouterr().err
     assert rc == 2 and "give at least 60 s" in err and err.count("\n") == 1, err
     assert not os.path.exists(os.path.join(out, "state.json"))
@@ -194,8 +198,8 @@ def test_a_signal_during_the_probe_stops_the_reproduction_without_a_plan(tmp_pat
                      "d = [a.split('=', 1)[1] for a in sys.argv if a.startswith('train.out_dir=')][-1]\n"
                      "os.makedirs(os.path.join(d, 'checkpoints'))\n"
                      "open(os.path.join(d, 'checkpoints', 'ckpt_000000002.pt'), 'w').close()\n")
-    monkeypatch.setattr(rp, "probe_command", lambda args, ov, nproc: [sys.executable, str(child), *ov])
-    assert rp.main(["--data", "synthetic", "--budget", "2ep", "--out", out, *tiny(data_cache)]) == 0
+    monkeypatch.setattr(probe_mod, "probe_command", lambda args, ov, nproc: [sys.executable, str(child), *ov])
+    assert main(["--data", "synthetic", "--budget", "2ep", "--out", out, *tiny(data_cache)]) == 0
     text = capsys.readouterr().out
     assert "probe was stopped at step 2 of 5" in text and f"--out {out} --resume" in text
     assert "plan" not in json.load(open(os.path.join(out, "state.json")))["stages"]

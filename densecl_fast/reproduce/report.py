@@ -9,7 +9,8 @@ import os
 import statistics
 import time
 
-from .reproduce import IMAGENET_TRAIN_IMAGES, fmt_duration, plan_lines, read_metrics
+from .plan import IMAGENET_TRAIN_IMAGES, fmt_duration, plan_lines
+from .runs import read_metrics
 
 LOWSHOT_K = (1, 2, 4, 8, 16, 32, 64, 96)
 

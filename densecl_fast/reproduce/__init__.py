@@ -1,0 +1,14 @@
+"""Short-budget reproduction of the 200-epoch recipe (`python launch/reproduce.py`; see cli.py and README).
+
+Modules, each importing only those above it:
+  errors  the three ways a reproduction stops (bad input, a failed run, a signal)
+  plan    budget and plan arithmetic, durations
+  state   OUT/state.json: the arguments, the plan, the finished stages
+  runs    the runs the stages start: pretraining, the export and eval CLIs, metrics.jsonl
+  probe   the throughput probe (a timed child process) -> the plan
+  report  report.md, report.json and the plots
+  cli     the arguments and the stage runner (`main`)
+"""
+from .cli import main
+
+__all__ = ["main"]

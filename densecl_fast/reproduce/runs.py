@@ -1,0 +1,125 @@
+"""The runs the stages start: pretraining (in this process, or torchrun around launch/pretrain.py),
+the export and eval CLIs, and the run directories' metrics.jsonl."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+from .errors import RunFailed, UsageError
+
+EXPORT_FORMATS = (("torchvision", "pth"), ("detectron2", "pkl"), ("mmdet", "mm.pth"))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# ---- pretraining: in-process, or torchrun around launch/pretrain.py -------------------------------
+
+def run_cfg_overrides(args, out_dir: str, extra=()) -> list[str]:
+    return [f"data.source={args.data}", *args.overrides, f"train.out_dir={out_dir}", *extra]
+
+
+def load_cfg(args, overrides):
+    from ..config import ConfigError, load_config
+    try:
+        return load_config(args.config, overrides)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+
+
+def run_training(args, overrides: list[str], nproc: int) -> dict:
+    """One pretraining run; -> {"status", "step", "total_steps"} (read from the run directory for torchrun).
+    In this process when the whole reproduction is one process; else under torchrun, so this process
+    holds no GPU memory while the ranks train (it evaluates on the GPU afterwards). (The probes run
+    through `probe_command` and `run_child`.)"""
+    cfg = load_cfg(args, overrides)  # every config problem is a one-line error before anything starts
+    if nproc == 1 and args.nproc == 1:
+        from ..checkpoint import CheckpointError, CheckpointWriteError
+        from ..data import DataError
+        from ..trainer import NonFiniteLossError, train
+        try:
+            return train(cfg)
+        except (CheckpointWriteError, NonFiniteLossError) as e:
+            raise RunFailed(f"{e} (continue with --resume once fixed)") from None
+        except (DataError, CheckpointError) as e:
+            raise UsageError(str(e)) from None
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           os.path.join(REPO, "launch", "pretrain.py"), "--config", args.config, *overrides]
+    print("  $ " + " ".join(cmd), flush=True)
+    try:  # follow a redirect of sys.stdout when it is a real file
+        sys.stdout.flush()
+        out = sys.stdout if sys.stdout.fileno() >= 0 else None
+    except (AttributeError, OSError, ValueError):
+        out = None
+    env = dict(os.environ)
+    if nproc == 1:  # torchrun sets OMP_NUM_THREADS=1 for the ranks only when it starts several: match it
+        env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.Popen(cmd, stdout=out, env=env)
+    # SIGTERM/SIGINT to this process alone are passed on: torchrun forwards them to every rank,
+    # which checkpoints and exits; a signal to the whole group reaches torchrun directly anyway.
+    old = {s: signal.signal(s, lambda signum, _f: proc.send_signal(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if rc == 2:
+        raise UsageError(f"pretraining refused its input (launch/pretrain.py exit status 2; see the error above)")
+    from ..checkpoint import list_checkpoints
+    ckpts = list_checkpoints(cfg.train.out_dir)
+    step = int(re.search(r"ckpt_(\d+)\.pt$", ckpts[-1]).group(1)) if ckpts else 0
+    return {"status": "finished" if rc == 0 else f"failed (exit status {rc})", "step": step, "total_steps": None}
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+
+# ---- evaluation and export -----------------------------------------------------------------------------
+
+def eval_jobs(args, cfg, runs: list[str]) -> list[tuple[str, str, list[str]]]:
+    """(trunk, mode, eval CLI arguments without --checkpoint/--out) of every evaluation to run."""
+    size = args.eval_image_size or cfg.data.image_size
+    workers = cfg.data.num_workers if args.eval_workers < 0 else args.eval_workers
+    max_train = cfg.data.max_images if args.eval_max_train < 0 else args.eval_max_train
+    common = ["--image-size", str(size), "--workers", str(workers), "--seed", str(cfg.train.seed),
+              "--arch", cfg.model.arch, "--no-progress"]
+    synth = ["--synthetic-images", str(cfg.data.synthetic_images), "--synthetic-resolution",
+             str(cfg.data.synthetic_resolution), "--data-cache-dir", cfg.data.cache_dir]
+    data = ["--data", args.data, *synth] + (["--val", args.val] if args.val else []) \
+        + (["--root", cfg.data.root] if cfg.data.root else [])
+    limits = ["--max-train", str(max_train), "--max-val", str(args.eval_max_val)]
+    per_trunk = [("knn", ["knn", *data, *limits, "--k", "10,20,100,200"])]
+    if args.voc:
+        per_trunk += [("dense", ["dense", "--data", args.voc, "--layer", "c4"]),
+                      ("svm", ["svm", "--data", args.voc, "--layers", "c5"]),
+                      ("lowshot", ["lowshot", "--data", args.voc, "--layers", "c5"])]
+    elif args.data == "synthetic":
+        per_trunk.append(("dense", ["dense", *data, *limits, "--layer", "c4"]))
+    trunks = list(runs) + ([] if args.no_random else ["random"])
+    return [(t, mode, a + common) for t in trunks for mode, a in per_trunk]
+
+
+def skipped_evals(args) -> dict:
+    out = {}
+    if not args.voc:
+        out["svm"] = out["lowshot"] = "no --voc given (the VOC07 SVM and low-shot protocols need Pascal VOC 2007)"
+        if args.data != "synthetic":
+            out["dense"] = "no masks: the dense probe needs --voc or the built-in data set (--data synthetic)"
+    out["linear"] = ("not run: the seed's ImageNet linear protocol (100 epochs through the trunk) is a separate GPU "
+                     "job; the report gives its command")
+    return out
+
+
+def call_cli(module_main, argv: list[str], what: str) -> None:
+    print(f"  $ python -m {what} " + " ".join(argv), flush=True)
+    rc = module_main(argv)
+    if rc != 0:
+        raise UsageError(f"{what} {argv[0]} failed (exit status {rc}; its error is above)")
