@@ -190,3 +190,24 @@ def test_a_damaged_cache_file_warns_and_compiles_cold(tmp_path):
     cache = CompileCache("k", [str(tmp_path)], warn=warnings.append)
     assert cache.load() is None and cache.loaded_from is None
     assert len(warnings) == 1 and "not loaded" in warnings[0]
+
+
+@pytest.mark.slow   # two inductor compiles of resnet18 in subprocesses: minutes on two cores
+def test_trainer_saves_the_artifacts_and_the_resumed_run_starts_warm(tmp_path, data_cache):
+    from helpers import PRETRAIN, tiny
+    out = tmp_path / "run"
+
+    def pretrain(tag, *extra):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor_{tag}"), "OMP_NUM_THREADS": "2"}
+        r = subprocess.run([sys.executable, PRETRAIN, *tiny(str(out), data_cache, "train.compile=true", *extra)],
+                           capture_output=True, text=True, timeout=1200, env=env, cwd=ROOT)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        return r.stdout
+
+    first = pretrain("a", "optim.max_steps=1")
+    assert "compile cache: loaded" not in first and "compile blocks (default)" in first
+    saved = sorted(os.listdir(out / "checkpoints"))
+    bins = [n for n in saved if n.startswith("compile-") and n.endswith(".bin")]
+    assert len(bins) == 1 and os.path.exists(os.path.join(data_cache, "compile", bins[0]))
+    again = pretrain("b", "optim.max_steps=2", "train.resume=auto")
+    assert f"compile cache: loaded {out / 'checkpoints' / bins[0]}" in again

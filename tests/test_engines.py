@@ -146,9 +146,10 @@ def test_two_rank_shuffle_bn_equals_one_process_grouped_bn(engine, one_process_r
 @pytest.mark.distributed
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_two_rank_run_with_compiled_blocks_equals_one_process(engine, one_process_reference, tmp_path):
-    """train.compile under ddp and fsdp: every block compiled in place before replicate / fully_shard
-    (AOTAutograd with the eager backend: the joint graphs and the engines' hooks, without inductor's
-    code generation), and the run still equals the eager one-process run."""
+    """Regions compiled in place before replicate (ddp: what train.compile runs) or fully_shard (fsdp:
+    the engine's mechanics; train.compile still refuses fsdp until inductor is verified there), with
+    AOTAutograd and the eager backend (the joint graphs and the engines' hooks, without inductor's
+    code generation): the run still equals the eager one-process run."""
     out = str(tmp_path / f"{engine}_compiled.pt")
     r = torchrun([HARNESS, engine, out, "compile=aot_eager"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
