@@ -6,9 +6,12 @@
 TINY_CPU=(model.arch=resnet18 model.hid_dim=32 model.out_dim=16 model.queue_len=32 data.image_size=32
           optim.batch_size=4 model.bn_group_size=2)
 FAILED=0
+# The limits are set for the GPU; a CPU rehearsal (tiny shapes, but inductor's C++ compile on a possibly
+# shared CPU) gets LIMIT_SCALE times as long (default 4 on the CPU).
+if [ "$DEVICE" = cpu ]; then LIMIT_SCALE=${LIMIT_SCALE:-4}; else LIMIT_SCALE=${LIMIT_SCALE:-1}; fi
 
 step() {
-  local name=$1 limit=$2
+  local name=$1 limit=$(($2 * LIMIT_SCALE))
   shift 2
   echo "== $name (timeout ${limit} s): $*" | tee -a "$OUT/check.log"
   [ "$DRY" = 1 ] && return 0
