@@ -87,7 +87,13 @@ class TrainConfig:
     device: str = "auto"              # auto | cpu | cuda
     precision: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     channels_last: bool = True
-    compile: bool = False             # torch.compile the encoders
+    compile: bool = False             # torch.compile the encoders' repeated regions (engines/compiling.py)
+    compile_scope: str = "blocks"     # blocks (each residual block and the neck, compiled in place) | encoders
+                                      # (each encoder as one graph: slower to compile)
+    compile_mode: str = "default"     # torch.compile mode of the regions: default | reduce-overhead (CUDA
+                                      # graphs) | max-autotune | max-autotune-no-cudagraphs
+    compile_cache: bool = True        # save/load the compile artifacts (checkpoint folder, data.cache_dir)
+    cudnn_benchmark: bool = True      # CUDA: cuDNN autotuning (shapes are fixed); off with deterministic
     kernels: str = "auto"             # auto | triton | reference
     ckpt_every_epochs: int = 10
     ckpt_every_steps: int = 0         # also every N steps (0 = off)
@@ -118,6 +124,10 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+
+
+COMPILE_SCOPES = ("blocks", "encoders")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class ConfigError(ValueError):
@@ -285,6 +295,8 @@ def validate(cfg: Config) -> None:
     need(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}: use auto, cpu or cuda")
     need(t.precision in ("auto", "bf16", "fp16", "fp32"), f"train.precision={t.precision!r}: use auto, bf16, fp16 or fp32")
     need(t.kernels in ("auto", "triton", "reference"), f"train.kernels={t.kernels!r}: use auto, triton or reference")
+    need(t.compile_scope in COMPILE_SCOPES, f"train.compile_scope={t.compile_scope!r}: use {' or '.join(COMPILE_SCOPES)}")
+    need(t.compile_mode in COMPILE_MODES, f"train.compile_mode={t.compile_mode!r}: use {', '.join(COMPILE_MODES)}")
     need(t.keep_last >= 1, "train.keep_last must be >= 1")
     need(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1")
     need(t.ckpt_every_epochs >= 1, f"train.ckpt_every_epochs={t.ckpt_every_epochs} must be >= 1 "

@@ -26,6 +26,7 @@ from .config import Config, ConfigError, check_environment, config_to_dict, to_y
 from .data import DataError, build_loader, resolve_backend
 from .distributed import all_reduce_max, cleanup, init_distributed
 from .engines import Engine, build_engine
+from .engines.compiling import CompileCache, CompilePlan
 from .model import DenseCL
 from .weights import WeightsError, load_into_model, read_weights
 
@@ -48,6 +49,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     return precision
+
+
+def cudnn_benchmark_for(t_cfg, device: torch.device) -> bool:
+    """cuDNN autotuning: on for CUDA training unless turned off or train.deterministic (the autotuner
+    may pick a different algorithm per run). The trainer's shapes are fixed (every batch is full, one
+    crop size), so each convolution is tuned once, on the first step."""
+    return device.type == "cuda" and bool(t_cfg.cudnn_benchmark) and not t_cfg.deterministic
 
 
 def train_step(model, engine: Engine, im_q, im_k, lr: float, lam: float) -> dict:
@@ -150,6 +158,8 @@ def _train(cfg: Config, held: list) -> dict:
     per_rank_batch = o_cfg.batch_size // dist_info.world_size
     if t_cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cudnn_benchmark_for(t_cfg, device)
     kernels.set_backend(t_cfg.kernels)
 
     if t_cfg.init_from and not resume_path:  # an unreadable or odd file: one line before the data set is listed
@@ -188,8 +198,16 @@ def _train(cfg: Config, held: list) -> dict:
     if t_cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     base_lr = o_cfg.lr * o_cfg.batch_size / 256  # linear scaling with the global batch
-    # In place: torch.compile, then the engine's DDP/FSDP/DeepSpeed wrapping; builds the optimizer.
-    engine.setup(model, o_cfg, base_lr, compile=t_cfg.compile)
+    # In place: torch.compile (per block), then the engine's DDP/FSDP/DeepSpeed wrapping; builds the optimizer.
+    plan = CompilePlan.from_config(t_cfg)
+    engine.setup(model, o_cfg, base_lr, compile=plan)
+    compile_cache = None
+    if plan is not None and t_cfg.compile_cache:  # warm start: the artifacts of an earlier run of this key
+        compile_cache = CompileCache.for_run(cfg, device, precision, per_rank_batch, plan,
+                                             kernels.active_backend(device), ckpt_io.checkpoint_dir(t_cfg.out_dir),
+                                             main, warn if main else (lambda m: None))
+        if compile_cache.load() is not None:
+            say(f"compile cache: loaded {compile_cache.loaded_from}")
     model.train()
     warmup_steps = int(o_cfg.warmup_epochs * steps_per_epoch)
 
@@ -225,7 +243,8 @@ def _train(cfg: Config, held: list) -> dict:
     backend = resolve_backend(cfg.data, device)
     say(f"DenseCL {cfg.model.arch} | {cfg.name} | engine {engine.name} | device {device} x{dist_info.world_size} | "
         f"{precision} | bn {cfg.model.bn if dist_info.enabled else 'group'} | "
-        f"data {backend} | kernels {kernels.active_backend(device)} | compile {t_cfg.compile} | "
+        f"data {backend} | kernels {kernels.active_backend(device)} | "
+        f"compile {f'{plan.scope} ({plan.mode})' if plan else False} | "
         f"batch {o_cfg.batch_size} | lr {base_lr:g} | {steps_per_epoch} steps/epoch, {total_steps} total")
 
     def save(reason: str) -> str | None:
@@ -257,6 +276,8 @@ def _train(cfg: Config, held: list) -> dict:
                 lam = 0.0 if step < cfg.model.dense_warmup_iters else cfg.model.loss_lambda
                 out = train_step(model, engine, im_q, im_k, lr, lam)
                 step += 1
+                if compile_cache is not None and not compile_cache.saved:  # the first step compiled everything
+                    compile_cache.save()
                 # Losses stay on the device until the log step: no host sync on every iteration.
                 window.append(torch.stack([out["loss"].detach(), out["loss_single"].detach(),
                                            out["loss_dense"].detach()]).float())

@@ -52,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-GPU batch of the mmselfsup-style variant (default 32, the seed's 8x32)")
     add("--compile-mode", default="default",
         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
-    add("--cudnn-benchmark", action="store_true", help="set torch.backends.cudnn.benchmark (the trainer leaves it off)")
+    add("--compile-scope", default="blocks", choices=["blocks", "encoders"],
+        help="what the compiled variants compile: each residual block and neck (default, as train.compile) or "
+             "each whole encoder (train.compile_scope=encoders)")
+    add("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+        help="torch.backends.cudnn.benchmark on CUDA (default on, as the trainer; --no-cudnn-benchmark: off)")
     add("--seed", type=int, default=0)
     add = p.add_argument_group("how long").add_argument
     add("--warmup", type=int, default=5, help="warm-up steps per variant (default 5; compile is in the first)")

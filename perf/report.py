@@ -81,6 +81,26 @@ def goal_verdict(variants, device_name, batch, image_size):
     return out
 
 
+# Same-run baselines (issue 18): what the grouped BN and our kernels cost or gain against what a user
+# writes instead (ordinary BatchNorm over the whole batch), eager and compiled.
+RATIOS = (("grouping_cost", "eager_bf16_cl_fused", "eager_plain_bn", 0.95),
+          ("compiled", "compiled_fused", "compiled_plain_bn", 1.0),
+          ("grouped_bn_alone_eager", "eager_bf16_cl", "eager_plain_bn", None),
+          ("grouped_bn_alone_compiled", "compiled", "compiled_plain_bn", None))
+
+
+def baseline_ratios(variants):
+    """name -> {ours, baseline, ratio (images/s ours / baseline, same run), target, met}."""
+    by = {v["name"]: v for v in variants}
+    out = {}
+    for name, ours, base, target in RATIOS:
+        a, b = _ips(by.get(ours)), _ips(by.get(base))
+        r = a / b if a and b else None
+        out[name] = {"ours": ours, "baseline": base, "ratio": r, "target": target,
+                     "met": None if r is None or target is None else r >= target}
+    return out
+
+
 def _finite(x):
     """Strict JSON: non-finite floats become null."""
     if isinstance(x, float):
@@ -163,6 +183,19 @@ def markdown(results):
         L += ["", f"## Where the milliseconds go (ms per step, mean of the timed steps; {m['timing']})", ""]
         L += _table(["variant"] + cols + ["step"], [[v["name"]] + [_f(v["stages_ms"].get(c), "{:,.2f}") for c in cols]
                                                     + [_f(v.get("stage_step_ms"), "{:,.2f}")] for v in ok])
+    ratios = results.get("ratios") or {}
+    if any(x["ratio"] is not None for x in ratios.values()):
+        L += ["", "## Same-run baselines (ordinary BatchNorm over the whole batch)", ""]
+        L += _table(["ratio", "ours / baseline", "images/s ratio", "target", "met"],
+                    [[k, f"{x['ours']} / {x['baseline']}", _f(x["ratio"], "{:.3f}x"),
+                      "–" if x["target"] is None else f"≥ {x['target']}x",
+                      "–" if x["met"] is None else ("yes" if x["met"] else "NO")] for k, x in ratios.items()], (0, 1))
+    comp = [v for v in variants if v.get("compile_s") is not None]
+    if comp:
+        L += ["", "## Compile time (first step minus a steady step; both encoders, forward and backward)", ""]
+        L += _table(["variant", "compile mode", "compile s", "first step s"],
+                    [[v["name"], (v.get("settings") or {}).get("compile_mode", "default"), _f(v["compile_s"], "{:,.1f}"),
+                      _f(v.get("first_step_s"), "{:,.1f}")] for v in comp], (0, 1))
     if pr:
         L += ["", f"## Projection: {pr['epochs']} epochs x {pr['images']:,} images", ""]
         head = pr.get("headline")

@@ -26,6 +26,7 @@ import torch
 from densecl_fast import stages
 from densecl_fast.config import load_config, validate
 from densecl_fast.data import build_loader, dali_available
+from densecl_fast.engines.compiling import CompilePlan
 from densecl_fast.engines.single import SingleEngine
 from densecl_fast.model import DenseCL
 from densecl_fast.trainer import train_step
@@ -72,9 +73,10 @@ class Suite:
             "queue_len": m.queue_len, "bn_group_size": m.bn_group_size, "timing": self.marks.kind,
             "warmup": a.warmup, "steps": a.steps, "repeats": a.repeats, "budget_seconds": a.budget_seconds,
             "workers": self.workers, "fused_kernels": fused_kernels_status(self.device), "data": None,
-            "cuda": self.cuda,
+            "cuda": self.cuda, "compile_scope": a.compile_scope, "cudnn_benchmark": bool(a.cudnn_benchmark),
             "note": None if self.cuda else "CPU run: small shapes, CUDA-only variants skipped; not a GPU speed claim"},
-            "environment": {}, "peak": None, "flops": None, "variants": [], "projection": None, "goal": None}
+            "environment": {}, "peak": None, "flops": None, "variants": [], "projection": None, "ratios": None,
+            "goal": None}
 
     def spent(self):
         return time.monotonic() - self.t0
@@ -92,6 +94,7 @@ class Suite:
         r, a = self.results, self.args
         r["variants"] = self.records
         r["projection"] = report.projection(self.records, a.gpus, a.scaling_efficiency, a.dataset_images, a.epochs)
+        r["ratios"] = report.baseline_ratios(self.records)
         r["goal"] = report.goal_verdict(self.records, r["environment"].get("device_name", ""), self.batch, self.image_size)
         r["meta"]["seconds"] = self.spent()
         if plots and not a.no_plots:
@@ -123,7 +126,8 @@ class Suite:
 
     # -- the model, reused while the key stays the same (a compiled one keeps its graphs)
     def model_key(self, s):
-        return (s["batch"], s["bn_group_size"], s["precision"], s["channels_last"], s["compile"], self.args.compile_mode)
+        return (s["batch"], s["bn_group_size"], s["precision"], s["channels_last"], s["compile"], s["compile_mode"],
+                self.args.compile_scope)
 
     def drop_model(self):
         if self.model is not None and self.model[0][4]:
@@ -140,9 +144,8 @@ class Suite:
         self.drop_model()
         cfg = copy.deepcopy(self.cfg)
         cfg.optim.batch_size, cfg.model.bn_group_size = s["batch"], s["bn_group_size"]
-        mode = None if self.args.compile_mode == "default" else self.args.compile_mode
-        self.model = (key, *build_model(cfg, self.device, s["precision"], s["channels_last"], s["compile"], mode,
-                                        self.args.seed))
+        plan = CompilePlan(self.args.compile_scope, s["compile_mode"]) if s["compile"] else None
+        self.model = (key, *build_model(cfg, self.device, s["precision"], s["channels_last"], plan, self.args.seed))
         return self.model[1:], False
 
     # -- settings, plan, cap
@@ -150,14 +153,16 @@ class Suite:
         s = {"batch": v.batch or self.batch,
              "bn_group_size": self.cfg.model.bn_group_size if v.bn_group_size is None else v.bn_group_size,
              "precision": v.precision, "channels_last": v.channels_last, "compile": v.compile, "fused": v.fused,
-             "data": v.data}
+             "data": v.data, "compile_mode": v.compile_mode or self.args.compile_mode}
         if v.inherit:
+            # The recipe's BN only: a plain-BN baseline may be faster but is not what training runs.
             done = [r for r in self.records if r["status"] == "ok" and r["settings"]["data"] == "synthetic"
-                    and r["settings"]["batch"] == self.batch]
+                    and r["settings"]["batch"] == self.batch
+                    and r["settings"]["bn_group_size"] == self.cfg.model.bn_group_size]
             if done:
                 best = max(done, key=lambda r: r["images_per_s"]["median"])
                 s.update({k: best["settings"][k] for k in ("precision", "channels_last", "compile", "fused",
-                                                          "bn_group_size")}, settings_from=best["name"])
+                                                          "bn_group_size", "compile_mode")}, settings_from=best["name"])
             else:
                 s.update(precision="bf16", channels_last=True, compile=True, fused=self.cuda,
                          settings_from="default full stack (no model-only variant at this batch succeeded in this run)")
@@ -392,13 +397,14 @@ class Suite:
         return 130 if interrupted else 0 if any(r["status"] == "ok" for r in self.records) else 1
 
 
-def build_model(cfg, device, precision, channels_last, compile=False, compile_mode=None, seed=0):
-    """DenseCL and the trainer's one-process engine (optimizer, autocast, step body) as a training run has them."""
+def build_model(cfg, device, precision, channels_last, compile=None, seed=0):
+    """DenseCL and the trainer's one-process engine (optimizer, autocast, step body) as a training run has them;
+    `compile`: a CompilePlan (as train.compile builds it) or None."""
     validate(cfg)
     torch.manual_seed(seed)
     model = DenseCL(cfg.model).to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     engine = SingleEngine(device, precision)
-    engine.setup(model, cfg.optim, cfg.optim.lr * cfg.optim.batch_size / 256, compile=compile, compile_mode=compile_mode)
+    engine.setup(model, cfg.optim, cfg.optim.lr * cfg.optim.batch_size / 256, compile=compile)
     return model.train(), engine
 
 
@@ -418,8 +424,8 @@ def select_variants(args):
 def run(args, argv=None, t0=None):
     """Run the suite; SIGTERM ends it like Ctrl-C (what was measured is written, exit status 130)."""
     t0 = time.monotonic() if t0 is None else t0
-    if args.cudnn_benchmark:
-        torch.backends.cudnn.benchmark = True
+    # As the trainer: cuDNN autotuning on CUDA unless --no-cudnn-benchmark (trainer.cudnn_benchmark_for).
+    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark) and torch.cuda.is_available()
 
     def on_term(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")

@@ -2,6 +2,7 @@
 
     python tests/dist_equivalence.py single OUT.pt                       # one process, grouped BN
     torchrun --nproc_per_node 2 tests/dist_equivalence.py ddp OUT.pt     # 2 ranks, model.bn=shuffle
+    torchrun --nproc_per_node 2 tests/dist_equivalence.py ddp OUT.pt compile=aot_eager   # regions compiled
 
 Used by tests/test_engines.py: a 2-rank shuffle-BN run must equal the 1-process grouped-BN run with
 groups of the per-rank batch and the same permutation (rank 0's key-shuffle stream = the single
@@ -18,6 +19,7 @@ import torch.distributed as dist  # noqa: E402
 from densecl_fast.config import load_config  # noqa: E402
 from densecl_fast.distributed import init_distributed  # noqa: E402
 from densecl_fast.engines import build_engine  # noqa: E402
+from densecl_fast.engines.compiling import CompilePlan  # noqa: E402
 from densecl_fast.model import DenseCL  # noqa: E402
 from densecl_fast.trainer import train_step  # noqa: E402
 
@@ -32,7 +34,10 @@ def full_state(model, engine) -> dict:
 
 
 def main(engine_name: str, out_path: str, *overrides: str) -> None:
+    """overrides: key=value config overrides; `compile=BACKEND` compiles the regions with that backend."""
     torch.set_num_threads(1)
+    backend = [o.split("=", 1)[1] for o in overrides if o.startswith("compile=")]
+    overrides = tuple(o for o in overrides if not o.startswith("compile="))
     cfg = load_config("smoke", [
         "model.arch=resnet18", "model.hid_dim=32", "model.out_dim=16", "model.queue_len=64",
         f"model.bn_group_size={PER_RANK_GROUP}", "model.momentum=0.9", f"optim.batch_size={GLOBAL_BATCH}",
@@ -42,7 +47,7 @@ def main(engine_name: str, out_path: str, *overrides: str) -> None:
     torch.manual_seed(0)
     model = DenseCL(cfg.model)
     model.shuffle_seed = 7  # rank 0's stream draws the cross-rank permutation
-    engine.setup(model, cfg.optim, LR)
+    engine.setup(model, cfg.optim, LR, compile=CompilePlan(backend=backend[0]) if backend else None)
     model.train()
     n = GLOBAL_BATCH // info.world_size
     rows = slice(info.rank * n, (info.rank + 1) * n)

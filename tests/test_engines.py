@@ -143,6 +143,24 @@ def test_two_rank_shuffle_bn_equals_one_process_grouped_bn(engine, one_process_r
     assert (ref["losses"][0] != ref["losses"][-1]).all()
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_rank_run_with_compiled_blocks_equals_one_process(engine, one_process_reference, tmp_path):
+    """Regions compiled in place before replicate (ddp: what train.compile runs) or fully_shard (fsdp:
+    the engine's mechanics; train.compile still refuses fsdp until inductor is verified there), with
+    AOTAutograd and the eager backend (the joint graphs and the engines' hooks, without inductor's
+    code generation): the run still equals the eager one-process run."""
+    out = str(tmp_path / f"{engine}_compiled.pt")
+    r = torchrun([HARNESS, engine, out, "compile=aot_eager"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got, ref = torch.load(out, weights_only=True), one_process_reference
+    torch.testing.assert_close(got["losses"], ref["losses"], rtol=0, atol=1e-5)
+    for k, v in ref["state"].items():
+        if "running_" in k or "num_batches_tracked" in k:
+            continue
+        torch.testing.assert_close(got["state"][k].float(), v.float(), rtol=0, atol=1e-4, msg=k)
+
+
 # ---- save on 2 ranks -> resume == uninterrupted, per engine -----------------------------------------
 
 def _state_of(path):

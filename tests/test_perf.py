@@ -210,3 +210,68 @@ def test_goal_and_projection_arithmetic():
     assert math.isclose(p["headline"]["hours"]["1"], recipe_hours(3900))
     assert math.isclose(recipe_hours(1000), 1_281_167 * 200 / 1000 / 3600)
     assert math.isclose(recipe_hours(1000, gpus=8, efficiency=0.5), recipe_hours(1000) / 4)
+
+
+def test_same_run_baselines_are_variants_with_plain_bn_and_never_inherited(tmp_path):
+    from perf.variants import default_variants
+    v = {x.name: x for x in default_variants()}
+    for name in ("eager_plain_bn", "compiled_plain_bn"):
+        assert v[name].bn_group_size == 0 and not v[name].fused and v[name].precision == "bf16"
+    assert v["compiled_plain_bn"].compile and not v["eager_plain_bn"].compile
+    assert v["compiled_fused_cudagraphs"].compile_mode == "reduce-overhead" and v["compiled_fused_cudagraphs"].cuda_only
+    # The e2e variant takes the fastest model-only setting with the recipe's BN groups: a faster
+    # plain-BN baseline is never what the end-to-end variant trains.
+    from perf.cli import parse_args
+    suite = runner.Suite(parse_args(TINY + ["--out", str(tmp_path / "o")]), [], 0.0)
+    ok = lambda name, bn, ips: {"name": name, "status": "ok", "images_per_s": {"median": ips},   # noqa: E731
+                                "settings": {"data": "synthetic", "batch": 4, "bn_group_size": bn, "precision": "bf16",
+                                             "channels_last": True, "compile": False, "fused": False,
+                                             "compile_mode": "default"}}
+    suite.records = [ok("eager_plain_bn", 0, 100.0), ok("eager_bf16_cl", 2, 50.0)]
+    s = suite.settings_for(v["e2e_torchvision"])
+    assert s["settings_from"] == "eager_bf16_cl" and s["bn_group_size"] == 2
+
+
+def test_baseline_ratios():
+    from perf.report import baseline_ratios, markdown
+    rec = lambda name, ips: {"name": name, "status": "ok", "images_per_s": {"median": ips}}   # noqa: E731
+    r = baseline_ratios([rec("eager_plain_bn", 2000), rec("eager_bf16_cl_fused", 1940), rec("compiled_plain_bn", 3000),
+                         rec("compiled_fused", 2900), rec("eager_bf16_cl", 1800)])
+    assert math.isclose(r["grouping_cost"]["ratio"], 0.97) and r["grouping_cost"]["met"] is True
+    assert math.isclose(r["compiled"]["ratio"], 2900 / 3000) and r["compiled"]["met"] is False
+    assert math.isclose(r["grouped_bn_alone_eager"]["ratio"], 0.9) and r["grouped_bn_alone_eager"]["met"] is None
+    assert r["grouped_bn_alone_compiled"]["ratio"] is None      # no `compiled` in this run
+    md = markdown({"meta": {"date": "d", "command": "c", "config": "x", "arch": "a", "batch": 1, "image_size": 1,
+                            "queue_len": 1, "bn_group_size": 1, "timing": "t", "warmup": 1, "steps": 1, "repeats": 1},
+                   "environment": {}, "variants": [], "ratios": r})
+    assert "Same-run baselines" in md and "| grouping_cost | eager_bf16_cl_fused / eager_plain_bn | 0.970x | ≥ 0.95x | yes |" in md
+
+
+DEVICE_SCRIPTS = ("perf/device_check.sh", "perf/device_check_dali.sh")
+
+
+def test_device_check_scripts_parse_and_list_runnable_steps(tmp_path):
+    """CI's guard for the prepared GPU checks: valid bash, and every step they list names a module
+    that exists and variants that `python -m perf` knows (the full rehearsal is `--device cpu`)."""
+    import importlib.util
+    import re
+    from perf.variants import default_variants
+    known = {v.name for v in default_variants()}
+    for script in DEVICE_SCRIPTS:
+        r = subprocess.run(["bash", "-n", script], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        for device in ("cuda", "cpu"):
+            r = subprocess.run(["bash", script, "--dry-run", "--device", device], cwd=ROOT, capture_output=True,
+                               text=True, timeout=30, env={**os.environ, "OUT": str(tmp_path / device)})
+            assert r.returncode == 0, r.stdout + r.stderr
+            steps = [line for line in r.stdout.splitlines() if line.startswith("== ")]
+            assert len(steps) >= 3 and "0 step(s) failed" in r.stdout, r.stdout
+            for mod in re.findall(r" -m ([\w.]+)", r.stdout):
+                assert importlib.util.find_spec(mod) is not None, (script, mod)
+            for listed in re.findall(r"--variants (\S+)", r.stdout):
+                assert set(listed.split(",")) <= known, (script, listed)
+        bad = subprocess.run(["bash", script, "--device", "tpu"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert bad.returncode == 2 and "use cuda or cpu" in bad.stderr
+    text = open(os.path.join(ROOT, "perf/device_check.sh")).read()
+    for name in ("mmselfsup_fp32_b32", "eager_plain_bn", "eager_bf16_cl_fused", "compiled_plain_bn", "compiled_fused"):
+        assert name in text

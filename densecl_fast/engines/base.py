@@ -19,6 +19,7 @@ from .. import checkpoint as ckpt_io
 from ..config import ConfigError
 from ..distributed import barrier
 from .. import stages
+from .compiling import CompilePlan, compile_encoders
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -53,12 +54,13 @@ class Engine:
         return self.name
 
     # ---- set-up ------------------------------------------------------------------------------------
-    def setup(self, model, optim_cfg, base_lr: float, compile: bool = False, compile_mode=None) -> None:
-        """Compile (in place, before any wrapping, as torchtitan does), wrap, build the optimizer."""
+    def setup(self, model, optim_cfg, base_lr: float, compile=None) -> None:
+        """Compile (in place, before any wrapping, as torchtitan does), wrap, build the optimizer.
+        `compile`: a compiling.CompilePlan, True (the default plan: per block) or None/False."""
         self.model = model
-        if compile:
-            model.encoder_q.compile(mode=compile_mode)
-            model.encoder_k.compile(mode=compile_mode)
+        plan = CompilePlan.of(compile)
+        if plan is not None:
+            compile_encoders(model, plan)
         self.wrap(model)
         self.optimizer = make_optimizer(model, optim_cfg, self.device, base_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")

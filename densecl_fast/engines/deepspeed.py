@@ -109,7 +109,7 @@ class DeepSpeedEngine(Engine):
         return (f"deepspeed (ZeRO-{self.ds_config['zero_optimization']['stage']}, {world} "
                 f"rank{'s' if world > 1 else ''}, {self.device.type}, {self.precision})")
 
-    def setup(self, model, optim_cfg, base_lr: float, compile: bool = False, compile_mode=None) -> None:
+    def setup(self, model, optim_cfg, base_lr: float, compile=None) -> None:
         import logging
         import deepspeed
         from deepspeed.utils import logger as ds_logger
