@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU check of launch/reproduce.py (device tool, ~5 min): the seed recipe (ResNet-50,
-# batch 256, bf16, Triton kernels) on the built-in data set, with a 2-minute budget and the MoCo-v2
+# batch 256, bf16, Triton kernels) on the built-in data set, with a 3-minute budget (the timing probe gets 25% of it) and the MoCo-v2
 # baseline; the report, plots, state and log come back under $OUT.
 # Preparation on the CPU machine: omegaconf + antlr4 wheels in .whl/ (see perf/device_check.sh);
 # then: device run with carry [".whl"], command `bash perf/repro_device_check.sh`, timeout ~480 s.
@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; git rev-parse HEAD 2>/dev/null; } | tee "$OUT/repro.log"
 R=/tmp/repro_gpu
 rm -rf "$R"
-timeout 400 python3 launch/reproduce.py --data synthetic --budget 2m --baseline --out "$R" \
+timeout 400 python3 launch/reproduce.py --data synthetic --budget 3m --baseline --out "$R" \
     data.synthetic_images=1024 data.num_workers=14 data.cache_dir=/tmp/dc train.progress=false 2>&1 \
   | grep -v '^wrote ' | tee -a "$OUT/repro.log"
 cp "$R"/report.md "$R"/report.json "$R"/loss.png "$R"/throughput.png "$R"/eval.png "$R"/state.json "$OUT"/ 2>/dev/null
