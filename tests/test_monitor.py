@@ -118,3 +118,19 @@ def test_two_ranks_rank0_measures_the_others_wait(tmp_path, data_cache):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     recs = read_metrics(out)
     assert [x["step"] for x in recs if "knn_top1" in x] == [2, 4]
+
+
+def test_reproduction_report_plots_the_curve_when_present(tmp_path):
+    from densecl_fast.repro_report import plot_all
+    os.makedirs(tmp_path / "densecl")
+    recs = [{"step": s, "epoch": s / 4, "loss": 7.0, "loss_single": 7.0, "loss_dense": 7.0, "img_per_s": 10.0}
+            for s in range(1, 9)]
+    plan = {"epochs": 2, "images_per_s": 10.0}
+    with open(tmp_path / "densecl" / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    assert not any(p.endswith("knn.png") for p in plot_all(str(tmp_path), ["densecl"], {}, [], plan))
+    recs[3]["knn_top1"], recs[7]["knn_top1"] = 40.0, 55.0
+    with open(tmp_path / "densecl" / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    assert os.path.getsize(tmp_path / "knn.png") > 0 if any(
+        p.endswith("knn.png") for p in plot_all(str(tmp_path), ["densecl"], {}, [], plan)) else False
