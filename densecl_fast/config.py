@@ -55,6 +55,7 @@ FLAT_DALI_KEYS = tuple("dali_" + k for k in DaliConfig.__dataclass_fields__)
 @dataclass
 class DataConfig:
     source: str = "synthetic"         # "synthetic" | image folder | .txt file list | fashion-mnist:ROOT[#test]
+                                      # | fashion-mnist-scenes:ROOT[#test,train=N,test=N,size=S]
                                       # | shards glob (dali)
     max_images: int = 0               # use only the first N images of the source (0 = all)
     root: str = ""                    # base folder for relative paths in a file list
