@@ -55,6 +55,7 @@ FLAT_DALI_KEYS = tuple("dali_" + k for k in DaliConfig.__dataclass_fields__)
 @dataclass
 class DataConfig:
     source: str = "synthetic"         # "synthetic" | image folder | .txt file list | fashion-mnist:ROOT[#test]
+                                      # | fashion-mnist-scenes:ROOT[#test,train=N,test=N,size=S]
                                       # | shards glob (dali)
     max_images: int = 0               # use only the first N images of the source (0 = all)
     root: str = ""                    # base folder for relative paths in a file list
@@ -106,6 +107,17 @@ class TrainConfig:
     progress: bool = True             # tqdm progress bar
     engine: str = "auto"              # auto | single | ddp | fsdp | deepspeed (densecl_fast/engines); auto:
                                       # deepspeed under the deepspeed launcher, ddp under torchrun on >1 rank
+    # Online kNN monitor (densecl_fast/monitor.py): off while knn_data is empty.
+    knn_data: str = ""                # labelled data as the eval tool's --data: a folder with class
+                                      # sub-folders, a labelled .txt list, fashion-mnist:ROOT,
+                                      # fashion-mnist-scenes:ROOT (label: the class covering most pixels)
+    knn_val: str = ""                 # a separate evaluation folder / list (else the data's own split)
+    knn_every_epochs: int = 1         # evaluate every N epochs (0 = not by epochs)
+    knn_every_steps: int = 0          # and/or every N steps (0 = not by steps)
+    knn_max_bank: int = 2000          # the first N images of the training split form the bank
+    knn_max_val: int = 1000           # the first N images of the evaluation split are classified
+    knn_image_size: int = 0           # feature image size (0 = data.image_size)
+    knn_k: int = 20                   # neighbours (T = 0.07, the eval tool's weighted vote)
 
 
 @dataclass
@@ -305,3 +317,9 @@ def validate(cfg: Config) -> None:
     need(o.max_steps >= 0 and o.warmup_epochs >= 0 and o.min_lr >= 0,
          "optim.max_steps, optim.warmup_epochs and optim.min_lr must be >= 0")
     need(bool(str(t.out_dir).strip()), "train.out_dir is empty: give the run directory")
+    need(min(t.knn_every_epochs, t.knn_every_steps) >= 0, "train.knn_every_epochs and knn_every_steps must be >= 0")
+    need(not str(t.knn_data).strip() or t.knn_every_epochs or t.knn_every_steps,
+         "train.knn_data is set but train.knn_every_epochs and knn_every_steps are both 0; set one (or clear knn_data)")
+    need(t.knn_max_bank >= 1 and t.knn_max_val >= 1 and t.knn_k >= 1,
+         "train.knn_max_bank, knn_max_val and knn_k must be >= 1")
+    need(t.knn_image_size == 0 or t.knn_image_size >= 32, f"train.knn_image_size={t.knn_image_size}: 0 (= data.image_size) or >= 32")

@@ -28,6 +28,7 @@ from .distributed import all_reduce_max, cleanup, init_distributed
 from .engines import Engine, build_engine
 from .engines.compiling import CompileCache, CompilePlan
 from .model import DenseCL
+from .monitor import KnnMonitor
 from .weights import WeightsError, load_into_model, read_weights
 
 
@@ -178,6 +179,7 @@ def _train(cfg: Config, held: list) -> dict:
     if steps_per_epoch == 0:
         raise DataError(f"the data set is smaller than one global batch of {o_cfg.batch_size} images")
     total_steps = o_cfg.epochs * steps_per_epoch
+    monitor = KnnMonitor.build(cfg, device, dist_info)  # train.knn_data: checked here, with the data
 
     # ---- model and optimizer (same seed on every rank: identical initial weights and queues) ----
     torch.manual_seed(t_cfg.seed)
@@ -287,7 +289,8 @@ def _train(cfg: Config, held: list) -> dict:
                              or (t_cfg.ckpt_every_steps and step % t_cfg.ckpt_every_steps == 0)
                              or step == total_steps)
                 hit_max = bool(o_cfg.max_steps) and step >= o_cfg.max_steps
-                log_now = step % t_cfg.log_every == 0 or want_ckpt or hit_max
+                knn_now = monitor is not None and monitor.due(step, steps_per_epoch)  # same on every rank
+                log_now = step % t_cfg.log_every == 0 or want_ckpt or hit_max or knn_now
                 stopping = stop["signal"] is not None
                 if dist_info.enabled and log_now:  # agree on stopping at syncs that happen anyway
                     stopping = all_reduce_max(stopping, device)
@@ -309,8 +312,11 @@ def _train(cfg: Config, held: list) -> dict:
                     rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean[0],
                            "loss_single": mean[1], "loss_dense": mean[2], "lr": lr, "lambda": lam,
                            "img_per_s": ips, "data_skipped": skipped_before + loader.skipped}
+                    if knn_now:  # after img_per_s's clock: the monitor's time is not the step's
+                        rec.update(monitor.run(model))
                     log.write(rec)
-                    pbar.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}", refresh=False)
+                    pbar.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}",
+                                     **(monitor.postfix() if monitor else {}), refresh=False)
                     window, t_window = [], time.perf_counter()
                 pbar.update(1)
                 if want_ckpt or hit_max or stopping:

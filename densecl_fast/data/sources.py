@@ -2,6 +2,8 @@
 
 `data.source` is one of
   * "synthetic"          the built-in data set (generated on first use, see `synthetic.py`);
+  * fashion-mnist:ROOT[#test]            Fashion-MNIST's photos (`fashion_mnist.py`);
+  * fashion-mnist-scenes:ROOT[#tokens]   scenes of Fashion-MNIST garments with masks (`scenes.py`);
   * an image folder      searched recursively; a first-level sub-folder names the class of the
                          images under it (optional); extensions jpg/jpeg/png/webp/bmp/tif/tiff in
                          any case; hidden folders are skipped; sorted, so the order is the same on
@@ -27,7 +29,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from . import DataError, fashion_mnist
+from . import DataError, fashion_mnist, scenes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 _SHOW = 5  # offending entries quoted in an error message
@@ -128,6 +130,12 @@ def resolve_source(data_cfg) -> Listing:
         samples = [Sample(os.path.join(folder, rel), fashion_mnist.CLASSES[lab])
                    for rel, lab in zip(meta["images"], meta["labels"])]
         return Listing(samples, [], f"Fashion-MNIST {fmnist[1]} split ({fmnist[0]})")
+    spec = scenes.parse_source(source)
+    if spec is not None:
+        folder = scenes.ensure_scenes(spec, spec.split, data_cfg.cache_dir)
+        meta = scenes.read_labels(folder)
+        samples = [Sample(os.path.join(folder, e["image"]), scenes.CLASSES[e["label"]]) for e in meta["images"]]
+        return Listing(samples, [], f"Fashion-MNIST scenes, {spec.split} split ({folder})")
     if source == "synthetic":
         from .synthetic import ensure_synthetic
         folder = ensure_synthetic(data_cfg.cache_dir, data_cfg.synthetic_images, data_cfg.synthetic_resolution)

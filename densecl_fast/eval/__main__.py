@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", help="resnet18/34/50/101 (required with random; else a check)")
     p.add_argument("--encoder", default="query", choices=("query", "key"))
     p.add_argument("--seed", type=int, default=0, help="random trunk init, training seeds, low-shot sampling")
-    p.add_argument("--data", required=True, help="synthetic | image folder | .txt list | VOC devkit | fashion-mnist:ROOT")
+    p.add_argument("--data", required=True, help="synthetic | image folder | .txt list | VOC devkit | fashion-mnist:ROOT | fashion-mnist-scenes:ROOT")
     p.add_argument("--val", default="", help="separate val folder / list (else a deterministic split)")
     p.add_argument("--root", default="", help="base folder of relative paths in a .txt list")
     p.add_argument("--max-train", type=int, default=0, help="first N training images (0 = all)")
@@ -75,6 +75,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", default=",".join(map(str, svm.LOWSHOT_K)), help="lowshot: positives per class")
     p.add_argument("--samples", type=int, default=svm.LOWSHOT_SAMPLES, help="lowshot: independent draws")
     p.add_argument("--layer", default="c4", choices=("c4", "c5"), help="dense: feature map")
+    p.add_argument("--class-weights", default="balanced", choices=dense.CLASS_WEIGHTS,
+                   help="dense: loss weights (balanced: softened median-frequency; none: plain cross-entropy)")
     return p
 
 
@@ -191,10 +193,14 @@ def run(args) -> tuple[dict, list, str]:
         n = names[0]
         r = dense.train_dense(ftr[n], dense.load_masks(train, args.image_size), fte[n],
                               dense.load_masks(test, args.image_size), nc, epochs=args.epochs or dense.DENSE_EPOCHS,
-                              lr=args.lr or dense.DENSE_LR, seed=args.seed, progress=progress, device=device)
-        res.update(r, layer=args.layer)
-        rows = [(f"mIoU ({args.layer})", f"{r['mIoU']:.2f}"), ("pixel accuracy", f"{r['pixel_acc']:.2f}")]
-        line = f"dense probe ({args.layer}) mIoU {r['mIoU']:.2f}%"
+                              lr=args.lr or dense.DENSE_LR, class_weights=args.class_weights,
+                              background=0 if train.classes[0] == "background" else None, seed=args.seed,
+                              progress=progress, device=device)
+        res.update(r, layer=args.layer, iou_per_class=dict(zip(train.classes, r["iou"])))
+        rows = [(f"foreground mIoU ({args.layer})", f"{r['fg_mIoU']:.2f}"), (f"mIoU ({args.layer})", f"{r['mIoU']:.2f}"),
+                ("pixel accuracy", f"{r['pixel_acc']:.2f}"), ("class weights", args.class_weights)]
+        rows += [(f"IoU {c}", "–" if v is None else f"{v:.2f}") for c, v in zip(train.classes, r["iou"])]
+        line = f"dense probe ({args.layer}) foreground mIoU {r['fg_mIoU']:.2f}%, mIoU {r['mIoU']:.2f}%"
     return res, rows, line
 
 

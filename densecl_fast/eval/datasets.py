@@ -6,7 +6,8 @@ encoding) and/or mask files. `keys` (item names) feed the feature-cache fingerpr
 
 Sources: `synthetic` (built-in set; val = every VAL_EVERY-th image), an image folder with class
 sub-folders (`--val` folder, else the same deterministic split), a `.txt` list with labels,
-`fashion-mnist:ROOT` (train / test split), a Pascal VOC devkit (VOC2007: trainval / test of
+`fashion-mnist:ROOT` (train / test split), `fashion-mnist-scenes:ROOT[#tokens]` (training scenes /
+test scenes; masks = 10 garment classes + background, label = the class covering most pixels), a Pascal VOC devkit (VOC2007: trainval / test of
 ImageSets/Main; segmentation: ImageSets/Segmentation train / val with SegmentationClass PNGs).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..data import DataError
-from ..data import fashion_mnist
+from ..data import fashion_mnist, scenes
 from ..data.sources import list_folder, load_rgb, read_file_list, to_rgb
 
 VAL_EVERY = 5            # deterministic split of sets without one: image i is val when i % 5 == 0
@@ -174,6 +175,22 @@ def _fashion(root: str, max_train: int, max_val: int):
     return out
 
 
+def _scenes(spec, task: str, cache_dir: str):
+    out = []
+    for split in fashion_mnist.SPLITS:
+        folder = scenes.ensure_scenes(spec, split, cache_dir)
+        meta = scenes.read_labels(folder)
+        paths = [os.path.join(folder, e["image"]) for e in meta["images"]]
+        if task == "seg":
+            out.append(_files(paths, None, ("background",) + scenes.CLASSES, split,
+                              masks=[os.path.join(folder, e["mask"]) for e in meta["images"]],
+                              extra=f"scenes-seg:{meta['sha256']}"))
+        else:
+            out.append(_files(paths, [e["label"] for e in meta["images"]], scenes.CLASSES, split,
+                              extra=f"scenes:{meta['sha256']}"))
+    return out
+
+
 def load_eval_data(data: str, *, task: str, val: str = "", root: str = "", max_train: int = 0, max_val: int = 0,
                    synthetic_images: int = 512, synthetic_resolution: int = 160,
                    data_cache_dir: str = "~/.cache/densecl_fast"):
@@ -185,9 +202,17 @@ def load_eval_data(data: str, *, task: str, val: str = "", root: str = "", max_t
     fm = fashion_mnist.parse_source(data)
     if fm is not None:
         if task == "seg":
-            raise DataError("Fashion-MNIST has no masks: the dense probe needs 'synthetic' or Pascal VOC")
+            raise DataError("Fashion-MNIST has no masks: the dense probe needs fashion-mnist-scenes:ROOT, "
+                            "'synthetic' or Pascal VOC")
         train, test = _fashion(fm[0], max_train, max_val)
         return train, test
+    spec = scenes.parse_source(data)
+    if spec is not None:
+        if spec.split != "train":
+            raise DataError(f"--data {data}: drop the split token; evaluation uses the training scenes as the "
+                            "training split and the test scenes as the evaluation split")
+        train, test = _scenes(spec, task, data_cache_dir)
+        return _take(train, max_train), _take(test, max_val)
     if data == "synthetic":
         from ..data.synthetic import ensure_synthetic, read_labels
         folder = ensure_synthetic(data_cache_dir, synthetic_images, synthetic_resolution)
@@ -242,7 +267,8 @@ def load_eval_data(data: str, *, task: str, val: str = "", root: str = "", max_t
         else:
             train, test = _split_by_index(p, l, classes)
         return _take(train, max_train), _take(test, max_val)
-    raise DataError(f"--data {data}: not a folder, a .txt list, 'synthetic' or fashion-mnist:ROOT")
+    raise DataError(f"--data {data}: not a folder, a .txt list, 'synthetic', fashion-mnist:ROOT or "
+                    "fashion-mnist-scenes:ROOT")
 
 
 def load_mask(path: str) -> Image.Image:

@@ -162,6 +162,19 @@ def plot_all(out: str, runs: list[str], ev: dict, rows, plan: dict) -> list[str]
     ax.legend(fontsize=7)
     paths.append(_save(fig, out, "loss.png"))
 
+    curves = {run: [r for r in read_metrics(os.path.join(out, run)) if "knn_top1" in r] for run in runs}
+    if any(curves.values()):  # the online kNN monitor's records (train.knn_data)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for (run, recs), color in zip(curves.items(), ("tab:blue", "tab:orange")):
+            if recs:
+                ax.plot([r["epoch"] for r in recs], [r["knn_top1"] for r in recs], color=color, marker="o",
+                        label=RUN_TITLE[run])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("kNN top-1 (%)")
+        ax.set_title("online kNN monitor during pretraining (train.knn_data)")
+        ax.legend(fontsize=8)
+        paths.append(_save(fig, out, "knn.png"))
+
     fig, ax = plt.subplots(figsize=(7, 4))
     for run, color in zip(runs, ("tab:blue", "tab:orange")):
         recs = read_metrics(os.path.join(out, run))[1:]  # the first record holds start-up
@@ -235,7 +248,8 @@ def write_report(out: str, state: dict, args, runs: list[str], skipped: dict, cf
                       f"{_f(s['final_loss'], 3)} | {_f(s['final_loss_global'], 3)} / {_f(s['final_loss_dense'], 3)} | "
                       f"{s['images_per_s_median']:.1f} | {fmt_duration(s['wall_s']) if s['wall_s'] else '–'} |")
     md += ["", "MoCo-v2 here is the same model and schedule with λ = 0: its dense loss is computed and logged "
-           "but has no weight.", "", "![loss](loss.png) ![throughput](throughput.png)", "",
+           "but has no weight.", "", "![loss](loss.png) ![throughput](throughput.png)"
+           + (" ![kNN during pretraining](knn.png)" if any(p.endswith("knn.png") for p in pngs) else ""), "",
            f"## Evaluation (ours after {plan['epochs']} epoch(s); published figures are 200-epoch ImageNet ResNet-50)", ""]
     head = ["metric"] + [f"ours: {RUN_TITLE[t]}" for t in trunks if t in ev]
     if "mocov2" in runs:
