@@ -14,21 +14,6 @@ PACKAGE = "densecl_fast"
 ROOTS = {PACKAGE: os.path.join(REPO, "densecl_fast"), f"{PACKAGE}.kernels": os.path.join(REPO, "kernels")}
 
 
-# Edges of a circle known and not yet removed, tolerated one by one (the test below checks that each still
-# exists, so the list shrinks when the code is fixed): data/__init__.py defines DataError and loads its
-# loaders inside build_loader, while these submodules import DataError from the package. The fix: DataError
-# in its own module (data/errors.py) that both import.
-KNOWN_CIRCLE_EDGES = {
-    ("densecl_fast.data.dali.feeds", "densecl_fast.data"),
-    ("densecl_fast.data.dali.loader", "densecl_fast.data"),
-    ("densecl_fast.data.dali.shards", "densecl_fast.data"),
-    ("densecl_fast.data.fashion_mnist", "densecl_fast.data"),
-    ("densecl_fast.data.plan", "densecl_fast.data"),
-    ("densecl_fast.data.sources", "densecl_fast.data"),
-    ("densecl_fast.data.synthetic", "densecl_fast.data"),
-}
-
-
 def package_modules(roots: dict[str, str]) -> dict[str, str]:
     """{dotted module name: path} of every module under `roots` (a package is its __init__.py)."""
     mods = {}
@@ -135,8 +120,5 @@ def test_the_package_has_no_import_circle():
     graph = import_graph()
     assert "densecl_fast.kernels.dispatch" in graph and "densecl_fast.trainer" in graph
     assert "densecl_fast.kernels.dispatch" in graph["densecl_fast.kernels"]  # the edges are seen at all
-    for a, b in sorted(KNOWN_CIRCLE_EDGES):
-        assert b in graph[a], f"{a} no longer imports {b}: remove the edge from KNOWN_CIRCLE_EDGES"
-        graph[a].discard(b)
     cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle)

@@ -22,8 +22,7 @@ import importlib.util
 import torch
 
 
-class DataError(RuntimeError):
-    """Raised before training starts when the data set is missing, empty or unreadable."""
+from .errors import DataError  # noqa: F401  (re-exported: the package's public name)
 
 
 def dali_available() -> bool:

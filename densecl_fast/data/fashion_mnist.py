@@ -30,7 +30,7 @@ from typing import Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from . import DataError
+from .errors import DataError
 
 PREFIX = "fashion-mnist:"
 SPLITS = ("train", "test")

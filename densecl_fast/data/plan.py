@@ -22,7 +22,7 @@ from typing import Callable, Iterator, List, Set, Tuple, TypeVar
 import numpy as np
 import torch
 
-from . import DataError
+from .errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from . import DataError, fashion_mnist
+from . import fashion_mnist
+from .errors import DataError
 
 PREFIX = "fashion-mnist-scenes:"
 VERSION = 1

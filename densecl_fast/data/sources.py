@@ -29,7 +29,8 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from . import DataError, fashion_mnist, scenes
+from . import fashion_mnist, scenes
+from .errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 _SHOW = 5  # offending entries quoted in an error message

@@ -36,7 +36,7 @@ from typing import List, Tuple
 import numpy as np
 from PIL import Image
 
-from . import DataError
+from .errors import DataError
 
 VERSION = 1
 SEED = 0x5EED_DC1

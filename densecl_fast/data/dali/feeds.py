@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .. import DataError
+from ..errors import DataError
 from ..headers import file_hw, image_hw
 from ..plan import BadFileLog, EpochPlan, mix_seed, permutation, unreadable_error
 from ..sources import PathTable, list_images

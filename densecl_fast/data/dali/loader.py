@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ...config import validate_dali
-from .. import DataError
+from ..errors import DataError
 from ..plan import BadFileLog, check_layout
 from .feeds import Batch, open_feed
 from .graph import DecodeCheck, build_two_view_pipeline, first_error_line, gpu_output_to_torch

@@ -13,7 +13,7 @@ import re
 import tarfile
 from typing import List, Tuple
 
-from .. import DataError
+from ..errors import DataError
 
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 
