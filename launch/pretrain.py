@@ -8,7 +8,7 @@
     torchrun --nproc_per_node 8 launch/pretrain.py ... train.engine=fsdp     # FSDP2
     deepspeed --num_gpus 8 launch/pretrain.py --config ...      # the DeepSpeed engine (ZeRO-1; deepspeed.zero_stage=0|1|2)
 
-Everything after the options is a `key=value` override of the config (see README).
+Everything after the options is a `key=value` override of the config (see docs/config.md).
 """
 import argparse
 import os

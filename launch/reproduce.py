@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Short-budget reproduction of the 200-epoch DenseCL recipe (see densecl_fast/reproduce/ and README).
+"""Short-budget reproduction of the 200-epoch DenseCL recipe (see densecl_fast/reproduce/ and docs/reproduce.md).
 
     python launch/reproduce.py --data /data/imagenet/train --val /data/imagenet/val --budget 8h --baseline
     python launch/reproduce.py --data synthetic --config smoke --budget 3m --baseline --out runs/repro_cpu

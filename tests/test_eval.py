@@ -263,9 +263,9 @@ def test_rewritten_checkpoint_invalidates_the_cache(work, ckpt, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(FMNIST), reason="apt-get install dataset-fashion-mnist")
 def test_fashion_mnist_check_in_the_small(tmp_path):
-    """The README's real-data check shrunk to CI size: the `fashion_mnist` preset pretrains on real
+    """The real-data check (docs/real-data-checks.md) shrunk to CI size: the `fashion_mnist` preset pretrains on real
     images, then kNN and the quick linear probe of the trained and the random trunk on the official
-    test split. Only sanity is asserted; the README's figures come from the full-size commands."""
+    test split. Only sanity is asserted; the documented figures come from the full-size commands."""
     src = f"fashion-mnist:{FMNIST}"
     summary = train(load_config("fashion_mnist", [
         "data.max_images=640", f"data.cache_dir={tmp_path / 'data'}", "data.num_workers=0", "optim.epochs=1",

@@ -1,4 +1,4 @@
-"""Short-budget reproduction of the 200-epoch recipe (`python launch/reproduce.py`; see cli.py and README).
+"""Short-budget reproduction of the 200-epoch recipe (`python launch/reproduce.py`; see cli.py and docs/reproduce.md).
 
 Modules, each importing only those above it:
   errors  the three ways a reproduction stops (bad input, a failed run, a signal)
