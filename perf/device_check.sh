@@ -19,22 +19,12 @@
 #   PYTHON=.venv/bin/python bash perf/device_check.sh --device cpu
 #   bash perf/device_check.sh --dry-run        # list the steps only
 set -uo pipefail
-DEVICE=cuda
-DRY=0
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --device) DEVICE=${2:?--device needs cuda or cpu}; shift 2 ;;
-    --device=*) DEVICE=${1#--device=}; shift ;;
-    --dry-run) DRY=1; shift ;;
-    *) echo "error: unknown option $1 (use --device cuda|cpu, --dry-run)" >&2; exit 2 ;;
-  esac
-done
-case "$DEVICE" in cuda|cpu) ;; *) echo "error: --device $DEVICE: use cuda or cpu" >&2; exit 2 ;; esac
-OUT=${OUT:-perf/results/device-check}
-PY=${PYTHON:-python3}
 HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=perf/device_common.sh
 . "$HERE/device_common.sh"
+parse_args "$@"
+OUT=${OUT:-perf/results/device-check}
+PY=${PYTHON:-python3}
 prepare
 
 VARIANTS=mmselfsup_fp32_b32,eager_plain_bn,eager_bf16_cl_fused,compiled_plain_bn,compiled_fused

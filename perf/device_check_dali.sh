@@ -16,22 +16,12 @@
 # Rehearsal without a GPU: PYTHON=.venv/bin/python bash perf/device_check_dali.sh --device cpu
 # (or --dry-run to list the steps).
 set -uo pipefail
-DEVICE=cuda
-DRY=0
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --device) DEVICE=${2:?--device needs cuda or cpu}; shift 2 ;;
-    --device=*) DEVICE=${1#--device=}; shift ;;
-    --dry-run) DRY=1; shift ;;
-    *) echo "error: unknown option $1 (use --device cuda|cpu, --dry-run)" >&2; exit 2 ;;
-  esac
-done
-case "$DEVICE" in cuda|cpu) ;; *) echo "error: --device $DEVICE: use cuda or cpu" >&2; exit 2 ;; esac
-OUT=${OUT:-perf/results/device-check-dali}
-PY=${PYTHON:-python3}
 HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=perf/device_common.sh
 . "$HERE/device_common.sh"
+parse_args "$@"
+OUT=${OUT:-perf/results/device-check-dali}
+PY=${PYTHON:-python3}
 prepare
 
 PARTS=${DALI_PARTS:-/tmp/parts}

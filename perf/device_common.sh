@@ -1,4 +1,5 @@
-# Sourced by perf/device_check.sh and perf/device_check_dali.sh (needs DEVICE, DRY, OUT, PY).
+# Sourced by perf/device_check.sh and perf/device_check_dali.sh, which call parse_args "$@" and then
+# set OUT and PY before prepare and step.
 # step NAME LIMIT CMD...: run CMD under `timeout LIMIT`, output in $OUT/NAME.log, its last lines on
 # the console, the command, exit status and seconds in $OUT/check.log; with --dry-run only listed.
 
@@ -6,9 +7,24 @@
 TINY_CPU=(model.arch=resnet18 model.hid_dim=32 model.out_dim=16 model.queue_len=32 data.image_size=32
           optim.batch_size=4 model.bn_group_size=2)
 FAILED=0
-# The limits are set for the GPU; a CPU rehearsal (tiny shapes, but inductor's C++ compile on a possibly
-# shared CPU) gets LIMIT_SCALE times as long (default 4 on the CPU).
-if [ "$DEVICE" = cpu ]; then LIMIT_SCALE=${LIMIT_SCALE:-4}; else LIMIT_SCALE=${LIMIT_SCALE:-1}; fi
+
+# parse_args "$@": --device cuda|cpu (default cuda) and --dry-run, into DEVICE, DRY and LIMIT_SCALE.
+parse_args() {
+  DEVICE=cuda
+  DRY=0
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --device) DEVICE=${2:?--device needs cuda or cpu}; shift 2 ;;
+      --device=*) DEVICE=${1#--device=}; shift ;;
+      --dry-run) DRY=1; shift ;;
+      *) echo "error: unknown option $1 (use --device cuda|cpu, --dry-run)" >&2; exit 2 ;;
+    esac
+  done
+  case "$DEVICE" in cuda|cpu) ;; *) echo "error: --device $DEVICE: use cuda or cpu" >&2; exit 2 ;; esac
+  # The limits are set for the GPU; a CPU rehearsal (tiny shapes, but inductor's C++ compile on a
+  # possibly shared CPU) gets LIMIT_SCALE times as long (default 4 on the CPU).
+  if [ "$DEVICE" = cpu ]; then LIMIT_SCALE=${LIMIT_SCALE:-4}; else LIMIT_SCALE=${LIMIT_SCALE:-1}; fi
+}
 
 step() {
   local name=$1 limit=$(($2 * LIMIT_SCALE))
