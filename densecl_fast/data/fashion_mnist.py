@@ -22,14 +22,13 @@ import gzip
 import hashlib
 import json
 import os
-import shutil
 import struct
-import tempfile
 from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image
 
+from .cache import build_once
 from .errors import DataError
 
 PREFIX = "fashion-mnist:"
@@ -113,11 +112,8 @@ def ensure_image_folder(root: str, split: str, cache_dir: str) -> str:
     images, labels = load_fashion_mnist(root, split)
     cache = os.path.abspath(os.path.expanduser(cache_dir))
     final = os.path.join(cache, f"fashion-mnist-{split}-{digest(root, split)}")
-    if os.path.isfile(os.path.join(final, "labels.json")):
-        return final
-    os.makedirs(cache, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".fashion-mnist-tmp-", dir=cache)
-    try:
+
+    def write(tmp: str) -> None:
         entries = []
         for c in CLASSES:
             os.makedirs(os.path.join(tmp, "images", c))
@@ -128,15 +124,8 @@ def ensure_image_folder(root: str, split: str, cache_dir: str) -> str:
         with open(os.path.join(tmp, "labels.json"), "w") as f:  # last: its presence marks a complete set
             json.dump({"version": VERSION, "split": split, "source": root, "classes": list(CLASSES),
                        "images": entries, "labels": labels.tolist()}, f)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process won the race: use its copy
-            if not os.path.isfile(os.path.join(final, "labels.json")):
-                raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    return build_once(final, write, "Fashion-MNIST image folder", cache_dir)
 
 
 def read_labels(folder: str) -> dict:

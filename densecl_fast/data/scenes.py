@@ -40,8 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -49,6 +47,7 @@ import numpy as np
 from PIL import Image
 
 from . import fashion_mnist
+from .cache import build_once
 from .errors import DataError
 
 PREFIX = "fashion-mnist-scenes:"
@@ -246,28 +245,7 @@ def ensure_scenes(spec: ScenesSpec, split: str, cache_dir: str) -> str:
     """Folder of the scenes of `split`, generating them on first use and verifying them on reuse;
     safe when processes race."""
     final = scenes_dir(cache_dir, spec, split)
-    if os.path.isfile(os.path.join(final, "labels.json")):
-        return _verified(final)
-    if os.path.exists(final):
-        raise DataError(f"{final} exists but is not a complete scene set (no labels.json); delete it")
-    parent = os.path.dirname(final)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
-    except OSError as e:
-        raise DataError(f"cannot create the Fashion-MNIST scenes under data.cache_dir={cache_dir!r}: {e}") from e
-    try:
-        generate(tmp, spec, split)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
-        try:
-            os.rename(tmp, final)   # atomic; fails if another process got there first
-        except OSError:
-            if not os.path.isfile(os.path.join(final, "labels.json")):
-                raise
-            return _verified(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return _verified(build_once(final, lambda tmp: generate(tmp, spec, split), "scene set", cache_dir))
 
 
 def read_labels(folder: str) -> dict:

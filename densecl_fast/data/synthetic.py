@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import List, Tuple
 
 import numpy as np
 from PIL import Image
 
+from .cache import build_once
 from .errors import DataError
 
 VERSION = 1
@@ -196,27 +195,7 @@ def ensure_synthetic(cache_dir: str, num_images: int, resolution: int) -> str:
         raise DataError(f"built-in data set needs data.synthetic_images >= 1 and data.synthetic_resolution >= 32, "
                         f"got {num_images} and {resolution}")
     final = synthetic_dir(cache_dir, num_images, resolution)
-    if os.path.isfile(os.path.join(final, "labels.json")):
-        return final
-    if os.path.exists(final):
-        raise DataError(f"{final} exists but is not a complete built-in data set (no labels.json); delete it")
-    parent = os.path.dirname(final)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
-    except OSError as e:
-        raise DataError(f"cannot create the built-in data set under data.cache_dir={cache_dir!r}: {e}") from e
-    try:
-        generate(tmp, num_images, resolution)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
-        try:
-            os.rename(tmp, final)   # atomic; fails if another process got there first
-        except OSError:
-            if not os.path.isfile(os.path.join(final, "labels.json")):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_once(final, lambda tmp: generate(tmp, num_images, resolution), "built-in data set", cache_dir)
 
 
 def read_labels(folder: str) -> dict:
