@@ -6,9 +6,9 @@ harness of perf/bench_cases.py (inputs, steps, median ms, peak MiB beyond the in
     python -m perf.bench_kernels --sweep-splits 1,2,3,4,6,8   # + the one-pass kernel per split count
     pytest perf/bench_cases.py -k kernel    # the same cases under pytest-benchmark
 
-`fused`: the one-pass queue InfoNCE and the dense matching kernel; `recompute`: the two-pass queue
-InfoNCE (backward recomputes the logits), kept for this comparison; `eager`: kernels/reference.py;
-`compiled`: the same under torch.compile. Times are medians of triton.testing.do_bench (L2 flushed);
+`fused`: the one-pass queue InfoNCE and the dense matching kernel; `eager`: kernels/reference.py;
+`compiled`: the same under torch.compile. (The two-pass queue InfoNCE that recomputed the logits in
+its backward was deleted after losing by 1.58x on an H200: perf/RESULTS.md keeps its figures.) Times are medians of triton.testing.do_bench (L2 flushed);
 "check" rows give the error of a kernel against eager on the same inputs.
 """
 import argparse
@@ -22,7 +22,7 @@ from densecl_fast import kernels
 T = 0.2
 INFONCE_CASES = {"dense": (12544, 65536, 128), "global": (256, 65536, 128)}   # M (256 or 256*7*7), K, D
 MATCH_CASE = (256, 2048, 49, 128)  # N, C, S^2, D: C5 bf16 channels_last, grids fp32, as under AMP
-IMPLS = ("fused", "recompute", "eager", "compiled")
+IMPLS = ("fused", "eager", "compiled")
 MATCH_IMPLS = ("fused", "eager", "compiled")
 _compiled = {}
 
@@ -32,9 +32,6 @@ def _fn(op, impl):
         from densecl_fast.kernels import dense_match_triton, queue_infonce_triton
         return {"infonce": queue_infonce_triton.queue_infonce_triton,
                 "match": dense_match_triton.dense_positive_logits_triton}[op]
-    if impl == "recompute":
-        from densecl_fast.kernels import queue_infonce_recompute_triton
-        return queue_infonce_recompute_triton.queue_infonce_recompute_triton
     ref = {"infonce": kernels.queue_infonce_ref, "match": kernels.dense_positive_logits_ref}[op]
     if impl == "eager":
         return ref
@@ -148,7 +145,7 @@ def main(argv=None):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"triton {__import__('triton').__version__}  queue InfoNCE in {args.dtype}")
-    from densecl_fast.kernels import dense_match_triton, queue_infonce_recompute_triton
+    from densecl_fast.kernels import dense_match_triton
     from densecl_fast.kernels import queue_infonce_triton as qi
     rows = []
     for case, (M, K, D) in INFONCE_CASES.items():
@@ -157,8 +154,7 @@ def main(argv=None):
         inputs = infonce_inputs(case, dtype)
         for impl in impls:
             attempt(rows, name, impl, lambda: timed(*infonce_step(impl, inputs)))
-        for impl, note in (("fused", f"; {n_split} splits"), ("recompute", " (recompute)")):
-            attempt(rows, name, "check", lambda: (infonce_check(inputs, impl) + note, None))
+        attempt(rows, name, "check", lambda: (infonce_check(inputs) + f"; {n_split} splits", None))
         for n in ([int(x) for x in args.sweep_splits.split(",") if x.strip()] if case == "dense" else []):
             with qi.fixed_splits(n):
                 attempt(rows, name, f"fused/{n}sp", lambda: timed(*infonce_step("fused", inputs)))
@@ -183,9 +179,8 @@ def main(argv=None):
         t = {impl: ms for n, impl, ms, _ in rows if n == name and impl in IMPLS and isinstance(ms, float)}
         if "fused" in t:
             print(f"speed-up of fused over eager, {name}: {t['eager'] / t['fused']:.1f}x"
-                  + (f", over compiled: {t['compiled'] / t['fused']:.1f}x" if "compiled" in t else "")
-                  + (f", over recompute: {t['recompute'] / t['fused']:.2f}x" if "recompute" in t else ""))
-    for mod in (qi, queue_infonce_recompute_triton, dense_match_triton):
+                  + (f", over compiled: {t['compiled'] / t['fused']:.1f}x" if "compiled" in t else ""))
+    for mod in (qi, dense_match_triton):
         for kern in mod.AUTOTUNED_KERNELS:
             fn = kern
             while hasattr(fn, "fn"):   # the autotuner and heuristics wrap the jitted function
