@@ -6,7 +6,10 @@
 
 Every kernel the model runs is compiled with every autotune config it may pick, at the
 production shapes (DenseCL R50: D = 128, C = 2048, S^2 = 49) and for each input dtype, through
-Triton's own argument specialisation, so the code is what a launch would build. ptxas (shipped
+Triton's own argument specialisation, so the code is what a launch would build. The matching
+kernel gets the strides of a real forward (recorded on the CPU in both model memory formats,
+recorded_match_layouts); the grouped BN kernels every tile their launch plan picks for ResNet-50's
+BN layers at batch 256 in groups of 32, 224 px, in both memory formats. ptxas (shipped
 in the Triton wheel) reports registers and spills; Triton reports the shared memory. A row is
 `ok` when nothing spills and the shared memory fits the architecture's per-block limit; a config
 that does not fit is what an autotuner drops at launch, or a spill is what slows a kernel
@@ -181,11 +184,15 @@ def resnet50_bn_inputs() -> list:
     return shapes
 
 
+def _spec_key(ints) -> tuple:
+    """What Triton specialises integer arguments on (== 1, divisible by 16)."""
+    return tuple((a == 1, a % 16 == 0) for a in ints)
+
+
 def _group_bn_cases(arch: int):
     """The grouped BN kernels over R50's BN layers in both layouts, bf16 and fp32 activations (fp32
-    weights), with and without the fused ReLU: one case per distinct tile (constexprs), at the
-    first layer that uses it (the stem's sizes are all multiples of 16, so Triton's divisibility
-    specialisation vectorises the most there: the most registers of the layers sharing a tile)."""
+    weights), with and without the fused ReLU: one case per distinct tile (constexprs) and
+    specialisation (== 1, divisible by 16) of the sizes and strides that form the addresses."""
     import triton.language as tl
 
     from . import group_bn_triton as gb
@@ -194,19 +201,22 @@ def _group_bn_cases(arch: int):
     seen = set()
 
     def case(name, dname, layout, kernel, args, const, warps):
-        key = (name, dname, layout, tuple(sorted((k, str(v)) for k, v in const.items())))
+        key = (name, dname, layout, tuple(sorted((k, str(v)) for k, v in const.items())), spec)
         if key in seen:
             return None
         seen.add(key)
         cfg = " ".join(f"{k}={v}" for k, v in const.items() if k in ("BLOCK_R", "BLOCK_C", "RELU"))
-        return (f"group BN {name}" + (f" ({layout})" if layout else ""), dname, f"{cfg} warps={warps}",
-                kernel, args, const, warps, 1)
+        return (f"group BN {name}" + (f" ({layout})" if layout else ""), dname,
+                f"{cfg} warps={warps}; first layer C={C} H·W={H * W}", kernel, args, const, warps, 1)
 
     for C, H, W in resnet50_bn_inputs():
         for layout in ("channels_last", "contiguous"):
             p = gb.plan((BN_BATCH, C, H, W), layout == "channels_last", BN_GROUPS, 4 * SM_COUNT[arch])
             outer, inner, s_g, s_outer, s_inner, s_c, br, bc, nblk, tiles, ipp, splits = p
             geo = [C, inner, nblk, tiles, ipp, splits, s_g, s_outer, s_inner, s_c]
+            # Loop bounds (tile counts) vary between layers but only set trip counts; the sizes
+            # and strides in the addresses decide vectorisation, hence registers.
+            spec = _spec_key([C, inner, s_g, s_outer, s_inner, s_c])
             for dname, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
                 x = torch.empty(1, dtype=dt)
                 blocks = dict(BLOCK_R=br, BLOCK_C=bc, ACC=tl.float32)

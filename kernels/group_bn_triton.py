@@ -39,10 +39,13 @@ from .reference import dense_memory_format as memory_format_of
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-# Elements per tile: 4,096 (32 a thread at 4 warps) keeps every kernel far from register
-# pressure (perf/AOT_SM90.md) while a tile row is at least 64 contiguous channels / 256 positions.
+# Elements per tile. Channels-last: 4,096 (32 a thread at 4 warps, rows of 64 contiguous channels,
+# vectorised loads: at most 128 registers on sm_90 / sm_80, perf/AOT_SM90.md). Contiguous: 1,024,
+# because maps of 7 x 7 or 14 x 14 positions give runs that are not 16-aligned, so every element
+# needs its own address: 4,096-element tiles took 255 registers and spilled 40-1,900 bytes there.
 # The interpreter uses 256 so that the CPU tests' small maps cross several tiles and programs.
 _TILE_ELEMS = 256 if INTERPRET else 4096
+_TILE_ELEMS_CONTIGUOUS = 256 if INTERPRET else 1024
 _MAX_BLOCK_C = 16 if INTERPRET else 64      # channels-last: channels a tile spans
 _MAX_BLOCK_INNER = 16 if INTERPRET else 256  # contiguous: positions a tile spans
 # Programs per SM aimed at by the split of a group's tiles (memory-bound kernels: several
@@ -73,7 +76,7 @@ def plan(shape, channels_last: bool, groups: int, programs: int):
     else:
         outer, inner, s_outer, s_inner, s_c = n, HW, C * HW, 1, HW
         block_r = min(_MAX_BLOCK_INNER, max(4, next_power_of_2(inner)))
-        block_c = max(1, min(_TILE_ELEMS // block_r, next_power_of_2(C)))
+        block_c = max(1, min(_TILE_ELEMS_CONTIGUOUS // block_r, next_power_of_2(C)))
     nblk = triton.cdiv(inner, block_r)
     tiles = outer * nblk
     per_slot = groups * triton.cdiv(C, block_c)
