@@ -335,7 +335,7 @@ def backward(dy, x, y, mean, invstd, weight, groups: int, relu: bool):
         _bwd_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
             part[0], part[1], sums[0], sums[1], dweight, dbias, groups, splits, C,
             BLOCK_C=FINALIZE_BLOCK_C, ACC=tl_acc, INTERPRET=INTERPRET, num_warps=NUM_WARPS)
-        _bwd_dx_kernel[grid](dy, x, y, dx, mean, invstd, weight, sums[0], sums[1], float(N // groups * x.shape[2] * x.shape[3]),
-                             *geo, RELU=relu, BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc, INTERPRET=INTERPRET,
+        count = float(N // groups * x.shape[2] * x.shape[3])   # values per (group, channel)
+        _bwd_dx_kernel[grid](dy, x, y, dx, mean, invstd, weight, sums[0], sums[1], count, *geo, RELU=relu, BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc, INTERPRET=INTERPRET,
                              num_warps=NUM_WARPS)
     return dx, dweight, dbias

@@ -13,7 +13,8 @@ torch.cat + ReLU (the implementation it replaced), `plain` BatchNorm2d over the 
 
 `fused`: the one-pass queue InfoNCE and the dense matching kernel; `eager`: kernels/reference.py;
 `compiled`: the same under torch.compile. (The two-pass queue InfoNCE that recomputed the logits in
-its backward was deleted after losing by 1.58x on an H200: perf/RESULTS.md keeps its figures.) Times are medians of triton.testing.do_bench (L2 flushed);
+its backward was deleted after losing by 1.58x on an H200: perf/RESULTS.md keeps its figures.)
+Times are medians of triton.testing.do_bench (L2 flushed);
 "check" rows give the error of a kernel against eager on the same inputs.
 """
 import argparse
