@@ -205,7 +205,7 @@ def _group_bn_cases(arch: int):
         if key in seen:
             return None
         seen.add(key)
-        cfg = " ".join(f"{k}={v}" for k, v in const.items() if k in ("BLOCK_R", "BLOCK_C", "RELU"))
+        cfg = " ".join(f"{k}={v}" for k, v in const.items() if k in ("BLOCK_R", "BLOCK_S", "BLOCK_C", "RELU"))
         return (f"group BN {name}" + (f" ({layout})" if layout else ""), dname,
                 f"{cfg} warps={warps}; first layer C={C} H·W={H * W}", kernel, args, const, warps, 1)
 
@@ -232,7 +232,8 @@ def _group_bn_cases(arch: int):
                              [x, x, x, x, f32, f32, f32, f32, f32, 1568.0, *geo], dict(const, INTERPRET=False),
                              gb.NUM_WARPS)]
                 yield from (c for c in found if c is not None)
-            fin = dict(BLOCK_C=gb.FINALIZE_BLOCK_C, ACC=tl.float32)
+            block_s, block_cf = gb.finalize_blocks(splits)
+            fin = dict(BLOCK_S=block_s, BLOCK_C=block_cf, ACC=tl.float32)
             for c in (case("finalize", "fp32", "", gb._finalize_kernel,
                            [f32] * 7 + [BN_GROUPS, splits, C, 1e-5], fin, gb.NUM_WARPS),
                       case("bwd finalize", "fp32", "", gb._bwd_finalize_kernel,

@@ -18,9 +18,9 @@ A group's (outer, inner block) tiles are dealt to S programs per (group, channel
 forward   _stats_kernel     per program: count, mean and M2 of its tiles, merged tile by tile
                             with Chan's formula (each tile centred on its own mean in registers:
                             no E[x²] - E[x]² cancellation, sound for bf16 inputs with large means)
-          _finalize_kernel  merges the S partials -> mean, invstd per (group, channel), and the
-                            running-stat targets (mean of the group means, mean of the unbiased
-                            group variances)
+          _finalize_kernel  merges the S partials in one tile -> mean, invstd per (group, channel),
+                            and the running-stat targets (mean of the group means, mean of the
+                            unbiased group variances)
           _normalize_kernel y = (x - mean) · invstd · weight + bias, optionally ReLU'd
 backward  _bwd_reduce_kernel    partial sums of dy and dy · xhat (dy masked by y > 0 with ReLU)
           _bwd_finalize_kernel  per (group, channel) sums, and dweight / dbias (sums over groups)
@@ -53,7 +53,17 @@ _MAX_BLOCK_INNER = 16 if INTERPRET else 256  # contiguous: positions a tile span
 # so that tests merge several partials per (group, channel).
 _PROGRAMS_PER_SM = 4
 NUM_WARPS = 4
-FINALIZE_BLOCK_C = 128
+# The finalize kernels hold the S partials of a block of channels in one tile of at most this many
+# elements (S is at most a few hundred: the plan's programs over groups x channel blocks), at most
+# 64 channels wide: 8 x 128 spilled 8 bytes on sm_90 (40 registers; ptxas), 8 x 64 does not.
+_FINALIZE_ELEMS = 2048
+_FINALIZE_MAX_BLOCK_C = 64
+
+
+def finalize_blocks(splits: int) -> tuple:
+    """(BLOCK_S, BLOCK_C) of the finalize kernels for `splits` partials per (group, channel)."""
+    block_s = max(2, next_power_of_2(splits))
+    return block_s, max(1, min(_FINALIZE_MAX_BLOCK_C, _FINALIZE_ELEMS // block_s))
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> bool:
@@ -142,25 +152,25 @@ def _stats_kernel(x_ptr, pmean_ptr, pm2_ptr, pcnt_ptr, C, INNER, NBLK, T, IPP, S
 
 @triton.jit
 def _finalize_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr, G, S, C, eps,
-                     BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+                     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    # All S partials of a group in one tile, merged at once (no chain of S dependent steps):
+    # n = sum n_s, mean = sum n_s mean_s / n, M2 = sum M2_s + sum n_s (mean_s - mean)^2, every
+    # term centred, so as sound as the tile-by-tile merge.
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
     c_mask = offs_c < C
+    mask = (offs_s[:, None] < S) & c_mask[None, :]
     run_mean = tl.zeros([BLOCK_C], ACC)
     run_var = tl.zeros([BLOCK_C], ACC)
     for g in range(0, G):
-        mean = tl.zeros([BLOCK_C], ACC)
-        m2 = tl.zeros([BLOCK_C], ACC)
-        cnt = tl.zeros([BLOCK_C], ACC)
-        for s in range(0, S):
-            idx = (g * S + s) * C + offs_c
-            pc = tl.load(pcnt_ptr + idx, mask=c_mask, other=1.0)
-            pm = tl.load(pmean_ptr + idx, mask=c_mask, other=0.0)
-            pq = tl.load(pm2_ptr + idx, mask=c_mask, other=0.0)
-            new = cnt + pc
-            delta = pm - mean
-            mean += delta * (pc / new)
-            m2 += pq + delta * delta * (cnt * pc / new)
-            cnt = new
+        idx = (g * S + offs_s[:, None]) * C + offs_c[None, :]
+        pc = tl.load(pcnt_ptr + idx, mask=mask, other=0.0)
+        pm = tl.load(pmean_ptr + idx, mask=mask, other=0.0)
+        pq = tl.load(pm2_ptr + idx, mask=mask, other=0.0)
+        cnt = tl.maximum(tl.sum(pc, axis=0), 1.0)
+        mean = tl.sum(pc * pm, axis=0) / cnt
+        d = pm - mean[None, :]
+        m2 = tl.sum(pq, axis=0) + tl.sum(pc * d * d, axis=0)
         var = m2 / cnt
         tl.store(mean_ptr + g * C + offs_c, mean, mask=c_mask)
         tl.store(invstd_ptr + g * C + offs_c, 1.0 / tl.sqrt(var + eps), mask=c_mask)
@@ -221,18 +231,18 @@ def _bwd_reduce_kernel(dy_ptr, x_ptr, y_ptr, mean_ptr, invstd_ptr, psdy_ptr, psd
 
 @triton.jit
 def _bwd_finalize_kernel(psdy_ptr, psdyx_ptr, sdy_ptr, sdyx_ptr, dw_ptr, db_ptr, G, S, C,
-                         BLOCK_C: tl.constexpr, ACC: tl.constexpr, INTERPRET: tl.constexpr):
+                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+                         INTERPRET: tl.constexpr):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
     c_mask = offs_c < C
+    mask = (offs_s[:, None] < S) & c_mask[None, :]
     dw = tl.zeros([BLOCK_C], ACC)
     db = tl.zeros([BLOCK_C], ACC)
     for g in range(0, G):
-        sdy = tl.zeros([BLOCK_C], ACC)
-        sdyx = tl.zeros([BLOCK_C], ACC)
-        for s in range(0, S):
-            idx = (g * S + s) * C + offs_c
-            sdy += tl.load(psdy_ptr + idx, mask=c_mask, other=0.0)
-            sdyx += tl.load(psdyx_ptr + idx, mask=c_mask, other=0.0)
+        idx = (g * S + offs_s[:, None]) * C + offs_c[None, :]
+        sdy = tl.sum(tl.load(psdy_ptr + idx, mask=mask, other=0.0), axis=0)
+        sdyx = tl.sum(tl.load(psdyx_ptr + idx, mask=mask, other=0.0), axis=0)
         tl.store(sdy_ptr + g * C + offs_c, sdy, mask=c_mask)
         tl.store(sdyx_ptr + g * C + offs_c, sdyx, mask=c_mask)
         dw += sdyx
@@ -305,9 +315,10 @@ def forward(x, weight, bias, groups: int, eps: float, relu: bool):
     with device_guard(x.device):
         _stats_kernel[grid](x, part[0], part[1], part[2], *geo, BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc,
                             num_warps=NUM_WARPS)
-        _finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
+        block_s, block_cf = finalize_blocks(splits)
+        _finalize_kernel[(triton.cdiv(C, block_cf),)](
             part[0], part[1], part[2], mean, invstd, run_mean, run_var, groups, splits, C, eps,
-            BLOCK_C=FINALIZE_BLOCK_C, ACC=tl_acc, num_warps=NUM_WARPS)
+            BLOCK_S=block_s, BLOCK_C=block_cf, ACC=tl_acc, num_warps=NUM_WARPS)
         _normalize_kernel[grid](x, y, mean, invstd, weight, bias, *geo, RELU=relu, BLOCK_R=block_r,
                                 BLOCK_C=block_c, ACC=tl_acc, INTERPRET=INTERPRET, num_warps=NUM_WARPS)
     return y, mean, invstd, run_mean, run_var
@@ -332,10 +343,11 @@ def backward(dy, x, y, mean, invstd, weight, groups: int, relu: bool):
     with device_guard(x.device):
         _bwd_reduce_kernel[grid](dy, x, y, mean, invstd, part[0], part[1], *geo, RELU=relu, BLOCK_R=block_r,
                                  BLOCK_C=block_c, ACC=tl_acc, num_warps=NUM_WARPS)
-        _bwd_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
+        block_s, block_cf = finalize_blocks(splits)
+        _bwd_finalize_kernel[(triton.cdiv(C, block_cf),)](
             part[0], part[1], sums[0], sums[1], dweight, dbias, groups, splits, C,
-            BLOCK_C=FINALIZE_BLOCK_C, ACC=tl_acc, INTERPRET=INTERPRET, num_warps=NUM_WARPS)
+            BLOCK_S=block_s, BLOCK_C=block_cf, ACC=tl_acc, INTERPRET=INTERPRET, num_warps=NUM_WARPS)
         count = float(N // groups * x.shape[2] * x.shape[3])   # values per (group, channel)
-        _bwd_dx_kernel[grid](dy, x, y, dx, mean, invstd, weight, sums[0], sums[1], count, *geo, RELU=relu, BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc, INTERPRET=INTERPRET,
-                             num_warps=NUM_WARPS)
+        _bwd_dx_kernel[grid](dy, x, y, dx, mean, invstd, weight, sums[0], sums[1], count, *geo, RELU=relu,
+                             BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc, INTERPRET=INTERPRET, num_warps=NUM_WARPS)
     return dx, dweight, dbias
