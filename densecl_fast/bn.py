@@ -8,8 +8,9 @@ DDP for that and crashes or silently does nothing on one GPU.
 Here every BatchNorm2d of both encoders becomes a `GroupBatchNorm2d`: in training it normalises
 groups of `bn_group_size` consecutive images (32 by default, as one GPU of the recipe). The model
 shuffles the key batch before its forward, so key groups mix images differently from query
-groups, exactly as the cross-GPU shuffle does. In eval mode, or with one group, it is a plain
-BatchNorm2d with the same state_dict, so exported weights load into torchvision unchanged.
+groups, exactly as the cross-GPU shuffle does. In eval mode, or with `groups = 0`
+(model.bn_group_size=0), it is a plain BatchNorm2d; the state_dict is always BatchNorm2d's, so
+exported weights load into torchvision unchanged.
 On several ranks the same layers normalise each rank's own slice of the cross-rank shuffled key
 batch (`model.bn=shuffle`, the recipe) or of the per-rank shuffle (`group`); only `model.bn=sync`
 replaces them by SyncBatchNorm (statistics of the global batch).
@@ -27,7 +28,9 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x, relu: bool = False):
         """BatchNorm2d over groups of images in training, + ReLU when `relu` (fused into the same
         op; the blocks of model.ResNetTrunk ask for it where torchvision applies a ReLU next)."""
-        if not self.training or self.groups <= 1:
+        # One group still takes the op: a rank holding one group of the recipe's shuffle-BN then
+        # computes what the same group does inside one process's larger batch.
+        if not self.training or self.groups <= 0:
             y = super().forward(x)
             return F.relu(y, inplace=True) if relu else y
         # One op per layer, forward and backward (kernels/group_bn.py: Triton kernels on CUDA, one

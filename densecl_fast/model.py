@@ -190,8 +190,14 @@ class DenseCL(nn.Module):
         self.queue_ptr.copy_((self.queue_ptr + n) % K)
 
     def _bn_groups(self, n: int) -> int:
+        """BN groups of a batch of n: 0 = plain BatchNorm2d over the batch (model.bn_group_size=0),
+        otherwise the grouped-BN op's group count (1 when the batch is one group: the same op and
+        arithmetic as the groups of a larger batch, so a rank of the recipe's shuffle-BN computes
+        exactly what one process's grouped BN does)."""
         g = self.bn_group_size
-        if not self.training or g <= 0 or g >= n:
+        if g <= 0:
+            return 0
+        if not self.training or g >= n:
             return 1
         if n % g != 0:
             raise ValueError(f"batch {n} per process is not a multiple of model.bn_group_size={g}")

@@ -103,8 +103,12 @@ def group_batch_norm_torch(x, weight, bias, groups, eps, relu=False):
     x5 = _grouped_view(x, groups)
     G, C = groups, x.shape[1]
     stat = (G, 1, C, 1, 1)
-    var, mean = torch.var_mean(x5.to(acc), dim=(1, 3, 4), correction=0)   # G x C
-    invstd = torch.rsqrt(var + eps)
+    # Statistics in fp64, rounded once: they do not depend on the summation order or on which
+    # elements take the vectorised path, which the CPU kernels pick by the tensor's size, so a
+    # group gets the same statistics alone (one rank of the recipe's shuffle-BN) as inside a
+    # larger batch (one process).
+    var64, mean64 = torch.var_mean(x5.double(), dim=(1, 3, 4), correction=0)   # G x C
+    var, mean, invstd = var64.to(acc), mean64.to(acc), torch.rsqrt(var64 + eps).to(acc)
     scale = invstd.view(stat) * weight.to(acc).view(1, 1, C, 1, 1)
     # Outputs are fresh tensors, not views of temporaries: an op's output may be modified in
     # place (the residual `out += identity`), which autograd forbids on a view.
@@ -128,7 +132,9 @@ def group_batch_norm_backward_torch(dy, x, y, mean, invstd, weight, groups, relu
         dy5 = dy5.masked_fill(_grouped_view(y, groups) <= 0, 0)
     xhat = (_grouped_view(x, groups) - mean.view(stat)) * invstd.view(stat)
     dims = (1, 3, 4)
-    sdy, sdyx = dy5.sum(dims, keepdim=True), (dy5 * xhat).sum(dims, keepdim=True)
+    # fp64 sums, rounded once (see group_batch_norm_torch: independent of the batch around a group).
+    sdy = dy5.sum(dims, keepdim=True, dtype=torch.float64).to(acc)
+    sdyx = (dy5 * xhat).sum(dims, keepdim=True, dtype=torch.float64).to(acc)
     m = xhat[0, :, 0].numel()
     dx = torch.empty_like(x, memory_format=fmt)
     _grouped_view(dx, groups).copy_((weight.to(acc).view(1, 1, C, 1, 1) * invstd.view(stat))
