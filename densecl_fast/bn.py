@@ -8,44 +8,56 @@ DDP for that and crashes or silently does nothing on one GPU.
 Here every BatchNorm2d of both encoders becomes a `GroupBatchNorm2d`: in training it normalises
 groups of `bn_group_size` consecutive images (32 by default, as one GPU of the recipe). The model
 shuffles the key batch before its forward, so key groups mix images differently from query
-groups, exactly as the cross-GPU shuffle does. In eval mode, or with one group, it is a plain
-BatchNorm2d with the same state_dict, so exported weights load into torchvision unchanged.
+groups, exactly as the cross-GPU shuffle does. In eval mode, or with `groups = 0`
+(model.bn_group_size=0), it is a plain BatchNorm2d; the state_dict is always BatchNorm2d's, so
+exported weights load into torchvision unchanged.
 On several ranks the same layers normalise each rank's own slice of the cross-rank shuffled key
 batch (`model.bn=shuffle`, the recipe) or of the per-rank shuffle (`group`); only `model.bn=sync`
 replaces them by SyncBatchNorm (statistics of the global batch).
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from . import kernels
 
 
 class GroupBatchNorm2d(nn.BatchNorm2d):
     groups: int = 1
 
-    def forward(self, x):
-        if not self.training or self.groups <= 1:
-            return super().forward(x)
-        # One fused batch-norm kernel per group (consecutive images: a contiguous slice of the
-        # batch in either memory format), without running stats; the running stats are then
-        # updated once from the groups' saved statistics. Written as mean/var over a 5-D view
-        # in fp32 elementwise ops instead, the eager bf16 step ran at half the speed on an H200
-        # (814 against 1,639 images/s, 53.5 against 27.1 GiB; perf/RESULTS.md, 2026-12-04).
-        outs, means, invstds = [], [], []
-        for xg in x.chunk(self.groups):
-            y, mean, invstd = torch.native_batch_norm(xg, self.weight, self.bias, None, None, True, 0.0, self.eps)
-            outs.append(y)
-            means.append(mean)
-            invstds.append(invstd)
+    def forward(self, x, relu: bool = False):
+        """BatchNorm2d over groups of images in training, + ReLU when `relu` (fused into the same
+        op; the blocks of model.ResNetTrunk ask for it where torchvision applies a ReLU next)."""
+        # One group still takes the op: a rank holding one group of the recipe's shuffle-BN then
+        # computes what the same group does inside one process's larger batch.
+        if not self.training or self.groups <= 0:
+            y = super().forward(x)
+            return F.relu(y, inplace=True) if relu else y
+        # One op per layer, forward and backward (kernels/group_bn.py: Triton kernels on CUDA, one
+        # PyTorch formulation on the CPU). It replaced one native_batch_norm per group and a
+        # torch.cat of the groups: 8 launches and a copy of the activation per layer.
+        weight, bias = self.weight, self.bias
+        if not self.affine:
+            weight = torch.ones(x.shape[1], device=x.device, dtype=torch.float32)
+            bias = torch.zeros_like(weight)
+        y, _, _, run_mean, run_var = kernels.group_batch_norm(x, weight, bias, self.groups, self.eps, relu)
         if self.track_running_stats:
+            # Running stats as one BatchNorm2d per group would update them, averaged over the
+            # groups: the mean of the group means, the mean of the unbiased group variances.
             with torch.no_grad():
-                mean, invstd = torch.stack(means), torch.stack(invstds)
-                var = invstd.float().pow(-2) - self.eps  # biased variance of each group
-                m = x.numel() // (self.groups * x.shape[1])
                 self.num_batches_tracked.add_(1)
                 mom = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.lerp_(mean.float().mean(0).to(self.running_mean.dtype), mom)
-                unbiased = var.mean(0) * (m / max(m - 1, 1))
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), mom)
-        return torch.cat(outs)
+                torch._foreach_lerp_([self.running_mean, self.running_var],
+                                     [run_mean.to(self.running_mean.dtype), run_var.to(self.running_var.dtype)], mom)
+        return y
+
+
+def bn_relu(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """relu(bn(x)): one fused op for a GroupBatchNorm2d, BN then an in-place ReLU for any other
+    norm layer (a plain BatchNorm2d, the SyncBatchNorm of model.bn=sync)."""
+    if isinstance(bn, GroupBatchNorm2d):
+        return bn(x, relu=True)
+    return F.relu(bn(x), inplace=True)
 
 
 def convert_to_group_bn(module: nn.Module) -> nn.Module:

@@ -17,14 +17,42 @@ import torchvision
 
 from . import kernels
 
-from .bn import convert_to_group_bn, set_bn_groups
+from .bn import bn_relu, convert_to_group_bn, set_bn_groups
 from .config import ModelConfig
 from .stages import stage
 
 
+class Bottleneck(torchvision.models.resnet.Bottleneck):
+    """torchvision's Bottleneck with each BN that a ReLU follows called as one BN+ReLU op
+    (bn.bn_relu: fused in grouped BN's kernels). Same submodules, so the same state_dict keys."""
+
+    def forward(self, x):
+        out = bn_relu(self.bn1, self.conv1(x))
+        out = bn_relu(self.bn2, self.conv2(out))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class BasicBlock(torchvision.models.resnet.BasicBlock):
+    """torchvision's BasicBlock with bn1 + ReLU as one op (see Bottleneck)."""
+
+    def forward(self, x):
+        out = bn_relu(self.bn1, self.conv1(x))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+_FUSED_BLOCKS = {torchvision.models.resnet.Bottleneck: Bottleneck, torchvision.models.resnet.BasicBlock: BasicBlock}
+
+
 class ResNetTrunk(nn.Module):
     """torchvision ResNet without avgpool/fc: image -> C5 map. Keeps torchvision's parameter
-    names (conv1, bn1, layer1..4), so its state_dict loads into torchvision.models.<arch>."""
+    names (conv1, bn1, layer1..4), so its state_dict loads into torchvision.models.<arch>.
+    The residual blocks become the subclasses above (same modules, a forward that fuses BN+ReLU)."""
 
     def __init__(self, arch: str):
         super().__init__()
@@ -32,9 +60,12 @@ class ResNetTrunk(nn.Module):
         self.out_channels = net.fc.in_features
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer:
+                block.__class__ = _FUSED_BLOCKS[type(block)]  # forward only: modules and names unchanged
 
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(bn_relu(self.bn1, self.conv1(x)))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
@@ -159,8 +190,14 @@ class DenseCL(nn.Module):
         self.queue_ptr.copy_((self.queue_ptr + n) % K)
 
     def _bn_groups(self, n: int) -> int:
+        """BN groups of a batch of n: 0 = plain BatchNorm2d over the batch (model.bn_group_size=0),
+        otherwise the grouped-BN op's group count (1 when the batch is one group: the same op and
+        arithmetic as the groups of a larger batch, so a rank of the recipe's shuffle-BN computes
+        exactly what one process's grouped BN does)."""
         g = self.bn_group_size
-        if not self.training or g <= 0 or g >= n:
+        if g <= 0:
+            return 0
+        if not self.training or g >= n:
             return 1
         if n % g != 0:
             raise ValueError(f"batch {n} per process is not a multiple of model.bn_group_size={g}")

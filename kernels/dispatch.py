@@ -1,4 +1,4 @@
-"""Backend choice for the loss kernels: fused Triton or the plain-PyTorch references.
+"""Backend choice for the fused kernels (loss pieces, grouped BN): Triton or plain PyTorch.
 
     auto       Triton for CUDA tensors it supports, the reference otherwise (CPU, fp64, ...)
     triton     always Triton; raises where it cannot run (CPU without TRITON_INTERPRET=1,
@@ -15,19 +15,27 @@ import warnings
 
 import torch
 
-from .reference import dense_positive_logits_ref, queue_infonce_ref
+from .reference import (
+    dense_positive_logits_ref,
+    group_batch_norm_backward_ref,
+    group_batch_norm_backward_torch,
+    group_batch_norm_ref,
+    group_batch_norm_torch,
+    queue_infonce_ref,
+)
 
 ENV_VAR = "DENSECL_KERNELS"
 BACKENDS = ("auto", "triton", "reference")
 
 try:
     from . import dense_match_triton as _dm
+    from . import group_bn_triton as _gb
     from . import queue_infonce_triton as _qi
     from ._common import can_run_on as _can_run_on
     HAS_TRITON = True
     _TRITON_IMPORT_ERROR = None
 except ImportError as e:  # no Triton on this platform: the references still work
-    _dm = _qi = None
+    _dm = _gb = _qi = None
     HAS_TRITON = False
     _TRITON_IMPORT_ERROR = e
 
@@ -98,7 +106,7 @@ def _use_triton(device, supported: bool, op: str) -> bool:
         raise RuntimeError(f"{op}: kernels backend 'triton': {why}")
     if not supported:
         raise ValueError(f"{op}: kernels backend 'triton' does not support these inputs "
-                         "(see kernels/{queue_infonce,dense_match}_triton.py: supports())")
+                         "(see kernels/{queue_infonce,dense_match,group_bn}_triton.py: supports())")
     return True
 
 
@@ -114,6 +122,28 @@ def dense_positive_logits(q_b, k_b, q_grid, k_grid):
     if _use_triton(q_b.device, HAS_TRITON and _dm.supports(q_b, k_b, q_grid, k_grid), "dense_positive_logits"):
         return _dm.dense_positive_logits_triton(q_b, k_b, q_grid, k_grid)
     return dense_positive_logits_ref(q_b, k_b, q_grid, k_grid)
+
+
+def group_batch_norm_forward(x, weight, bias, groups, eps, relu):
+    """What the densecl::group_batch_norm op runs (see kernels/group_bn.py): the Triton kernels;
+    else, on CUDA, one native (cuDNN) batch norm per group, the implementation the op replaced (the
+    PyTorch formulation over a 5-D view ran the eager bf16 step at half its speed on an H200,
+    perf/RESULTS.md 2026-12-04); elsewhere (CPU) that formulation, one pass without a copy."""
+    if _use_triton(x.device, HAS_TRITON and _gb.supports(x, weight, bias, groups), "group_batch_norm"):
+        return _gb.forward(x, weight, bias, groups, eps, relu)
+    if x.device.type == "cuda":
+        return group_batch_norm_ref(x, weight, bias, groups, eps, relu)
+    return group_batch_norm_torch(x, weight, bias, groups, eps, relu)
+
+
+def group_batch_norm_backward(dy, x, y, mean, invstd, weight, groups, relu):
+    """The backward op's implementation, chosen by the forward's rules (both implementations save
+    the same statistics, so either backward goes with either forward)."""
+    if _use_triton(x.device, HAS_TRITON and _gb.supports(x, weight, weight, groups), "group_batch_norm"):
+        return _gb.backward(dy, x, y, mean, invstd, weight, groups, relu)
+    if x.device.type == "cuda":
+        return group_batch_norm_backward_ref(dy, x, y, mean, invstd, weight, groups, relu)
+    return group_batch_norm_backward_torch(dy, x, y, mean, invstd, weight, groups, relu)
 
 
 _backend = _env_backend() or _configured

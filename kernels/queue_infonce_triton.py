@@ -15,7 +15,8 @@ The gradient is a by-product of the forward. With p_ij the softmax over [l_pos_i
     dL/dl_pos_i = 1/(T M) * (p_i0 - 1) = -1/(T M) * sum_{j>=1} p_ij
 so the forward accumulates, next to the online log-sum-exp, O_i = sum_j 2^(s_ij - m_i) queue_j
 (rescaled whenever the running max m_i grows), and the backward is a scale by the incoming
-gradient. Against a backward that recomputes the logits (kernels/queue_infonce_recompute_triton.py):
+gradient. Against a backward that recomputes the logits (the earlier two-pass design, deleted
+after it lost by 1.58x on an H200; perf/RESULTS.md):
 two matmuls over the queue instead of three, one exponential per logit instead of two, one read
 of the queue instead of two, and no second kernel over the queue.
 

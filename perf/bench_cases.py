@@ -14,8 +14,8 @@ from densecl_fast.model import DenseCL
 from densecl_fast.trainer import train_step
 
 from .bench_data import make_loader
-from .bench_kernels import IMPLS, INFONCE_CASES, MATCH_IMPLS, infonce_inputs, infonce_step, match_inputs, \
-    match_step, peak_extra_mib
+from .bench_kernels import BN_CASES, BN_IMPLS, IMPLS, INFONCE_CASES, MATCH_IMPLS, bn_inputs, bn_step, infonce_inputs, \
+    infonce_step, match_inputs, match_step, peak_extra_mib
 from .jpegs import ensure_jpeg_folder
 from .runner import build_model
 from .sources import SyntheticSource
@@ -118,6 +118,16 @@ def test_kernel_queue_infonce(benchmark, backend, case, impl):
 def test_kernel_dense_matching(benchmark, backend, impl):
     backend("triton")
     kernel_case(benchmark, *match_step(impl, match_inputs()))
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", BN_IMPLS)
+@pytest.mark.parametrize("case", list(BN_CASES))
+def test_kernel_group_bn(benchmark, backend, case, impl):
+    """Grouped BN + ReLU of one layer, forward + backward: the fused op against one native BN per
+    group (what it replaced) and plain BatchNorm2d over the batch (perf/bench_kernels.py)."""
+    backend("triton")
+    kernel_case(benchmark, *bn_step(impl, bn_inputs(case)))
 
 
 # ---- the two-view data pipeline ------------------------------------------------------------------

@@ -6,9 +6,15 @@ harness of perf/bench_cases.py (inputs, steps, median ms, peak MiB beyond the in
     python -m perf.bench_kernels --sweep-splits 1,2,3,4,6,8   # + the one-pass kernel per split count
     pytest perf/bench_cases.py -k kernel    # the same cases under pytest-benchmark
 
-`fused`: the one-pass queue InfoNCE and the dense matching kernel; `recompute`: the two-pass queue
-InfoNCE (backward recomputes the logits), kept for this comparison; `eager`: kernels/reference.py;
-`compiled`: the same under torch.compile. Times are medians of triton.testing.do_bench (L2 flushed);
+Grouped BN (+ ReLU, one layer at R50 sizes, groups of 32 of 256 images, bf16 channels-last):
+`fused` is the densecl::group_batch_norm op (Triton), `per_group` one native batch norm per group +
+torch.cat + ReLU (the implementation it replaced), `plain` BatchNorm2d over the whole batch + ReLU
+(what a user without shuffle-BN runs; the goal is fused within 5% of it).
+
+`fused`: the one-pass queue InfoNCE and the dense matching kernel; `eager`: kernels/reference.py;
+`compiled`: the same under torch.compile. (The two-pass queue InfoNCE that recomputed the logits in
+its backward was deleted after losing by 1.58x on an H200: perf/RESULTS.md keeps its figures.)
+Times are medians of triton.testing.do_bench (L2 flushed);
 "check" rows give the error of a kernel against eager on the same inputs.
 """
 import argparse
@@ -22,8 +28,12 @@ from densecl_fast import kernels
 T = 0.2
 INFONCE_CASES = {"dense": (12544, 65536, 128), "global": (256, 65536, 128)}   # M (256 or 256*7*7), K, D
 MATCH_CASE = (256, 2048, 49, 128)  # N, C, S^2, D: C5 bf16 channels_last, grids fp32, as under AMP
-IMPLS = ("fused", "recompute", "eager", "compiled")
+IMPLS = ("fused", "eager", "compiled")
 MATCH_IMPLS = ("fused", "eager", "compiled")
+BN_CASES = {"stem 64x112x112": (256, 64, 112, 112), "layer1 256x56x56": (256, 256, 56, 56),
+            "layer4 2048x7x7": (256, 2048, 7, 7)}   # N, C, H, W
+BN_GROUPS = 8
+BN_IMPLS = ("fused", "per_group", "plain")
 _compiled = {}
 
 
@@ -32,9 +42,6 @@ def _fn(op, impl):
         from densecl_fast.kernels import dense_match_triton, queue_infonce_triton
         return {"infonce": queue_infonce_triton.queue_infonce_triton,
                 "match": dense_match_triton.dense_positive_logits_triton}[op]
-    if impl == "recompute":
-        from densecl_fast.kernels import queue_infonce_recompute_triton
-        return queue_infonce_recompute_triton.queue_infonce_recompute_triton
     ref = {"infonce": kernels.queue_infonce_ref, "match": kernels.dense_positive_logits_ref}[op]
     if impl == "eager":
         return ref
@@ -65,6 +72,45 @@ def match_inputs(seed=0):
     def grid():
         return F.normalize(torch.randn(N, D, S2, device="cuda", generator=g), dim=1)
     return c5(), c5(), grid().requires_grad_(), grid()
+
+
+def bn_inputs(case, dtype=torch.bfloat16, device="cuda", seed=0):
+    """(x channels-last, weight, bias, output gradient) of a BN_CASES name or an (N, C, H, W) shape."""
+    N, C, H, W = BN_CASES.get(case, case)
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = (torch.randn(N, C, H, W, device=device, generator=g) * 2 + 0.5).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = (torch.rand(C, device=device, generator=g) + 0.5).requires_grad_()
+    b = torch.randn(C, device=device, generator=g).requires_grad_()
+    gy = torch.randn(N, C, H, W, device=device, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    return x, w, b, gy
+
+
+def bn_forward(impl, x, w, b):
+    from densecl_fast.kernels import reference
+    if impl == "fused":
+        return kernels.group_batch_norm(x, w, b, BN_GROUPS, 1e-5, True)[0]
+    if impl == "per_group":
+        return F.relu(reference.group_batch_norm_ref(x, w, b, BN_GROUPS, 1e-5)[0])
+    return F.relu(F.batch_norm(x, None, None, w, b, True))
+
+
+def bn_step(impl, inputs):
+    x, w, b, gy = inputs
+    return lambda: bn_forward(impl, x, w, b).backward(gy), [x, w, b]
+
+
+def bn_check(inputs):
+    """fused vs per_group on the same inputs: y, dx, dweight (relative to max)."""
+    x, w, b, gy = inputs
+    out = []
+    for impl in ("fused", "per_group"):
+        xx, ww, bb = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        y = bn_forward(impl, xx, ww, bb)
+        y.backward(gy)
+        out.append((y, xx.grad, ww.grad))
+    (y1, dx1, dw1), (y2, dx2, dw2) = out
+    return f"y {rel_err(y1, y2):.1e} dx {rel_err(dx1, dx2):.1e} dweight {rel_err(dw1, dw2):.1e}"
 
 
 def infonce_step(impl, inputs):
@@ -148,7 +194,7 @@ def main(argv=None):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"triton {__import__('triton').__version__}  queue InfoNCE in {args.dtype}")
-    from densecl_fast.kernels import dense_match_triton, queue_infonce_recompute_triton
+    from densecl_fast.kernels import dense_match_triton
     from densecl_fast.kernels import queue_infonce_triton as qi
     rows = []
     for case, (M, K, D) in INFONCE_CASES.items():
@@ -157,8 +203,7 @@ def main(argv=None):
         inputs = infonce_inputs(case, dtype)
         for impl in impls:
             attempt(rows, name, impl, lambda: timed(*infonce_step(impl, inputs)))
-        for impl, note in (("fused", f"; {n_split} splits"), ("recompute", " (recompute)")):
-            attempt(rows, name, "check", lambda: (infonce_check(inputs, impl) + note, None))
+        attempt(rows, name, "check", lambda: (infonce_check(inputs) + f"; {n_split} splits", None))
         for n in ([int(x) for x in args.sweep_splits.split(",") if x.strip()] if case == "dense" else []):
             with qi.fixed_splits(n):
                 attempt(rows, name, f"fused/{n}sp", lambda: timed(*infonce_step("fused", inputs)))
@@ -170,9 +215,19 @@ def main(argv=None):
     for impl in [i for i in impls if i in MATCH_IMPLS]:
         attempt(rows, name, impl, lambda: timed(*match_step(impl, inputs)))
     attempt(rows, name, "check", lambda: (match_check(inputs), None))
+    del inputs
+    for case in BN_CASES:
+        name = f"group BN+ReLU {case} G={BN_GROUPS}"
+        inputs = bn_inputs(case)
+        for impl in BN_IMPLS:
+            attempt(rows, name, impl, lambda: timed(*bn_step(impl, inputs)))
+        attempt(rows, name, "check", lambda: (bn_check(inputs), None))
+        del inputs
+        torch.cuda.empty_cache()
 
-    print(f"{'case':<48} {'impl':<10} {'fwd+bwd ms':>11} {'peak extra MiB':>15}  vs eager")
-    base = {name: ms for name, impl, ms, _ in rows if impl == "eager" and isinstance(ms, float)}
+    print(f"{'case':<48} {'impl':<10} {'fwd+bwd ms':>11} {'peak extra MiB':>15}  vs eager / per_group")
+    # Baseline per case: eager for the loss pieces; the per-group native BN it replaced for BN.
+    base = {name: ms for name, impl, ms, _ in rows if impl in ("eager", "per_group") and isinstance(ms, float)}
     for name, impl, ms, mib in rows:
         if isinstance(ms, float):
             print(f"{name:<48} {impl:<10} {ms:>11.3f} {mib:>15.1f}  "
@@ -180,12 +235,14 @@ def main(argv=None):
         else:
             print(f"{name:<48} {'error' if impl == 'check' else impl:<10} {'':>11} {'':>15}  {ms}")
     for name in base:
-        t = {impl: ms for n, impl, ms, _ in rows if n == name and impl in IMPLS and isinstance(ms, float)}
-        if "fused" in t:
+        t = {impl: ms for n, impl, ms, _ in rows if n == name and impl != "check" and isinstance(ms, float)}
+        if "fused" in t and "per_group" in t:
+            print(f"grouped BN, {name}: fused {t['per_group'] / t['fused']:.2f}x per_group"
+                  + (f", {t['plain'] / t['fused']:.2f}x plain BatchNorm2d" if "plain" in t else ""))
+        elif "fused" in t:
             print(f"speed-up of fused over eager, {name}: {t['eager'] / t['fused']:.1f}x"
-                  + (f", over compiled: {t['compiled'] / t['fused']:.1f}x" if "compiled" in t else "")
-                  + (f", over recompute: {t['recompute'] / t['fused']:.2f}x" if "recompute" in t else ""))
-    for mod in (qi, queue_infonce_recompute_triton, dense_match_triton):
+                  + (f", over compiled: {t['compiled'] / t['fused']:.1f}x" if "compiled" in t else ""))
+    for mod in (qi, dense_match_triton):
         for kern in mod.AUTOTUNED_KERNELS:
             fn = kern
             while hasattr(fn, "fn"):   # the autotuner and heuristics wrap the jitted function

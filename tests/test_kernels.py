@@ -287,20 +287,6 @@ def test_queue_infonce_without_q_gradient(monkeypatch):
         torch.ops.densecl.queue_infonce(q, l_pos, queue, T, False)[0].backward()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_queue_infonce_recompute_variant_still_matches(monkeypatch, dtype):
-    """The earlier two-pass kernel, kept selectable for perf/bench_kernels.py."""
-    rc = importlib.import_module("densecl_fast.kernels.queue_infonce_recompute_triton")
-    monkeypatch.setattr(rc, "_num_splits", lambda M, K, D, device: 2)
-    q, l_pos, queue = make_infonce_inputs(33, 48, 300, dtype, seed=10)
-    loss = rc.queue_infonce_recompute_triton(q, l_pos, queue, T)
-    loss.backward()
-    ref, ref_dq, ref_dlpos = f64_loss_and_grads(q, l_pos, queue, T)
-    assert rel_err(loss, ref) < FWD_TOL
-    assert rel_err(q.grad, ref_dq) < BWD_TOL[dtype]
-    assert rel_err(l_pos.grad, ref_dlpos) < BWD_TOL[dtype]
-
-
 def test_split_heuristic_fills_the_last_wave(monkeypatch):
     """Splits for the DenseCL cases on a 132-SM H100/H200: whole 128-column tiles per split,
     fp32 partials within their budget, and the count that minimises waves x columns."""

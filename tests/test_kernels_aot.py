@@ -1,5 +1,6 @@
 """Every Triton kernel config the model may run compiles for sm_90 and sm_80 without a GPU,
-with no register spill and within shared memory (kernels/aot.py; the table is perf/AOT_SM90.md).
+with no register spill and within shared memory (kernels/aot.py; the table is perf/AOT_SM90.md),
+for the strides and shapes the model really hands the kernels (recorded from a forward).
 
 Runs `python -m densecl_fast.kernels.aot --json` in a subprocess: the compiler needs TRITON_INTERPRET unset,
 which conftest.py sets for the other kernel tests on a machine without CUDA.
@@ -45,8 +46,23 @@ def test_the_table_covers_every_kernel_dtype_and_architecture(rows):
             assert (arch, "queue_infonce fwd", dtype) in seen
             assert (arch, "queue_infonce fwd (no grad)", dtype) in seen
         assert (arch, "queue_infonce combine", "fp32") in seen
-        for dtype in ("bf16", "fp32"):
-            assert (arch, "dense matching", dtype) in seen
+        for layout in ("channels_last", "contiguous"):   # both train.channels_last settings
+            for dtype in ("bf16", "fp16", "fp32"):
+                assert (arch, f"dense matching ({layout})", dtype) in seen
+            for dtype in ("bf16", "fp32"):
+                for kernel in ("stats", "normalize", "bwd reduce", "bwd dx"):
+                    assert (arch, f"group BN {kernel} ({layout})", dtype) in seen
+        assert (arch, "group BN finalize", "fp32") in seen and (arch, "group BN bwd finalize", "fp32") in seen
+
+
+def test_dense_matching_cases_use_the_strides_of_a_real_forward():
+    """The layouts the table compiles the matching kernel for are recorded from a forward of the
+    model on the CPU (issue 20: a table on other strides than the model's hid its spills):
+    channels-last C5 maps and grids flatten to (C·S², 1, C), contiguous ones to (C·S², S², 1)."""
+    from densecl_fast.kernels import aot
+    layouts = aot.recorded_match_layouts()
+    assert layouts == {"channels_last": [(0, 2, 1)] * 4, "contiguous": [(0, 1, 2)] * 4}
+    assert aot._strides_in_order((256, 2048, 49), (0, 2, 1)) == [2048 * 49, 1, 2048]
 
 
 def test_a_spilling_config_is_caught():
