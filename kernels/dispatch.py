@@ -18,9 +18,9 @@ import torch
 from .reference import (
     dense_positive_logits_ref,
     group_batch_norm_backward_ref,
-    group_batch_norm_backward_torch,
+    group_batch_norm_backward_aten,
     group_batch_norm_ref,
-    group_batch_norm_torch,
+    group_batch_norm_aten,
     queue_infonce_ref,
 )
 
@@ -128,12 +128,12 @@ def group_batch_norm_forward(x, weight, bias, groups, eps, relu):
     """What the densecl::group_batch_norm op runs (see kernels/group_bn.py): the Triton kernels;
     else, on CUDA, one native (cuDNN) batch norm per group, the implementation the op replaced (the
     PyTorch formulation over a 5-D view ran the eager bf16 step at half its speed on an H200,
-    perf/RESULTS.md 2026-12-04); elsewhere (CPU) that formulation, one pass without a copy."""
+    perf/RESULTS.md 2026-12-04); elsewhere (CPU) ATen's batch norm per group written into one output."""
     if _use_triton(x.device, HAS_TRITON and _gb.supports(x, weight, bias, groups), "group_batch_norm"):
         return _gb.forward(x, weight, bias, groups, eps, relu)
     if x.device.type == "cuda":
         return group_batch_norm_ref(x, weight, bias, groups, eps, relu)
-    return group_batch_norm_torch(x, weight, bias, groups, eps, relu)
+    return group_batch_norm_aten(x, weight, bias, groups, eps, relu)
 
 
 def group_batch_norm_backward(dy, x, y, mean, invstd, weight, groups, relu):
@@ -143,7 +143,7 @@ def group_batch_norm_backward(dy, x, y, mean, invstd, weight, groups, relu):
         return _gb.backward(dy, x, y, mean, invstd, weight, groups, relu)
     if x.device.type == "cuda":
         return group_batch_norm_backward_ref(dy, x, y, mean, invstd, weight, groups, relu)
-    return group_batch_norm_backward_torch(dy, x, y, mean, invstd, weight, groups, relu)
+    return group_batch_norm_backward_aten(dy, x, y, mean, invstd, weight, groups, relu)
 
 
 _backend = _env_backend() or _configured

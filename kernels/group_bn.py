@@ -5,8 +5,8 @@ normalisation, affine and an optional fused ReLU, in one op per layer instead of
 native_batch_norm per group and a concatenation. The op's implementation follows
 kernels/dispatch.py's backend rules: the Triton kernels (kernels/group_bn_triton.py) on CUDA, or
 on CPU tensors under TRITON_INTERPRET=1 with the triton backend; otherwise
-reference.group_batch_norm_torch, the same computation as a few PyTorch ops over a G x n x C x H x W
-view. Either way the profiler and torch.compile see one opaque op (fake implementation and
+reference.group_batch_norm_aten, ATen's batch norm per group written into one output (no
+concatenation). Either way the profiler and torch.compile see one opaque op (fake implementation and
 autograd registered here), so a compiled block has no graph break at its BN layers.
 """
 import torch

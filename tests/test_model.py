@@ -287,7 +287,7 @@ def test_fused_kernels_in_the_training_step_match_the_references():
     for k in ("loss", "loss_single", "loss_dense"):
         torch.testing.assert_close(tri[k], ref[k], rtol=1e-5, atol=1e-6)
     # Gradients relative to each tensor's largest entry: both steps now differ in the grouped BN
-    # too (Triton kernels vs the CPU formulation), whose backward passes fp32 rounding through
+    # too (Triton kernels vs ATen per group on the CPU), whose backward passes fp32 rounding through
     # 20 layers of few values (2 images of 2 x 2 at layer4); each step is ~1.5e-5 from a
     # float64 step, so 1e-4 of the scale means "the same gradient".
     for a, b in zip(tri_g, ref_g):
