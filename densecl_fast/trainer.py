@@ -249,7 +249,7 @@ def check_init_from(path: str, arch: str) -> None:
 # ---- data and model -------------------------------------------------------------------------------
 
 def build_data(cfg: Config, dist_info: DistInfo, device: torch.device, precision: str,
-               per_rank_batch: int) -> tuple:
+               per_rank_batch: int) -> tuple[Any, int]:
     """This rank's loader and the steps per epoch; raises DataError for any data problem."""
     loader = build_loader(cfg.data, batch_size=per_rank_batch, rank=dist_info.rank,
                           world_size=dist_info.world_size, device=device, seed=cfg.train.seed,
@@ -286,7 +286,8 @@ def build_model(cfg: Config, dist_info: DistInfo, device: torch.device, init_fro
 
 
 def set_up_engine(cfg: Config, engine: Engine, model: DenseCL, device: torch.device, precision: str,
-                  per_rank_batch: int, base_lr: float, main: bool, say) -> tuple:
+                  per_rank_batch: int, base_lr: float, main: bool,
+                  say) -> tuple[CompilePlan | None, CompileCache | None]:
     """In place: torch.compile (per block), then the engine's DDP/FSDP/DeepSpeed wrapping; builds the
     optimizer. Returns the compile plan (None: eager) and the compile cache (None: none kept)."""
     t_cfg = cfg.train
