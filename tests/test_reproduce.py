@@ -203,3 +203,88 @@ def test_a_signal_during_the_probe_stops_the_reproduction_without_a_plan(tmp_pat
     text = capsys.readouterr().out
     assert "probe was stopped at step 2 of 5" in text and f"--out {out} --resume" in text
     assert "plan" not in json.load(open(os.path.join(out, "state.json")))["stages"]
+
+
+# ---- the seeded experiment on the Fashion-MNIST scenes, shrunk (issue 19) -----------------------------
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture()
+def scenes_root(tmp_path):
+    """The real Fashion-MNIST when installed (CI installs it), else a few fake garments in its format."""
+    if os.path.isdir(FMNIST):
+        return FMNIST
+    from tests.test_scenes import fake_garments, write_idx
+    root = str(tmp_path / "fmnist")
+    write_idx(root, "train", *fake_garments(60, 0))
+    write_idx(root, "test", *fake_garments(20, 1))
+    return root
+
+
+def test_the_seeded_scenes_experiment_in_the_small(tmp_path, data_cache, scenes_root, capsys):
+    """The one command of the DenseCL / MoCo-v2 / random comparison (docs/real-data-checks.md), shrunk to
+    48 training scenes of 32 px, 2 seeds and one epoch: every run, evaluation and table of the report exists and
+    the report's means, std and paired differences are those of the per-seed eval files."""
+    out = str(tmp_path / "repro")
+    src = f"fashion-mnist-scenes:{scenes_root}#train=48,test=16,size=32"
+    argv = ["--data", src, "--config", "fashion_mnist_scenes", "--budget", "1ep", "--baseline", "--seeds", "2",
+            "--out", out, "--probe-steps", "1", "--eval-max-val", "16", "model.hid_dim=32", "model.out_dim=16",
+            "model.queue_len=64", "model.bn_group_size=4", "data.image_size=32", "data.num_workers=0",
+            f"data.cache_dir={data_cache}", "optim.batch_size=8", "train.tensorboard=false", "train.progress=false",
+            f"train.knn_data={src}", "train.knn_every_epochs=0", "train.knn_every_steps=3", "train.knn_max_bank=48",
+            "train.knn_max_val=16"]
+    assert main(argv) == 0, capsys.readouterr()
+    text = capsys.readouterr().out
+    assert "seeds 0, 1" in text and "for each of 2 seeds (4 runs)" in text
+    runs = ("densecl_s0", "mocov2_s0", "densecl_s1", "mocov2_s1")
+    recs = {r: [json.loads(line) for line in open(os.path.join(out, r, "metrics.jsonl"))] for r in runs}
+    assert all(len(v) == 6 for v in recs.values())                       # 48 scenes / batch 8, one epoch each
+    assert all(x["lambda"] == 0.0 for r in ("mocov2_s0", "mocov2_s1") for x in recs[r])
+    assert all(x["lambda"] == 0.5 for r in ("densecl_s0", "densecl_s1") for x in recs[r])
+    assert recs["densecl_s0"][0]["loss"] != recs["densecl_s1"][0]["loss"]  # the seeds differ
+    assert [x["step"] for x in recs["densecl_s0"] if "knn_top1" in x] == [3, 6]  # the online kNN curve
+
+    rep = json.load(open(os.path.join(out, "report.json")))
+    assert rep["seeds"] == [0, 1]
+    trunks = [*runs, "random_s0", "random_s1"]
+    for t in trunks:
+        dense_json = json.load(open(os.path.join(out, "eval", t, "dense.json")))
+        assert dense_json["seed"] == int(t[-1])
+        assert rep["eval"][t]["dense_fg_miou"] == dense_json["fg_mIoU"] and 0 <= dense_json["fg_mIoU"] <= 100
+        assert rep["eval"][t]["knn_k20"] == json.load(open(os.path.join(out, "eval", t, "knn.json")))["top1"]["20"]
+    for metric in ("dense_fg_miou", "knn_k20"):
+        for m in ("densecl", "mocov2", "random"):
+            g = rep["by_method"][metric][m]
+            vals = [rep["eval"][f"{m}_s{s}"][metric] for s in (0, 1)]
+            assert g["mean"] == pytest.approx(sum(vals) / 2)
+            assert g["std"] == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5)
+        d = rep["paired_differences"]["densecl_minus_mocov2"][metric]
+        per = [rep["eval"][f"densecl_s{s}"][metric] - rep["eval"][f"mocov2_s{s}"][metric] for s in (0, 1)]
+        assert d["mean"] == pytest.approx(sum(per) / 2) and d["ahead"] == sum(p > 0 for p in per)
+    md = open(os.path.join(out, "report.md")).read()
+    assert "dense probe foreground mIoU" in md and "DenseCL: mean ± std" in md and "DenseCL − MoCo-v2" in md
+    assert "| 1 | MoCo-v2 (λ = 0) |" in md and "/2 ahead)" in md and "The paper's claim" in md
+    for png in ("loss.png", "knn.png", "throughput.png", "eval.png"):
+        with open(os.path.join(out, png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seeds_name_the_runs_and_the_random_trunks_and_seed_every_probe():
+    from types import SimpleNamespace
+    from densecl_fast.config import load_config
+    from densecl_fast.reproduce.runs import eval_jobs, pretrain_runs, seeds_of
+    cfg = load_config("smoke", ["train.seed=5"])
+    one = SimpleNamespace(seeds=1, baseline=True, no_random=False, data="synthetic", val="", voc="",
+                          eval_image_size=0, eval_workers=0, eval_max_train=-1, eval_max_val=0)
+    assert pretrain_runs(one, seeds_of(one, cfg)) == [("densecl", "densecl", 5), ("mocov2", "mocov2", 5)]
+    three = SimpleNamespace(**{**vars(one), "seeds": 3, "data": "fashion-mnist-scenes:/x"})
+    seeds = seeds_of(three, cfg)
+    runs = pretrain_runs(three, seeds)
+    assert seeds == [5, 6, 7] and [r[0] for r in runs] == ["densecl_s5", "mocov2_s5", "densecl_s6", "mocov2_s6",
+                                                           "densecl_s7", "mocov2_s7"]
+    jobs = eval_jobs(three, cfg, runs, seeds)
+    assert {(t, m) for t, m, _ in jobs} == {(t, m) for t in [r[0] for r in runs] + ["random_s5", "random_s6", "random_s7"]
+                                           for m in ("knn", "dense")}   # the scenes have masks: dense runs
+    for t, _, a in jobs:
+        assert a[a.index("--seed") + 1] == t[-1] and a.count("--seed") == 1

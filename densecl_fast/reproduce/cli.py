@@ -10,6 +10,7 @@ Stages, each recorded in OUT/state.json when it completes (so `--resume` skips i
                     schedule that fits the budget (the recipe with its cosine compressed to E epochs)
   pretrain:densecl  `train(cfg)` into OUT/densecl/ (resumed with train.resume=auto)
   pretrain:mocov2   with --baseline: the same model and schedule with model.loss_lambda=0 (OUT/mocov2/)
+                    (with --seeds N: both for train.seed, +1, ..., +N-1, into OUT/densecl_s0/, OUT/mocov2_s0/, ...)
   export:RUN        torchvision / detectron2 / mmdet files of the final checkpoint (OUT/export/)
   eval:TRUNK:MODE   `python -m densecl_fast.eval` (knn; dense; svm + lowshot with --voc) of each run
                     and of the random-init trunk (OUT/eval/TRUNK/MODE.json)
@@ -31,7 +32,8 @@ from .errors import RunFailed, Stopped, UsageError
 from .plan import fmt_duration, parse_budget, plan_lines
 from .probe import MIN_TIME_BUDGET, PROBE_SHARE, PROBE_WARMUP, probe
 from .report import write_report
-from .runs import EXPORT_FORMATS, call_cli, eval_jobs, load_cfg, run_cfg_overrides, run_training, skipped_evals
+from .runs import (EXPORT_FORMATS, METHOD_OVERRIDES, call_cli, eval_jobs, load_cfg, method_of, pretrain_runs, run_cfg_overrides,
+                   run_training, seeds_of, skipped_evals)
 from .state import State
 
 
@@ -45,12 +47,15 @@ class _Parser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python launch/reproduce.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="pretraining images: ImageNet train folder, .txt list, synthetic, fashion-mnist:ROOT")
+    p.add_argument("--data", help="pretraining images: ImageNet train folder, .txt list, synthetic, fashion-mnist:ROOT, "
+                                  "fashion-mnist-scenes:ROOT")
     p.add_argument("--val", default="", help="kNN evaluation split (folder / list with labels); else the eval tool's split")
     p.add_argument("--voc", default="", help="Pascal VOC devkit: VOC07 SVM + low-shot, and the dense probe on its masks")
     p.add_argument("--budget", help="wall clock for planning + pretraining (8h, 90m, 1h30m) or epochs (20ep)")
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
     p.add_argument("--baseline", action="store_true", help="also MoCo-v2 (λ = 0) at the same budget")
+    p.add_argument("--seeds", type=int, default=1, help="pretraining runs per method, with train.seed, +1, ... "
+                   "(and as many random-init trunks); the report gives means, std and per-seed figures")
     p.add_argument("--resume", action="store_true", help="continue the reproduction in --out where it stopped")
     p.add_argument("--config", default="densecl_r50_200e_in1k", help="preset or YAML (default: the seed recipe)")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for pretraining: > 1 runs torchrun")
@@ -64,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-RECORDED = ("data", "val", "voc", "budget", "baseline", "config", "nproc", "probe_steps", "eval_image_size",
+RECORDED = ("data", "val", "voc", "budget", "baseline", "seeds", "config", "nproc", "probe_steps", "eval_image_size",
             "eval_max_train", "eval_max_val", "eval_workers", "no_random")
 
 
@@ -117,7 +122,8 @@ def resolve_args(argv) -> tuple[argparse.Namespace, State]:
 def check_inputs(args) -> None:
     """Every check that needs no training: arguments, budget, overrides, --val/--voc, config, data source."""
     if not args.data:
-        raise UsageError("--data is required (an ImageNet train folder, a .txt list, synthetic or fashion-mnist:ROOT)")
+        raise UsageError("--data is required (an ImageNet train folder, a .txt list, synthetic, fashion-mnist:ROOT "
+                         "or fashion-mnist-scenes:ROOT)")
     if not args.budget:
         raise UsageError("--budget is required (e.g. 8h, 90m or 20ep)")
     budget = parse_budget(args.budget)
@@ -125,8 +131,8 @@ def check_inputs(args) -> None:
         raise UsageError(f"--budget {args.budget}: give at least {fmt_duration(MIN_TIME_BUDGET)}: the throughput "
                          f"probe (a process start, the data, the model, {PROBE_WARMUP} + --probe-steps steps) must "
                          f"fit in {PROBE_SHARE:.0%} of it and whole epochs in the rest; or a budget in epochs (1ep)")
-    if args.nproc < 1 or args.probe_steps < 1:
-        raise UsageError("--nproc and --probe-steps must be >= 1")
+    if args.nproc < 1 or args.probe_steps < 1 or args.seeds < 1:
+        raise UsageError("--nproc, --probe-steps and --seeds must be >= 1")
     for o in args.overrides:
         key = o.split("=", 1)[0].strip()
         if key in ("optim.epochs", "data.source", "train.out_dir", "train.resume"):
@@ -138,13 +144,16 @@ def check_inputs(args) -> None:
     args.val, args.voc = (os.path.abspath(v) if v else v for v in (args.val, args.voc))
     from ..data import DataError
     from ..data.fashion_mnist import parse_source
+    from ..data.scenes import parse_source as parse_scenes
     try:
         fmnist = parse_source(args.data)
+        scenes = parse_scenes(args.data)
     except DataError as e:
         raise UsageError(f"--data {args.data}: {e}") from None
-    if fmnist and not os.path.isdir(fmnist[0]):
-        raise UsageError(f"--data {args.data}: no such folder {fmnist[0]}")
-    if args.data != "synthetic" and not fmnist and not any(c in args.data for c in "*?["):  # (DALI shard patterns)
+    root = fmnist[0] if fmnist else scenes.root if scenes else None
+    if root and not os.path.isdir(root):
+        raise UsageError(f"--data {args.data}: no such folder {root}")
+    if args.data != "synthetic" and not root and not any(c in args.data for c in "*?["):  # (DALI shard patterns)
         if not os.path.exists(os.path.expanduser(args.data)):
             raise UsageError(f"--data {args.data}: no such folder or file")
         args.data = os.path.abspath(os.path.expanduser(args.data))
@@ -182,8 +191,12 @@ def _main(argv) -> int:
     t_start = time.time()
     args, state = resolve_args(argv)
     out = args.out
+    cfg = load_cfg(args, run_cfg_overrides(args, out))
+    seeds = seeds_of(args, cfg)
+    runs = pretrain_runs(args, seeds)
     print(f"reproduction in {out} ({'resumed' if args.resume else 'new'}): data {args.data}, budget {args.budget}, "
-          f"config {args.config}{' + MoCo-v2 baseline' if args.baseline else ''}", flush=True)
+          f"config {args.config}{' + MoCo-v2 baseline' if args.baseline else ''}"
+          + (f", seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else ""), flush=True)
 
     # 1. plan ----------------------------------------------------------------------------------------
     if state.done("plan"):
@@ -197,16 +210,13 @@ def _main(argv) -> int:
         print(line, flush=True)
 
     # 2. pretraining ------------------------------------------------------------------------------------
-    runs = ["densecl"] + (["mocov2"] if args.baseline else [])
-    lam0 = {"densecl": [], "mocov2": ["model.loss_lambda=0"]}
     # A short run logs often enough for a loss curve (>= ~20 points) unless train.log_every is given:
     # logging is not part of the recipe.
     log = []
     if not any(o.split("=", 1)[0].strip() == "train.log_every" for o in args.overrides):
-        every = load_cfg(args, run_cfg_overrides(args, os.path.join(out, "densecl"))).train.log_every
-        log = [f"train.log_every={max(1, min(every, plan['steps'] // 20))}"]
+        log = [f"train.log_every={max(1, min(cfg.train.log_every, plan['steps'] // 20))}"]
     finals = {}
-    for run in runs:
+    for run, method, seed in runs:
         stage = f"pretrain:{run}"
         run_dir = os.path.join(out, run)
         if state.done(stage):
@@ -217,7 +227,8 @@ def _main(argv) -> int:
         resume = "auto" if list_checkpoints(run_dir) else ""
         print(f"{stage}: {plan['epochs']} epochs into {run_dir}" + (" (resuming its latest checkpoint)" if resume else ""),
               flush=True)
-        ov = run_cfg_overrides(args, run_dir, [f"optim.epochs={plan['epochs']}", *lam0[run], *log]
+        ov = run_cfg_overrides(args, run_dir, [f"optim.epochs={plan['epochs']}", *METHOD_OVERRIDES[method], *log]
+                               + ([f"train.seed={seed}"] if len(seeds) > 1 else [])
                                + ([f"train.resume={resume}"] if resume else []))
         t0 = time.time()
         summary = run_training(args, ov, args.nproc)
@@ -237,7 +248,7 @@ def _main(argv) -> int:
     # 3. export --------------------------------------------------------------------------------------------
     from ..export import main as export_main
     os.makedirs(os.path.join(out, "export"), exist_ok=True)
-    for run in runs:
+    for run, _, _ in runs:
         stage = f"export:{run}"
         if state.done(stage):
             print(f"skip {stage} (done)", flush=True)
@@ -251,15 +262,15 @@ def _main(argv) -> int:
 
     # 4. evaluation ----------------------------------------------------------------------------------------
     from ..eval.__main__ import main as eval_main
-    cfg = load_cfg(args, run_cfg_overrides(args, os.path.join(out, "densecl")))
-    for trunk, mode, a in eval_jobs(args, cfg, runs):
+    jobs = eval_jobs(args, cfg, runs, seeds)
+    for trunk, mode, a in jobs:
         stage = f"eval:{trunk}:{mode}"
         if state.done(stage):
             print(f"skip {stage} (done)", flush=True)
             continue
         print(f"{stage} ...", flush=True)
         d = os.path.join(out, "eval", trunk)
-        ck = "random" if trunk == "random" else finals[trunk]
+        ck = "random" if method_of(trunk) == "random" else finals[trunk]
         call_cli(eval_main, [a[0], "--checkpoint", ck, "--out", d, "--cache-dir",
                              os.path.join(out, "eval", "feature_cache"), *a[1:]], "densecl_fast.eval")
         state.mark(stage, json=os.path.join(d, f"{mode}.json"))
@@ -268,7 +279,8 @@ def _main(argv) -> int:
     if state.done("report"):
         print(f"skip report (done): {os.path.join(out, 'report.md')}", flush=True)
         return 0
-    paths = write_report(out, state.data, args, runs, skipped_evals(args), cfg)
+    paths = write_report(out, state.data, args, [r for r, _, _ in runs], skipped_evals(args), cfg,
+                         trunks=list(dict.fromkeys(t for t, _, _ in jobs)), seeds=seeds)
     state.mark("report", files=paths)
     print("report: " + ", ".join(paths), flush=True)
     return 0

@@ -104,7 +104,10 @@ def plan_lines(plan: dict) -> list[str]:
     fin = time.strftime("%Y-%m-%d %H:%M", time.localtime(p["expected_finish"]))
     if p.get("planned_at"):
         fin += time.strftime(" (planned %Y-%m-%d %H:%M)", time.localtime(p["planned_at"]))
-    runs = "DenseCL and MoCo-v2 (λ = 0), one after the other" if p["runs"] == 2 else "DenseCL"
+    seeds = p.get("seeds", 1)
+    runs = "DenseCL and MoCo-v2 (λ = 0), one after the other" if p["runs"] == 2 * seeds else "DenseCL"
+    if seeds > 1:
+        runs += f", for each of {seeds} seeds ({p['runs']} runs)"
     return [
         f"plan: budget {p['budget']['text']} -> {p['epochs']} epoch(s) of the recipe, cosine compressed to them "
         f"({p['steps']} steps of {p['steps_per_epoch']} per epoch, global batch {p['global_batch']}); runs: {runs}",

@@ -28,7 +28,7 @@ def probe(args, state: State, t_start: float) -> dict:
     """A short timed run with the run's exact settings; -> the plan (also printed)."""
     from ..checkpoint import list_checkpoints, load_checkpoint
     budget = parse_budget(args.budget)
-    runs = 2 if args.baseline else 1
+    runs = (2 if args.baseline else 1) * args.seeds
     base = load_cfg(args, run_cfg_overrides(args, os.path.join(args.out, "probe")))
     # A time budget bounds the probe(s): past their share the plan could not keep to the budget anyway.
     deadline = t_start + PROBE_SHARE * budget["seconds"] if budget["kind"] == "time" else None
@@ -94,6 +94,7 @@ def probe(args, state: State, t_start: float) -> dict:
                      global_batch=base.optim.batch_size, startup_s=main["startup_s"], runs=runs,
                      spent_s=time.time() - t_start, nproc=args.nproc, device=device, single_ips=single_ips)
     plan["probe"] = main
+    plan["seeds"] = args.seeds
     plan["config"] = {"preset": args.config, "arch": base.model.arch, "image_size": base.data.image_size,
                       "precision": base.train.precision, "compile": base.train.compile, "kernels": base.train.kernels,
                       "backend": base.data.backend, "batch_size": base.optim.batch_size,

@@ -10,7 +10,7 @@ import statistics
 import time
 
 from .plan import IMAGENET_TRAIN_IMAGES, fmt_duration, plan_lines
-from .runs import read_metrics
+from .runs import method_of, read_metrics
 
 LOWSHOT_K = (1, 2, 4, 8, 16, 32, 64, 96)
 
@@ -27,6 +27,14 @@ PUBLISHED_200EP = {
 PAPER_DENSECL_VS_MOCO = {"VOC det AP": (58.7, 57.0), "VOC seg mIoU": (69.4, 67.5)}
 
 RUN_TITLE = {"densecl": "DenseCL", "mocov2": "MoCo-v2 (λ = 0)", "random": "random init"}
+METHOD_COLOR = {"densecl": "tab:blue", "mocov2": "tab:orange", "random": "tab:gray"}
+SEED_STYLE = ("-", "--", ":", "-.")
+
+
+def title(name: str) -> str:
+    """'densecl' -> 'DenseCL'; 'mocov2_s1' -> 'MoCo-v2 (λ = 0), seed 1'."""
+    method, _, seed = name.partition("_s")
+    return RUN_TITLE[method] + (f", seed {seed}" if seed else "")
 
 
 def _load(path):
@@ -49,6 +57,8 @@ def collect_evals(out: str, trunks: list[str]) -> dict:
                 r[f"knn_k{k}"] = v
         dense = _load(os.path.join(d, "dense.json"))
         if dense:
+            if "fg_mIoU" in dense:
+                r["dense_fg_miou"] = dense["fg_mIoU"]
             r["dense_miou"] = dense["mIoU"]
             r["dense_pixel_acc"] = dense["pixel_acc"]
         svm = _load(os.path.join(d, "svm.json"))
@@ -91,6 +101,8 @@ def metric_rows(ev: dict, ks_knn=("20",)) -> list[tuple[str, str, float | None]]
     for k in ("10", "20", "100", "200"):
         if f"knn_k{k}" in have:
             rows.append((f"knn_k{k}", f"kNN top-1, k = {k}", PUBLISHED_200EP["knn_k20"] if k == "20" else None))
+    if "dense_fg_miou" in have:
+        rows.append(("dense_fg_miou", "dense probe foreground mIoU (C4, our protocol)", None))
     if "dense_miou" in have:
         rows.append(("dense_miou", "dense probe mIoU (C4, our protocol)", None))
     if "voc07_svm_c5" in have:
@@ -141,88 +153,196 @@ def _save(fig, out, name):
     return path
 
 
-def plot_all(out: str, runs: list[str], ev: dict, rows, plan: dict) -> list[str]:
+def _seed_rank(name: str, runs: list[str]) -> int:
+    """0 for the first seed of a method, 1 for its second, ... (line style and label of its curves)."""
+    return [r for r in runs if method_of(r) == method_of(name)].index(name)
+
+
+def plot_all(out: str, runs: list[str], ev: dict, rows, plan: dict, groups: dict | None = None) -> list[str]:
+    """loss.png, knn.png (when the runs logged the online kNN monitor), throughput.png, eval.png.
+    One colour per method, one line style per seed; with several seeds eval.png shows each method's
+    mean with its standard deviation and the per-seed values (`groups`: metric -> method -> stats)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def style(run):
+        k = _seed_rank(run, runs)
+        return dict(color=METHOD_COLOR[method_of(run)], first=k == 0, ls=SEED_STYLE[k % len(SEED_STYLE)])
+
+    several = len(runs) > len({method_of(r) for r in runs})
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4))
-    for run, color in zip(runs, ("tab:blue", "tab:orange")):
+    for run in runs:
         recs = read_metrics(os.path.join(out, run))
         if not recs:
             continue
-        x = [r["epoch"] for r in recs]
-        ax.plot(x, [r["loss"] for r in recs], color=color, label=f"{RUN_TITLE[run]}: loss")
-        ax.plot(x, [r["loss_single"] for r in recs], color=color, ls="--", lw=1, label=f"{RUN_TITLE[run]}: global")
-        ax.plot(x, [r["loss_dense"] for r in recs], color=color, ls=":", lw=1, label=f"{RUN_TITLE[run]}: dense")
+        st, x = style(run), [r["epoch"] for r in recs]
+        name = RUN_TITLE[method_of(run)] if several else title(run)
+        if several:  # the total loss per run, the dense loss in thin lines: 3 curves x 6 runs do not read
+            ax.plot(x, [r["loss"] for r in recs], color=st["color"], ls=st["ls"], label=f"{name}: loss" if st["first"] else None)
+            ax.plot(x, [r["loss_dense"] for r in recs], color=st["color"], ls=st["ls"], lw=0.7, alpha=0.6,
+                    label=f"{name}: dense" if st["first"] else None)
+            continue
+        ax.plot(x, [r["loss"] for r in recs], color=st["color"], label=f"{name}: loss")
+        ax.plot(x, [r["loss_single"] for r in recs], color=st["color"], ls="--", lw=1, label=f"{name}: global")
+        ax.plot(x, [r["loss_dense"] for r in recs], color=st["color"], ls=":", lw=1, label=f"{name}: dense")
     ax.set_xlabel("epoch")
     ax.set_ylabel("InfoNCE loss")
-    ax.set_title(f"pretraining loss ({plan['epochs']} epochs of the compressed recipe)")
+    ax.set_title(f"pretraining loss ({plan['epochs']} epochs of the compressed recipe)"
+                 + ("; line style = seed" if several else ""))
     ax.legend(fontsize=7)
     paths.append(_save(fig, out, "loss.png"))
 
     curves = {run: [r for r in read_metrics(os.path.join(out, run)) if "knn_top1" in r] for run in runs}
     if any(curves.values()):  # the online kNN monitor's records (train.knn_data)
         fig, ax = plt.subplots(figsize=(7, 4))
-        for (run, recs), color in zip(curves.items(), ("tab:blue", "tab:orange")):
+        for run, recs in curves.items():
             if recs:
-                ax.plot([r["epoch"] for r in recs], [r["knn_top1"] for r in recs], color=color, marker="o",
-                        label=RUN_TITLE[run])
+                st = style(run)
+                ax.plot([r["epoch"] for r in recs], [r["knn_top1"] for r in recs], color=st["color"], ls=st["ls"],
+                        marker="o", ms=3, label=title(run))
         ax.set_xlabel("epoch")
         ax.set_ylabel("kNN top-1 (%)")
         ax.set_title("online kNN monitor during pretraining (train.knn_data)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         paths.append(_save(fig, out, "knn.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for run, color in zip(runs, ("tab:blue", "tab:orange")):
+    for run in runs:
         recs = read_metrics(os.path.join(out, run))[1:]  # the first record holds start-up
         if recs:
-            ax.plot([r["step"] for r in recs], [r["img_per_s"] for r in recs], color=color, lw=1, label=RUN_TITLE[run])
+            st = style(run)
+            ax.plot([r["step"] for r in recs], [r["img_per_s"] for r in recs], color=st["color"], ls=st["ls"], lw=1,
+                    label=title(run))
     ax.axhline(plan["images_per_s"], color="gray", ls="--", label=f"probe median {plan['images_per_s']:.1f}")
     ax.set_xlabel("step")
     ax.set_ylabel("images / s (all processes, data included)")
     ax.set_title("training throughput")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     paths.append(_save(fig, out, "throughput.png"))
 
-    trunks = [t for t in ev if ev[t]]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) + 2), 4))
-    width = 0.8 / max(1, len(trunks) + 1)
-    for i, t in enumerate(trunks):
-        vals = [ev[t].get(k) for k, _, _ in rows]
-        ax.bar([j + i * width for j in range(len(rows))], [v if v is not None else 0 for v in vals], width,
-               label=f"ours: {RUN_TITLE[t]}")
-    pub = [p for _, _, p in rows]
-    if any(p is not None for p in pub):
-        ax.bar([j + len(trunks) * width for j in range(len(rows))], [p or 0 for p in pub], width, color="lightgray",
-               hatch="//", label="seed, published (200 epochs)")
-    ax.set_xticks([j + width * len(trunks) / 2 for j in range(len(rows))])
+    if groups:
+        methods = [m for m in RUN_TITLE if any(m in groups[k] for k, _, _ in rows)]
+        width = 0.8 / max(1, len(methods))
+        for i, m in enumerate(methods):
+            xs = [j + i * width for j in range(len(rows))]
+            stats = [groups[k].get(m) for k, _, _ in rows]
+            ax.bar(xs, [g["mean"] if g else 0 for g in stats], width, yerr=[g["std"] or 0 if g else 0 for g in stats],
+                   color=METHOD_COLOR[m], alpha=0.7, capsize=3, label=f"{RUN_TITLE[m]}: mean ± std")
+            for x, g in zip(xs, stats):
+                if g:
+                    ax.plot([x] * len(g["per_seed"]), list(g["per_seed"].values()), "k.", ms=4)
+        ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(rows))])
+        ax.set_title(f"evaluation after {plan['epochs']} epoch(s): mean ± std over seeds, dots = seeds")
+    else:
+        trunks = [t for t in ev if ev[t]]
+        width = 0.8 / max(1, len(trunks) + 1)
+        for i, t in enumerate(trunks):
+            vals = [ev[t].get(k) for k, _, _ in rows]
+            ax.bar([j + i * width for j in range(len(rows))], [v if v is not None else 0 for v in vals], width,
+                   label=f"ours: {title(t)}")
+        pub = [p for _, _, p in rows]
+        if any(p is not None for p in pub):
+            ax.bar([j + len(trunks) * width for j in range(len(rows))], [p or 0 for p in pub], width,
+                   color="lightgray", hatch="//", label="seed, published (200 epochs)")
+        ax.set_xticks([j + width * len(trunks) / 2 for j in range(len(rows))])
+        ax.set_title(f"evaluation after {plan['epochs']} epoch(s)")
     ax.set_xticklabels([k for k, _, _ in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("%")
-    ax.set_title(f"evaluation after {plan['epochs']} epoch(s)")
     ax.legend(fontsize=8)
     paths.append(_save(fig, out, "eval.png"))
     return paths
 
 
-def write_report(out: str, state: dict, args, runs: list[str], skipped: dict, cfg) -> list[str]:
+def _stats(values: dict) -> dict:
+    """{seed: value} -> per-seed values, mean and sample standard deviation (None with one seed)."""
+    v = list(values.values())
+    return {"per_seed": values, "mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else None,
+            "n": len(v)}
+
+
+def seed_groups(ev: dict, rows, trunks: list[str]) -> tuple[dict, dict]:
+    """Per metric: each method's per-seed values with mean and std; and the paired differences
+    (the same seed's DenseCL minus MoCo-v2, DenseCL minus random, MoCo-v2 minus random)."""
+    groups, diffs = {}, {}
+    for k, _, _ in rows:
+        by = {}
+        for t in trunks:
+            v = ev.get(t, {}).get(k)
+            if v is not None:
+                by.setdefault(method_of(t), {})[t.partition("_s")[2] or "0"] = v
+        groups[k] = {m: _stats(vals) for m, vals in by.items()}
+        for a, b in (("densecl", "mocov2"), ("densecl", "random"), ("mocov2", "random")):
+            pa, pb = by.get(a, {}), by.get(b, {})
+            common = [s for s in pa if s in pb]
+            if common:
+                d = _stats({s: pa[s] - pb[s] for s in common})
+                d["ahead"] = sum(x > 0 for x in d["per_seed"].values())
+                diffs.setdefault(f"{a}_minus_{b}", {})[k] = d
+    return groups, diffs
+
+
+def _pm(g, signed=False) -> str:
+    if not g:
+        return "–"
+    m = f"{g['mean']:+.2f}" if signed else f"{g['mean']:.2f}"
+    return m + (f" ± {g['std']:.2f}" if g["std"] is not None else "")
+
+
+def seeds_section(groups: dict, diffs: dict, rows, trunks: list[str], ev: dict, seeds: list[int]) -> list[str]:
+    """report.md's tables with several seeds: mean ± std per method, the paired differences (how many
+    seeds each way), and every per-seed figure."""
+    methods = [m for m in RUN_TITLE if any(method_of(t) == m for t in trunks)]
+    pairs = [p for p in ("densecl_minus_mocov2", "densecl_minus_random", "mocov2_minus_random") if p in diffs]
+    pair_title = {"densecl_minus_mocov2": "DenseCL − MoCo-v2", "densecl_minus_random": "DenseCL − random",
+                  "mocov2_minus_random": "MoCo-v2 − random"}
+    head = ["metric"] + [f"{RUN_TITLE[m]}: mean ± std" for m in methods] + [pair_title[p] for p in pairs] \
+        + ["seed, published (200 epochs)"]
+    md = [f"{len(seeds)} seeds ({', '.join(map(str, seeds))}): the training seed of each pretraining run, the "
+          "init seed of each random trunk, and the probes' seed. Means and sample standard deviations over seeds; "
+          "a difference is taken within a seed (the same data order and probe seed) and reported as mean ± std, "
+          "with the number of seeds in which the first is ahead.", "",
+          "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k, label, pub in rows:
+        cells = [label] + [_pm(groups[k].get(m)) for m in methods]
+        for p in pairs:
+            d = diffs[p].get(k)
+            cells.append(f"{_pm(d, signed=True)} ({d['ahead']}/{d['n']} ahead)" if d else "–")
+        cells.append(_f(pub) + (" (200 ep)" if pub is not None else ""))
+        md.append("| " + " | ".join(cells) + " |")
+    md += ["", "Per seed:", "", "| seed | trunk | " + " | ".join(k for k, _, _ in rows) + " |",
+           "|---|---|" + "---|" * len(rows)]
+    for seed in seeds:
+        for t in trunks:
+            if t.partition("_s")[2] == str(seed) and t in ev:
+                md.append(f"| {seed} | {RUN_TITLE[method_of(t)]} | " + " | ".join(_f(ev[t].get(k)) for k, _, _ in rows) + " |")
+    return md + [""]
+
+
+def write_report(out: str, state: dict, args, runs: list[str], skipped: dict, cfg, trunks: list[str] | None = None,
+                 seeds: list[int] | None = None) -> list[str]:
+    """runs: the pretraining runs' names; trunks: every evaluated trunk (runs and random inits);
+    seeds: the training seeds (several: the tables give per-seed figures, means and std)."""
     plan = state["plan"]
-    trunks = runs + ([] if args.no_random else ["random"])
+    seeds = seeds or [cfg.train.seed]
+    trunks = trunks or runs + ([] if args.no_random else ["random"])
     ev = collect_evals(out, trunks)
     rows = metric_rows(ev)
     summaries = {r: run_summary(out, r, state["stages"].get(f"pretrain:{r}")) for r in runs}
+    groups, seed_diffs = seed_groups(ev, rows, trunks) if len(seeds) > 1 else ({}, {})
     diff = {}
     if "mocov2" in runs:
         for k, _, _ in rows:
             a, b = ev.get("densecl", {}).get(k), ev.get("mocov2", {}).get(k)
             diff[k] = None if a is None or b is None else a - b
     cmds = commands(out, runs, state, cfg.model.arch)
-    pngs = plot_all(out, runs, ev, rows, plan)
+    pngs = plot_all(out, runs, ev, rows, plan, groups)
 
     report = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "args": state["args"], "plan": plan, "runs": summaries,
-              "eval": ev, "densecl_minus_mocov2": diff, "published_200ep": PUBLISHED_200EP,
+              "eval": ev, "densecl_minus_mocov2": diff, "seeds": seeds, "by_method": groups,
+              "paired_differences": seed_diffs, "published_200ep": PUBLISHED_200EP,
               "paper_densecl_vs_mocov2_200ep": {k: {"densecl": a, "mocov2": b, "difference": a - b}
                                                 for k, (a, b) in PAPER_DENSECL_VS_MOCO.items()},
               "not_evaluated": skipped, "commands": cmds, "plots": [os.path.basename(p) for p in pngs]}
@@ -244,35 +364,41 @@ def write_report(out: str, state: dict, args, runs: list[str], skipped: dict, cf
     for r in runs:
         s = summaries[r]
         if s:
-            md.append(f"| {RUN_TITLE[r]} | {s['steps']} | {s['epochs']:g} | {_f(s['first_loss'], 3)} → "
+            md.append(f"| {title(r)} | {s['steps']} | {s['epochs']:g} | {_f(s['first_loss'], 3)} → "
                       f"{_f(s['final_loss'], 3)} | {_f(s['final_loss_global'], 3)} / {_f(s['final_loss_dense'], 3)} | "
                       f"{s['images_per_s_median']:.1f} | {fmt_duration(s['wall_s']) if s['wall_s'] else '–'} |")
     md += ["", "MoCo-v2 here is the same model and schedule with λ = 0: its dense loss is computed and logged "
            "but has no weight.", "", "![loss](loss.png) ![throughput](throughput.png)"
            + (" ![kNN during pretraining](knn.png)" if any(p.endswith("knn.png") for p in pngs) else ""), "",
            f"## Evaluation (ours after {plan['epochs']} epoch(s); published figures are 200-epoch ImageNet ResNet-50)", ""]
-    head = ["metric"] + [f"ours: {RUN_TITLE[t]}" for t in trunks if t in ev]
-    if "mocov2" in runs:
-        head.append("DenseCL − MoCo-v2")
-    head.append("seed, published (200 epochs)")
-    md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for k, label, pub in rows:
-        cells = [label] + [_f(ev[t].get(k)) for t in trunks if t in ev]
+    if len(seeds) > 1:
+        md += seeds_section(groups, seed_diffs, rows, trunks, ev, seeds)
+        head = None
+    else:
+        head = ["metric"] + [f"ours: {title(t)}" for t in trunks if t in ev]
+    if head:
         if "mocov2" in runs:
-            cells.append(_signed(diff.get(k)))
-        cells.append(_f(pub) + (" (200 ep)" if pub is not None else ""))
-        md.append("| " + " | ".join(cells) + " |")
+            head.append("DenseCL − MoCo-v2")
+        head.append("seed, published (200 epochs)")
+        md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for k, label, pub in rows:
+            cells = [label] + [_f(ev[t].get(k)) for t in trunks if t in ev]
+            if "mocov2" in runs:
+                cells.append(_signed(diff.get(k)))
+            cells.append(_f(pub) + (" (200 ep)" if pub is not None else ""))
+            md.append("| " + " | ".join(cells) + " |")
     md += ["", "Published 200-epoch figures not evaluated here (fine-tunes in their own tools, commands below): "
            f"ImageNet linear {PUBLISHED_200EP['imagenet_linear_avgpool']} (AvgPool), VOC07+12 Faster R-CNN C4 AP50 "
            f"{PUBLISHED_200EP['voc0712_faster_rcnn_c4_ap50']}, VOC12aug FCN mIoU {PUBLISHED_200EP['voc12aug_fcn_miou']}.",
            ""]
-    if "mocov2" in runs and diff:
+    if "mocov2" in runs and diff and len(seeds) == 1:
         md.append("**DenseCL − MoCo-v2 at the same budget** (positive = DenseCL better): " + ", ".join(
             f"{k} {_signed(v)}" for k, v in diff.items()) + ".")
+    if any(method_of(r) == "mocov2" for r in runs):
         md.append("The paper's claim at 200 ImageNet epochs (original repo): " + ", ".join(
             f"{k} {a} vs {b} ({a - b:+.1f})" for k, (a, b) in PAPER_DENSECL_VS_MOCO.items()) + ".")
         md.append("")
-    if args.data == "synthetic" or (args.val == "" and args.data != "synthetic" and not args.data.startswith("fashion-mnist:")):
+    if args.data == "synthetic" or (args.val == "" and args.data != "synthetic" and not args.data.startswith(("fashion-mnist:", "fashion-mnist-scenes:"))):
         md.append("The kNN evaluation split is the eval tool's deterministic hold-out of the pretraining images "
                   "(every 5th image), not a separate validation set." if args.data != "synthetic" else
                   "On the built-in set the eval split is every 5th image of the pretraining set (labels and masks are "
@@ -283,7 +409,7 @@ def write_report(out: str, state: dict, args, runs: list[str], skipped: dict, cf
     md += ["![eval](eval.png)", "", "## Fine-tunes (exported weights; run in those tools)", ""]
     for r in runs:
         files = state["stages"].get(f"export:{r}", {}).get("files", {})
-        md += [f"### {RUN_TITLE[r]}", "", "Exports: " + ", ".join(f"`{v}` ({k})" for k, v in files.items()), ""]
+        md += [f"### {title(r)}", "", "Exports: " + ", ".join(f"`{v}` ({k})" for k, v in files.items()), ""]
         for name, cmd in cmds[r].items():
             md += [f"{name}:", "", "```bash", cmd, "```", ""]
     if plan["num_images"] < IMAGENET_TRAIN_IMAGES // 10:

@@ -82,15 +82,48 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 
 
+# ---- the runs: methods x seeds ----------------------------------------------------------------------------
+
+METHOD_OVERRIDES = {"densecl": [], "mocov2": ["model.loss_lambda=0"]}
+
+
+def seeds_of(args, cfg) -> list[int]:
+    """The training seeds: the config's `train.seed`, then the next --seeds - 1 integers."""
+    return [cfg.train.seed + i for i in range(getattr(args, "seeds", 1) or 1)]
+
+
+def run_name(method: str, seed: int, seeds: list[int]) -> str:
+    """OUT/<name>/: `densecl`, `mocov2`, `random` with one seed (the layout before --seeds existed);
+    `densecl_s0`, `mocov2_s0`, `random_s0`, ... with several."""
+    return method if len(seeds) == 1 else f"{method}_s{seed}"
+
+
+def method_of(name: str) -> str:
+    return name.split("_s")[0]
+
+
+def pretrain_runs(args, seeds: list[int]) -> list[tuple[str, str, int]]:
+    """(run name, method, seed) of every pretraining run, seed by seed: a stopped reproduction has
+    whole DenseCL / MoCo-v2 pairs behind it."""
+    methods = ["densecl"] + (["mocov2"] if args.baseline else [])
+    return [(run_name(m, s, seeds), m, s) for s in seeds for m in methods]
+
+
+def has_masks(data: str) -> bool:
+    """Pretraining data the dense probe can use directly (--voc aside): the built-in set and the scenes."""
+    from ..data.scenes import parse_source
+    return data == "synthetic" or parse_source(data) is not None
+
+
 # ---- evaluation and export -----------------------------------------------------------------------------
 
-def eval_jobs(args, cfg, runs: list[str]) -> list[tuple[str, str, list[str]]]:
-    """(trunk, mode, eval CLI arguments without --checkpoint/--out) of every evaluation to run."""
+def eval_jobs(args, cfg, runs: list[tuple[str, str, int]], seeds: list[int]) -> list[tuple[str, str, list[str]]]:
+    """(trunk, mode, eval CLI arguments without --checkpoint/--out) of every evaluation to run: every
+    pretraining run, and a random-init trunk per seed (its init seed; the probes' seed too)."""
     size = args.eval_image_size or cfg.data.image_size
     workers = cfg.data.num_workers if args.eval_workers < 0 else args.eval_workers
     max_train = cfg.data.max_images if args.eval_max_train < 0 else args.eval_max_train
-    common = ["--image-size", str(size), "--workers", str(workers), "--seed", str(cfg.train.seed),
-              "--arch", cfg.model.arch, "--no-progress"]
+    common = ["--image-size", str(size), "--workers", str(workers), "--arch", cfg.model.arch, "--no-progress"]
     synth = ["--synthetic-images", str(cfg.data.synthetic_images), "--synthetic-resolution",
              str(cfg.data.synthetic_resolution), "--data-cache-dir", cfg.data.cache_dir]
     data = ["--data", args.data, *synth] + (["--val", args.val] if args.val else []) \
@@ -101,18 +134,21 @@ def eval_jobs(args, cfg, runs: list[str]) -> list[tuple[str, str, list[str]]]:
         per_trunk += [("dense", ["dense", "--data", args.voc, "--layer", "c4"]),
                       ("svm", ["svm", "--data", args.voc, "--layers", "c5"]),
                       ("lowshot", ["lowshot", "--data", args.voc, "--layers", "c5"])]
-    elif args.data == "synthetic":
+    elif has_masks(args.data):
         per_trunk.append(("dense", ["dense", *data, *limits, "--layer", "c4"]))
-    trunks = list(runs) + ([] if args.no_random else ["random"])
-    return [(t, mode, a + common) for t in trunks for mode, a in per_trunk]
+    trunks = [(name, seed) for name, _, seed in runs]
+    if not args.no_random:
+        trunks += [(run_name("random", s, seeds), s) for s in seeds]
+    return [(t, mode, a + common + ["--seed", str(seed)]) for t, seed in trunks for mode, a in per_trunk]
 
 
 def skipped_evals(args) -> dict:
     out = {}
     if not args.voc:
         out["svm"] = out["lowshot"] = "no --voc given (the VOC07 SVM and low-shot protocols need Pascal VOC 2007)"
-        if args.data != "synthetic":
-            out["dense"] = "no masks: the dense probe needs --voc or the built-in data set (--data synthetic)"
+        if not has_masks(args.data):
+            out["dense"] = ("no masks: the dense probe needs --voc, the built-in data set (--data synthetic) or "
+                            "the Fashion-MNIST scenes (--data fashion-mnist-scenes:ROOT)")
     out["linear"] = ("not run: the seed's ImageNet linear protocol (100 epochs through the trunk) is a separate GPU "
                      "job; the report gives its command")
     return out

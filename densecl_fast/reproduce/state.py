@@ -51,7 +51,7 @@ _PLAN_NUMBERS = ("epochs", "steps", "steps_per_epoch", "global_batch", "num_imag
                  "images_per_s", "startup_s", "epoch_s", "run_s", "pretrain_s", "expected_finish", "recipe_epochs",
                  "full_recipe_s_here", "full_recipe_s_in1k_here", "full_recipe_s_1_device",
                  "full_recipe_s_8_devices", "scaling_efficiency")
-_ARG_TYPES = {"data": str, "val": str, "voc": str, "budget": str, "baseline": bool, "config": str, "nproc": int,
+_ARG_TYPES = {"data": str, "val": str, "voc": str, "budget": str, "baseline": bool, "seeds": int, "config": str, "nproc": int,
               "probe_steps": int, "eval_image_size": int, "eval_max_train": int, "eval_max_val": int,
               "eval_workers": int, "no_random": bool}
 _STAGE_FIELDS = {"pretrain": ("checkpoint", str), "export": ("files", dict), "eval": ("json", str),
