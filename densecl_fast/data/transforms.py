@@ -29,6 +29,8 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as F
 from PIL import Image
 
+from ..config import validate_augmentation
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -55,7 +57,6 @@ class Augmentation:
     @classmethod
     def of(cls, data_cfg) -> "Augmentation":
         """From a `config.DataConfig`, checked (a config built in code reaches the loaders unvalidated)."""
-        from ..config import validate_augmentation
         validate_augmentation(data_cfg)
         return cls(float(data_cfg.jitter_prob), float(data_cfg.grayscale_prob), float(data_cfg.blur_prob),
                    float(data_cfg.jitter_strength))
