@@ -62,6 +62,10 @@ class DataConfig:
     backend: str = "auto"             # auto | torch | dali (auto: DALI on CUDA when installed)
     image_size: int = 224             # output crop size of each view
     min_scale: float = 0.2            # RandomResizedCrop area range (min_scale, 1)
+    jitter_prob: float = 0.8          # ColorJitter's probability per view (the MoCo-v2 recipe's)
+    jitter_strength: float = 1.0      # factor on its strengths: brightness/contrast/saturation 0.4, hue 0.1
+    grayscale_prob: float = 0.2       # RandomGrayscale's probability per view
+    blur_prob: float = 0.5            # GaussianBlur's probability per view
     num_workers: int = 8              # torch DataLoader workers / DALI CPU threads
     synthetic_images: int = 512       # size of the built-in data set
     synthetic_resolution: int = 160   # its image side in pixels
@@ -275,6 +279,18 @@ def validate_dali(s: DaliConfig) -> None:
          "data.dali.device_memory_padding, host_memory_padding and preallocate_*_hint must be >= 0")
 
 
+def validate_augmentation(d: DataConfig) -> None:
+    """Also called by the loaders (through `transforms.Augmentation.of`), like `validate_dali`."""
+    for key in ("jitter_prob", "grayscale_prob", "blur_prob"):
+        if not 0.0 <= getattr(d, key) <= 1.0:
+            raise ConfigError(f"data.{key}={getattr(d, key)} must be in [0, 1]")
+    # Above 2.5 the brightness and contrast factors 1 +- 0.4 * strength would go below 0: torchvision
+    # clips them there, the DALI graph does not.
+    if not 0.0 < d.jitter_strength <= 2.5:
+        raise ConfigError(f"data.jitter_strength={d.jitter_strength} must be in (0, 2.5] (2.5: the brightness and "
+                          f"contrast factors reach 0; data.jitter_prob=0 turns the jitter off)")
+
+
 def validate(cfg: Config) -> None:
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
 
@@ -297,6 +313,7 @@ def validate(cfg: Config) -> None:
     need(d.backend in ("auto", "torch", "dali"), f"data.backend={d.backend!r}: use auto, torch or dali")
     need(d.image_size >= 32, f"data.image_size={d.image_size} must be >= 32 (C5 is image_size/32 on a side)")
     need(0.0 < d.min_scale <= 1.0, f"data.min_scale={d.min_scale} must be in (0, 1]")
+    validate_augmentation(d)
     need(d.num_workers >= 0, "data.num_workers must be >= 0")
     need(d.max_images >= 0, f"data.max_images={d.max_images} must be >= 0 (0 = all)")
     validate_dali(d.dali)

@@ -202,6 +202,20 @@ def test_flip_grayscale_and_jitter_rates_from_pixels(probes, tmp_path):
     assert binomial_ok(jit, not_gray, tr.JITTER_PROB), jit / not_gray
 
 
+def test_loader_follows_the_augmentation_keys(probes, tmp_path):
+    """data.jitter_prob / grayscale_prob reach the graph: with both 0 a flat colour comes out as it
+    went in (crop, flip and blur leave it flat), with grayscale_prob=1 every view is grey."""
+    def levels(**kw):
+        loader = DaliTwoViewLoader(cfg(probes / "colour", tmp_path, image_size=24, **kw), batch_size=16)
+        return np.concatenate([grey_levels(v) for q, k, _ in epoch_batches(loader, 0) for v in (q, k)])
+
+    plain = levels(jitter_prob=0.0, grayscale_prob=0.0)
+    assert len(plain) == 3 * 16 * 2
+    assert np.abs(plain - np.array([190, 70, 40]).reshape(1, 3, 1, 1)).max() < 1.0
+    grey = levels(grayscale_prob=1.0)
+    assert (grey.max(axis=1) - grey.min(axis=1)).max() < 2.0
+
+
 def test_crop_extent_and_blur_from_pixels(tmp_path):
     """Crop: on an image whose R channel is x and G is y (PNG), the view's corner values give the
     window; its area follows the windows torchvision's rule gives. Blur: on stripes, the views the

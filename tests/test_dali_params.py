@@ -37,6 +37,27 @@ def test_draws_rates_ranges_and_determinism():
         assert not np.array_equal(o["area_u"], again["area_u"])
 
 
+def test_draws_follow_the_augmentation_keys():
+    """data.jitter_prob, grayscale_prob, blur_prob set the flags' rates and data.jitter_strength
+    the factor ranges; every other draw is the recipe's, so one knob changes one thing."""
+    n = 20000
+    recipe = draws(n, seed=4)
+    aug = tr.Augmentation(jitter_prob=0.3, grayscale_prob=0.0, blur_prob=1.0, jitter_strength=0.5)
+    d = params.draw_view_params(4, 0, np.arange(n), 0, augmentation=aug)
+    assert binomial_ok(int(d["jitter"].sum()), n, 0.3), d["jitter"].mean()
+    assert not d["gray"].any() and d["blur"].all()
+    for key in ("area_u", "logr_u", "off_u", "flip", "order", "sigma"):
+        np.testing.assert_array_equal(d[key], recipe[key])
+    # Factors 1 + 0.4k(2u - 1) and hue 0.1k(2u - 1): the recipe's deviations scaled by k.
+    np.testing.assert_allclose(d["factors"][:, :3] - 1.0, 0.5 * (recipe["factors"][:, :3] - 1.0), atol=1e-6)
+    np.testing.assert_allclose(d["factors"][:, 3], 0.5 * recipe["factors"][:, 3], atol=1e-7)
+    # The recipe's augmentation is the default, and the per-op overrides still win over it.
+    same = params.draw_view_params(4, 0, np.arange(n), 0, augmentation=tr.Augmentation())
+    for key in recipe:
+        np.testing.assert_array_equal(same[key], recipe[key])
+    assert not params.draw_view_params(4, 0, np.arange(n), 0, augmentation=aug, blur_p=0.0)["blur"].any()
+
+
 def test_crop_windows_follow_torchvision_rule():
     n, H, W = 6000, 75, 100
     d = draws(n, seed=1)

@@ -130,6 +130,86 @@ def test_min_scale_is_honoured():
     assert min(area) >= 0.6 * 0.97 and max(area) <= 1.0
 
 
+def test_augmentation_probabilities_and_strength_are_honoured():
+    """Each probability switches its op alone: the other draws (crop, order, factors, sigma, flip)
+    stay those of the recipe, so one knob changes one thing. Strength k scales the jitter ranges."""
+    img = Image.new("RGB", (100, 100))
+    n = 3000
+
+    def params(aug):
+        t = tr.ViewTransform(64, 0.2, aug)
+        torch.manual_seed(3)
+        return [t.sample_params(img) for _ in range(n)]
+
+    recipe = params(tr.Augmentation())
+    off = params(tr.Augmentation(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0))
+    assert not any(p.jitter is not None or p.grayscale or p.blur_sigma is not None for p in off)
+    assert [(p.crop, p.flip) for p in off] == [(p.crop, p.flip) for p in recipe]
+    on = params(tr.Augmentation(jitter_prob=1.0, grayscale_prob=1.0, blur_prob=1.0))
+    assert all(p.jitter is not None and p.grayscale and p.blur_sigma is not None for p in on)
+    # Where the recipe fired an op, the always-on variant drew the very same parameters.
+    assert all(r.jitter in (None, o.jitter) and r.blur_sigma in (None, o.blur_sigma) for r, o in zip(recipe, on))
+    mixed = params(tr.Augmentation(jitter_prob=0.3, grayscale_prob=0.6, blur_prob=0.1))
+    for name, p_expect, got in [("jitter", 0.3, sum(p.jitter is not None for p in mixed)),
+                                ("grayscale", 0.6, sum(p.grayscale for p in mixed)),
+                                ("blur", 0.1, sum(p.blur_sigma is not None for p in mixed))]:
+        assert abs(got / n - p_expect) < binomial_tol(p_expect, n), (name, got / n)
+
+    weak = params(tr.Augmentation(jitter_prob=1.0, jitter_strength=0.5))
+    jit = np.array([p.jitter[1:] for p in weak])
+    for col, half in enumerate([0.2, 0.2, 0.2, 0.05]):
+        centre = 0.0 if col == 3 else 1.0
+        assert centre - half <= jit[:, col].min() < centre - 0.95 * half
+        assert centre + 0.95 * half < jit[:, col].max() <= centre + half
+    assert [p.crop for p in weak] == [p.crop for p in recipe]
+
+
+def test_augmentation_keys_default_to_the_recipe_and_are_checked(tmp_path):
+    from densecl_fast.config import ConfigError, load_config
+    d = load_config("smoke").data
+    assert tr.Augmentation.of(d) == tr.Augmentation() == tr.Augmentation(
+        tr.JITTER_PROB, tr.GRAYSCALE_PROB, tr.BLUR_PROB, 1.0)
+    d = load_config("smoke", ["data.jitter_prob=0", "data.grayscale_prob=1", "data.blur_prob=0.25",
+                              "data.jitter_strength=2.5"]).data
+    assert tr.Augmentation.of(d) == tr.Augmentation(0.0, 1.0, 0.25, 2.5)
+    for override, msg in [("data.jitter_prob=1.2", r"^data\.jitter_prob=1\.2 must be in \[0, 1\]$"),
+                          ("data.grayscale_prob=-0.1", r"^data\.grayscale_prob=-0\.1 must be in \[0, 1\]$"),
+                          ("data.blur_prob=nan", r"^data\.blur_prob=nan must be in \[0, 1\]$"),
+                          ("data.jitter_strength=0", r"^data\.jitter_strength=0\.0 must be in \(0, 2\.5\]"),
+                          ("data.jitter_strength=3", r"^data\.jitter_strength=3\.0 must be in \(0, 2\.5\]")]:
+        with pytest.raises(ConfigError, match=msg):
+            load_config("smoke", [override])
+    # A config built in code reaches the loader unvalidated: the loader checks the keys itself.
+    (tmp_path / "img").mkdir()
+    write_images(str(tmp_path / "img"), 4)
+    with pytest.raises(ConfigError, match=r"data\.blur_prob=2\.0 must be in \[0, 1\]"):
+        TorchTwoViewLoader(cfg(tmp_path / "img", tmp_path, blur_prob=2.0), batch_size=2)
+
+
+def test_torch_loader_follows_the_augmentation_keys(tmp_path):
+    """End to end: a flat-coloured image comes out unchanged (only normalised) in every view when
+    jitter and grayscale are off (crop, flip and blur leave a flat image as it is), grey in every
+    view with grayscale_prob=1; the recipe changes some views."""
+    colour = (190, 70, 40)
+    d = tmp_path / "flat"
+    d.mkdir()
+    for i in range(8):
+        Image.new("RGB", (40, 48), colour).save(d / f"{i}.png")
+    want = ((torch.tensor(colour) / 255.0 - torch.tensor(tr.IMAGENET_MEAN)) / torch.tensor(tr.IMAGENET_STD))
+
+    def views(**kw):
+        batches = collect(TorchTwoViewLoader(cfg(d, tmp_path, **kw), batch_size=4, seed=1))
+        return torch.cat([torch.cat([q, k]) for q, k in batches])     # 16 views, N x 3 x 32 x 32
+
+    plain = views(jitter_prob=0.0, grayscale_prob=0.0)
+    assert torch.allclose(plain, want.view(1, 3, 1, 1).expand_as(plain), atol=1e-5)
+    grey = tr.denormalize(views(grayscale_prob=1.0))
+    assert (grey[:, 0] - grey[:, 1]).abs().max() < 1e-5 and (grey[:, 1] - grey[:, 2]).abs().max() < 1e-5
+    recipe = views()
+    changed = (recipe - want.view(1, 3, 1, 1)).abs().amax(dim=(1, 2, 3)) > 0.02
+    assert 0 < int(changed.sum()) <= len(recipe)
+
+
 def identity(**kw):
     base = dict(crop=(0, 0, 40, 48), jitter=None, grayscale=False, blur_sigma=None, flip=False)
     base.update(kw)

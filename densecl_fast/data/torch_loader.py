@@ -16,16 +16,17 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .plan import BadFileLog, EpochPlan, mix_seed, unreadable_error
 from .sources import PathTable, draft_side, list_images, load_rgb
-from .transforms import TwoViewTransform
+from .transforms import Augmentation, TwoViewTransform
 
 
 class TwoViewDataset(Dataset):
     """dataset[(epoch, index)] -> (view_q, view_k, file read, [(bad path, reason), ...])."""
 
-    def __init__(self, paths: Sequence[str], plan: EpochPlan, image_size: int, min_scale: float):
+    def __init__(self, paths: Sequence[str], plan: EpochPlan, image_size: int, min_scale: float,
+                 augmentation: Augmentation = Augmentation()):
         self.paths = PathTable(paths)
         self.plan = plan
-        self.transform = TwoViewTransform(image_size, min_scale)
+        self.transform = TwoViewTransform(image_size, min_scale, augmentation)
         self.seed = plan.seed
         self.min_side = draft_side(image_size, min_scale)
 
@@ -99,11 +100,12 @@ class TorchTwoViewLoader:
 
     def __init__(self, data_cfg, *, batch_size: int, rank: int = 0, world_size: int = 1,
                  device: torch.device = torch.device("cpu"), seed: int = 0, channels_last: bool = False):
+        augmentation = Augmentation.of(data_cfg)
         paths = list_images(data_cfg)
         self.plan = EpochPlan(len(paths), batch_size, rank, world_size, seed, data_cfg.source)
         self.device = torch.device(device)
         self.channels_last = channels_last
-        self.dataset = TwoViewDataset(paths, self.plan, data_cfg.image_size, data_cfg.min_scale)
+        self.dataset = TwoViewDataset(paths, self.plan, data_cfg.image_size, data_cfg.min_scale, augmentation)
         self.sampler = ShardedEpochSampler(self.plan)
         workers = int(data_cfg.num_workers)
         self._loader = DataLoader(

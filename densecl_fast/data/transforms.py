@@ -8,6 +8,10 @@ Per view, in the recipe's order:
     RandomHorizontalFlip                       with p = 0.5
     ToTensor, Normalize(ImageNet mean/std)
 
+The jitter, grayscale and blur probabilities and the jitter strength (a factor on the four jitter
+ranges) are configurable (`Augmentation`, from data.jitter_prob, ...) for data the recipe does not
+suit, e.g. small greyscale images; the defaults are the recipe's.
+
 The random draws are separated from their application (`sample_params` / `apply`) so that tests
 can measure the rates exactly and check that `apply` does what the drawn parameters say. The
 draws use torchvision's own `get_params` and the global torch RNG, so seeding torch before a call
@@ -25,6 +29,8 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as F
 from PIL import Image
 
+from ..config import validate_augmentation
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -38,6 +44,27 @@ GRAYSCALE_PROB = 0.2
 BLUR_PROB = 0.5
 BLUR_SIGMA = (0.1, 2.0)
 FLIP_PROB = 0.5
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The configurable part of the recipe; the defaults are MoCo-v2's. Both backends take it."""
+    jitter_prob: float = JITTER_PROB
+    grayscale_prob: float = GRAYSCALE_PROB
+    blur_prob: float = BLUR_PROB
+    jitter_strength: float = 1.0      # multiplies brightness/contrast/saturation 0.4 and hue 0.1
+
+    @classmethod
+    def of(cls, data_cfg) -> "Augmentation":
+        """From a `config.DataConfig`, checked (a config built in code reaches the loaders unvalidated)."""
+        validate_augmentation(data_cfg)
+        return cls(float(data_cfg.jitter_prob), float(data_cfg.grayscale_prob), float(data_cfg.blur_prob),
+                   float(data_cfg.jitter_strength))
+
+    def jitter_ranges(self) -> Tuple[float, float, float, float]:
+        """Brightness, contrast, saturation and hue strengths (ColorJitter's arguments)."""
+        k = self.jitter_strength
+        return JITTER_BRIGHTNESS * k, JITTER_CONTRAST * k, JITTER_SATURATION * k, JITTER_HUE * k
 
 
 def blur_kernel_size(image_size: int) -> int:
@@ -85,12 +112,13 @@ class ViewParams:
 class ViewTransform:
     """One augmented view: PIL RGB image -> float32 tensor 3 x size x size, normalised."""
 
-    def __init__(self, image_size: int, min_scale: float = 0.2):
+    def __init__(self, image_size: int, min_scale: float = 0.2, augmentation: Augmentation = Augmentation()):
         self.image_size = int(image_size)
         self.scale = (float(min_scale), 1.0)
+        self.aug = augmentation
         self.blur_kernel = blur_kernel_size(self.image_size)
         # ColorJitter turns the scalar strengths into the (min, max) ranges its get_params wants.
-        self._jitter_ranges = T.ColorJitter(JITTER_BRIGHTNESS, JITTER_CONTRAST, JITTER_SATURATION, JITTER_HUE)
+        self._jitter_ranges = T.ColorJitter(*augmentation.jitter_ranges())
 
     def sample_params(self, img: Image.Image) -> ViewParams:
         # Every parameter is drawn whether or not its op fires, so a view always consumes the same
@@ -98,10 +126,10 @@ class ViewTransform:
         crop = T.RandomResizedCrop.get_params(img, list(self.scale), list(CROP_RATIO))
         j = self._jitter_ranges
         order, b, c, s, h = T.ColorJitter.get_params(j.brightness, j.contrast, j.saturation, j.hue)
-        jitter_on = torch.rand(1).item() < JITTER_PROB
-        gray = torch.rand(1).item() < GRAYSCALE_PROB
+        jitter_on = torch.rand(1).item() < self.aug.jitter_prob
+        gray = torch.rand(1).item() < self.aug.grayscale_prob
         sigma = T.GaussianBlur.get_params(*BLUR_SIGMA)
-        blur_on = torch.rand(1).item() < BLUR_PROB
+        blur_on = torch.rand(1).item() < self.aug.blur_prob
         flip = torch.rand(1).item() < FLIP_PROB
         return ViewParams(
             crop=tuple(int(v) for v in crop),
@@ -139,8 +167,8 @@ class ViewTransform:
 class TwoViewTransform:
     """Two views drawn independently from one decoded image (query, key)."""
 
-    def __init__(self, image_size: int, min_scale: float = 0.2):
-        self.view = ViewTransform(image_size, min_scale)
+    def __init__(self, image_size: int, min_scale: float = 0.2, augmentation: Augmentation = Augmentation()):
+        self.view = ViewTransform(image_size, min_scale, augmentation)
 
     def __call__(self, img: Image.Image) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.view(img), self.view(img)

@@ -22,6 +22,7 @@ import torch
 from ...config import validate_dali
 from ..errors import DataError
 from ..plan import BadFileLog, check_layout
+from ..transforms import Augmentation
 from .feeds import Batch, open_feed
 from .graph import DecodeCheck, build_two_view_pipeline, first_error_line, gpu_output_to_torch
 from .params import draw_view_params, graph_inputs
@@ -62,6 +63,7 @@ class DaliTwoViewLoader:
             raise ValueError(f"dtype={dtype}: use torch.float32, float16 or bfloat16")
         validate_dali(data_cfg.dali)
         self.cfg, self.opts = data_cfg, data_cfg.dali
+        self.aug = Augmentation.of(data_cfg)
         self.seed = int(seed)
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
@@ -160,7 +162,7 @@ class DaliTwoViewLoader:
         batch = self.feed.make(item) if isinstance(item, int) else self.feed.remake(item)
         views = []
         for view in (0, 1):
-            draws = draw_view_params(self.seed, self._cur_epoch, batch.keys, view)
+            draws = draw_view_params(self.seed, self._cur_epoch, batch.keys, view, augmentation=self.aug)
             views += graph_inputs(draws, batch.hw[:, 0], batch.hw[:, 1], self.cfg.min_scale, self.cfg.image_size)
         batch.feed = tuple([batch.first] + views)
         return batch

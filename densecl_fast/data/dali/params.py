@@ -22,12 +22,11 @@ One stage + hue + one stage per view instead of 4 positions x 4 candidate ops in
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..transforms import (BLUR_PROB, BLUR_SIGMA, CROP_RATIO, FLIP_PROB, GRAYSCALE_PROB, JITTER_BRIGHTNESS,
-                          JITTER_CONTRAST, JITTER_HUE, JITTER_PROB, JITTER_SATURATION, blur_kernel_size)
+from ..transforms import BLUR_SIGMA, CROP_RATIO, FLIP_PROB, Augmentation, blur_kernel_size
 
 CROP_ATTEMPTS = 10           # torchvision's RandomResizedCrop.get_params
 # Layout of the per-view uniform draws (columns of `_uniforms`).
@@ -46,7 +45,7 @@ GRAPH_FIELDS: Tuple[Tuple[str, type], ...] = (
     ("roi_end", np.float32),    # (B, 2)
     ("jitter", np.bool_),       # (B,)    colour jitter applied
     ("pre", np.float32),        # (B, 3)  jitter stage before the hue op: a, g, m weights (see below)
-    ("hue", np.float32),        # (B,)    hue shift in turns, [-0.1, 0.1]
+    ("hue", np.float32),        # (B,)    hue shift in turns, [-0.1, 0.1] x data.jitter_strength
     ("post", np.float32),       # (B, 3)  jitter stage after the hue op
     ("gray", np.bool_),         # (B,)
     ("blur", np.bool_),         # (B,)
@@ -78,21 +77,30 @@ def _uniforms(seed: int, epoch: int, slots: np.ndarray, view: int, n: int = N_UN
 
 
 def draw_view_params(seed: int, epoch: int, slots: Sequence[int], view: int, *,
-                     jitter_p: float = JITTER_PROB, gray_p: float = GRAYSCALE_PROB,
-                     blur_p: float = BLUR_PROB, flip_p: float = FLIP_PROB) -> Dict[str, np.ndarray]:
+                     augmentation: Augmentation = Augmentation(), jitter_p: Optional[float] = None,
+                     gray_p: Optional[float] = None, blur_p: Optional[float] = None,
+                     flip_p: float = FLIP_PROB) -> Dict[str, np.ndarray]:
     """The random parameters of view `view` (0 = query, 1 = key) of the samples at `slots`.
 
     Same distributions as `transforms.ViewTransform.sample_params` (torchvision's get_params):
-    jitter factors ~ U[1-0.4, 1+0.4], hue ~ U[-0.1, 0.1], a uniformly random op order, sigma ~
-    U[0.1, 2.0]; the crop uniforms become a window once the image size is known
-    (`crop_windows_numpy`), and `graph_inputs` turns everything into what the graph takes.
-    The probabilities are arguments only so that tests can switch single ops off.
+    jitter factors ~ U[1-0.4k, 1+0.4k], hue ~ U[-0.1k, 0.1k] (k = the augmentation's jitter
+    strength, 1 in the recipe), a uniformly random op order, sigma ~ U[0.1, 2.0]; the crop
+    uniforms become a window once the image size is known (`crop_windows_numpy`), and
+    `graph_inputs` turns everything into what the graph takes. The probabilities are the
+    augmentation's (data.jitter_prob, ...); `jitter_p`, `gray_p`, `blur_p` and `flip_p` override
+    them so that tests can switch single ops off. Every uniform is drawn whatever the
+    probabilities, so changing one leaves the other ops' draws as they were.
     """
+    a = augmentation
+    jitter_p = a.jitter_prob if jitter_p is None else jitter_p
+    gray_p = a.grayscale_prob if gray_p is None else gray_p
+    blur_p = a.blur_prob if blur_p is None else blur_p
+    kb, kc, ks, kh = a.jitter_ranges()
     u = _uniforms(seed, epoch, np.asarray(slots, dtype=np.int64), view)
-    b = 1.0 + JITTER_BRIGHTNESS * (2.0 * u[:, _U_B] - 1.0)
-    c = 1.0 + JITTER_CONTRAST * (2.0 * u[:, _U_C] - 1.0)
-    s = 1.0 + JITTER_SATURATION * (2.0 * u[:, _U_S] - 1.0)
-    h = JITTER_HUE * (2.0 * u[:, _U_H] - 1.0)
+    b = 1.0 + kb * (2.0 * u[:, _U_B] - 1.0)
+    c = 1.0 + kc * (2.0 * u[:, _U_C] - 1.0)
+    s = 1.0 + ks * (2.0 * u[:, _U_S] - 1.0)
+    h = kh * (2.0 * u[:, _U_H] - 1.0)
     lo_s, hi_s = BLUR_SIGMA
     return {
         "area_u": u[:, _U_AREA].astype(np.float32),
