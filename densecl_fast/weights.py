@@ -461,8 +461,6 @@ def export_backbone(state: dict, arch: str, fmt: str, out: str, meta: dict) -> l
         model = {tv_to_d2(k): v.numpy() for k, v in state.items() if not k.endswith("num_batches_tracked")}
         atomic_save({"model": model, "__author__": "densecl_fast", "matching_heuristics": True,
                      "densecl_fast": meta}, out, dump=lambda o, f: pickle.dump(o, f, protocol=4))
-    side = out + ".json"
-    with open(side, "w") as f:
-        json.dump(meta, f, indent=2, default=str)
-        f.write("\n")
+    side = out + ".json"  # atomically too: a crash must not leave an export beside a truncated sidecar
+    atomic_save(meta, side, dump=lambda o, f: f.write((json.dumps(o, indent=2, default=str) + "\n").encode()))
     return [out, side]

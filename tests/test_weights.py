@@ -377,3 +377,22 @@ def test_init_from_a_bad_file_is_one_line_exit_2(tmp_path):
     assert r.returncode == 2, r.stderr
     err = r.stderr.strip().splitlines()
     assert err[-1].startswith("error: train.init_from:") and str(bad) in err[-1] and "Traceback" not in r.stderr
+
+
+def test_a_failed_sidecar_write_leaves_the_previous_sidecar_whole(tmp_path, monkeypatch):
+    """The .json beside an export is written atomically like the weights: a failure while writing it
+    (here: serialising) keeps the earlier file and leaves no temp file."""
+    import densecl_fast.weights as weights
+    state = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
+    out = str(tmp_path / "trunk.pth")
+    export_backbone(state, "resnet18", "torchvision", out, {"run": "first"})
+    before = open(out + ".json").read()
+    assert json.loads(before)["run"] == "first"
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(weights.json, "dumps", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_backbone(state, "resnet18", "torchvision", out, {"run": "second"})
+    assert open(out + ".json").read() == before
+    assert sorted(os.listdir(tmp_path)) == ["trunk.pth", "trunk.pth.json"]
