@@ -173,6 +173,12 @@ def _train(cfg: Config, held: list) -> dict:
             f.write(to_yaml(cfg))
     log = MetricsLog(t_cfg.out_dir, dist_info.is_main, t_cfg.tensorboard)
     say(run.describe())
+    stale = stale_key_share(cfg.model.queue_len, cfg.optim.batch_size, run.steps_per_epoch)
+    if stale > 0.1 and dist_info.is_main:
+        warn(f"model.queue_len={cfg.model.queue_len} is {cfg.model.queue_len / (cfg.optim.batch_size * run.steps_per_epoch):.0%} "
+             f"of an epoch's {cfg.optim.batch_size * run.steps_per_epoch} images: ~{stale:.0%} of the images meet their "
+             f"own key from the previous epoch in the queue, as a negative (a false negative that grows as the "
+             f"encoder learns; the loss can rise). Keep K under ~40% of the images per epoch")
 
     status, last_path = run_loop(run, log)
 
@@ -341,6 +347,17 @@ class Run:
                 f"compile {f'{plan.scope} ({plan.mode})' if plan else False} | "
                 f"batch {cfg.optim.batch_size} | lr {self.base_lr:g} | {self.steps_per_epoch} steps/epoch, "
                 f"{self.total_steps} total")
+
+
+def stale_key_share(queue_len: int, global_batch: int, steps_per_epoch: int) -> float:
+    """Expected share of an epoch's images whose own key from the previous epoch is still in the queue
+    when they come again. The queue holds the last q = K / B batches; an image's previous key is
+    S + p - p' batches old (S batches per epoch; p, p' its uniform positions in the two epochs), so the
+    share is P(p' - p > S - q): (q / S)^2 / 2 up to q = S, 1 - (2 - q / S)^2 / 2 up to q = 2S, then 1."""
+    if steps_per_epoch <= 0 or global_batch <= 0:
+        return 0.0
+    r = queue_len / global_batch / steps_per_epoch
+    return r * r / 2 if r <= 1 else 1 - (2 - r) ** 2 / 2 if r < 2 else 1.0
 
 
 # ---- resume ---------------------------------------------------------------------------------------

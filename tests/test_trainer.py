@@ -222,3 +222,23 @@ def test_compiled_encoders_train_on_cpu(tmp_path, data_cache):
     summary = train(load_config("smoke", tiny(out, data_cache, "train.compile=true", "optim.max_steps=2")))
     assert summary["step"] == 2
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_metrics(out))
+
+
+def test_stale_key_share_matches_a_simulation_of_shuffled_epochs():
+    """The share of images that meet their own previous-epoch key in the queue (a false negative),
+    against a direct simulation of shuffled epochs; the presets stay under the warning's 10%."""
+    import random
+    from densecl_fast.trainer import stale_key_share
+    rng = random.Random(0)
+    for K, B, S in ((4096, 64, 62), (1024, 64, 62), (2048, 64, 62), (4096, 64, 156), (8192, 64, 62)):
+        q, hits, n = K // B, 0, 0
+        for _ in range(200):
+            a, b = list(range(S)), list(range(S))
+            rng.shuffle(a), rng.shuffle(b)
+            pos_prev = {img: i for i, img in enumerate(a)}
+            for i, img in enumerate(b):
+                hits += S + i - pos_prev[img] < q  # still among the last q batches of keys
+                n += 1
+        assert stale_key_share(K, B, S) == pytest.approx(hits / n, abs=0.03), (K, B, S)
+    assert stale_key_share(1024, 64, 62) < 0.1 and stale_key_share(4096, 64, 156) < 0.1   # the presets
+    assert stale_key_share(65536, 256, 5004) < 0.01                                          # the recipe
