@@ -14,6 +14,9 @@ tempfile.gettempdir()
 _SUBPROCESS_TMP = tempfile.mkdtemp(prefix="densecl-tests-")
 os.environ["TMPDIR"] = _SUBPROCESS_TMP
 atexit.register(shutil.rmtree, _SUBPROCESS_TMP, True)
+# The compile-artifact signing key (densecl_fast/signing.py) of the tests and their subprocesses: one
+# per session, never the user's own key in ~/.config.
+os.environ["DENSECL_SIGNING_KEY"] = os.path.join(_SUBPROCESS_TMP, "signing-key")
 
 # Triton kernels run on CPU tensors through the interpreter when there is no GPU. The flag is
 # read when a kernel is decorated, so it must be set before any kernel module is imported.

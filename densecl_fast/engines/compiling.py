@@ -15,7 +15,10 @@ Warm start: `CompileCache` saves `torch.compiler.save_cache_artifacts()` (induct
 cache entries) after the first step into the run's checkpoint folder and under data.cache_dir,
 keyed by what changes the generated code (torch/triton version, device and card, arch, shapes,
 dtype, memory format, BN groups, scope, mode, kernels); a resumed run or the next run with the same
-key loads them before its first step, so inductor finds its graphs in its cache.
+key loads them before its first step, so inductor finds its graphs in its cache. The artifacts are
+code (inductor unpickles them; an autotune entry names the file it is written to), so each is
+signed with this user's key when written and loaded only when the signature matches
+(densecl_fast/signing.py): an artifact someone else put in either folder is ignored.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+
+from .. import signing
 
 SCOPES = ("blocks", "encoders")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -106,8 +111,10 @@ class CompileCache:
     """The compile artifacts of one key, in the run's checkpoint folder and under data.cache_dir.
 
     load() before the first step (the run folder first: a resumed run; then the shared cache: the
-    next run with the same key); save() after the first step, once, by rank 0. Both only warn on
-    I/O problems: a cache is never a reason to stop training."""
+    next run with the same key); save() after the first step, once, by rank 0. Only artifacts
+    signed with this user's key are loaded (`signing`); an unsigned or mis-signed one is one
+    warning and a cold compile. Both only warn on I/O problems: a cache is never a reason to stop
+    training."""
 
     def __init__(self, key: str, folders: list, is_main: bool = True, warn=None):
         self.key, self.is_main = key, is_main
@@ -115,6 +122,8 @@ class CompileCache:
         self.warn = warn or (lambda msg: None)
         self.loaded_from = None
         self.saved = False
+        self._signing_key = None
+        self._key_problem = None
 
     @classmethod
     def for_run(cls, cfg, device, precision, batch_per_rank, plan, kernels, ckpt_dir, is_main=True, warn=None):
@@ -122,16 +131,33 @@ class CompileCache:
         return cls(cache_key(key_fields(cfg, device, precision, batch_per_rank, plan, kernels)), folders,
                    is_main, warn)
 
+    def _user_key(self):
+        """This user's signing key, or None (warned once: then nothing is loaded or saved)."""
+        if self._signing_key is None and self._key_problem is None:
+            try:
+                self._signing_key = signing.user_key()
+            except signing.KeyUnusable as e:
+                self._key_problem = str(e)
+                self.warn(f"compile cache off: {e}; compiling cold")
+        return self._signing_key
+
     def load(self):
-        """Load the first readable artifact file; returns torch's CacheInfo (None: nothing loaded)."""
+        """Load the first artifact file that is signed by this user and readable; returns torch's
+        CacheInfo (None: nothing loaded)."""
         for path in self.paths:
             if not os.path.isfile(path):
                 continue
+            key = self._user_key()
+            if key is None:
+                return None
             try:
-                with open(path, "rb") as f:
-                    info = torch.compiler.load_cache_artifacts(f.read())
+                data = signing.read_verified(path, key)   # these bytes, read once, are what torch gets
+                info = torch.compiler.load_cache_artifacts(data)
                 if info is None or info.empty():
                     raise ValueError("no artifacts in it")
+            except signing.Untrusted as e:
+                self.warn(f"compile cache {path} not loaded ({e}); compiling cold")
+                continue
             except Exception as e:  # noqa: BLE001 -- a stale or damaged cache only costs a cold compile
                 self.warn(f"compile cache {path} not loaded ({type(e).__name__}: {str(e)[:200]}); compiling cold")
                 continue
@@ -140,19 +166,23 @@ class CompileCache:
         return None
 
     def save(self) -> list:
-        """Write what this process compiled so far to every folder (atomically); returns the paths."""
+        """Write what this process compiled so far, signed, to every folder (atomically); returns the
+        paths."""
         if self.saved or not self.is_main:
             return []
         self.saved = True
         got = torch.compiler.save_cache_artifacts()
         if got is None:
             return []
+        key = self._user_key()
+        if key is None:
+            return []
         data, _info = got
         from ..checkpoint import atomic_save
         written = []
         for path in self.paths:
             try:
-                atomic_save(data, path, dump=lambda b, f: f.write(b))
+                signing.write_signed(path, data, key, lambda b, p: atomic_save(b, p, dump=lambda b, f: f.write(b)))
                 written.append(path)
             except OSError as e:
                 self.warn(f"compile cache not written to {path}: {e}")
