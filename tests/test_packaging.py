@@ -242,3 +242,16 @@ def test_wheel_installed_outside_the_checkout_trains_and_starts_children(tmp_pat
     assert "densecl_fast.pretrain" in probe_child["cmd"] and not any(c.endswith(".py") for c in probe_child["cmd"])
     assert res["torchrun_child"]["status"] == "finished" and res["torchrun_child"]["step"] == 2, res
     assert any((work / "ds" / "checkpoints").iterdir()) and (work / "tr" / "metrics.jsonl").is_file()
+
+
+def test_children_of_a_checkout_find_its_package(monkeypatch):
+    """A checkout run without install (launch/reproduce.py puts it on its own sys.path only): the
+    reproduction's `python -m densecl_fast.pretrain` children get it on PYTHONPATH; an install's
+    site-packages is left to the interpreter."""
+    from densecl_fast.reproduce import runs
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    monkeypatch.setattr(runs, "PACKAGE_ROOT", ROOT)
+    assert runs.child_env()["PYTHONPATH"].split(os.pathsep) == [ROOT, "/elsewhere"]
+    monkeypatch.setattr(runs, "PACKAGE_ROOT", site.getsitepackages()[0])
+    assert runs.child_env()["PYTHONPATH"] == "/elsewhere"
+    assert runs.pretrain_command("smoke", ["a=1"], 2)[-5:] == ["-m", "densecl_fast.pretrain", "--config", "smoke", "a=1"]
