@@ -1,5 +1,6 @@
 """Our kernels import as `densecl_fast.kernels` however the project is run, and a package called
-`kernels` beside it (the PyPI one, or any other first on the path) changes nothing.
+`kernels` beside it (the PyPI one, or any other first on the path) changes nothing. A wheel installed
+away from the checkout has everything its commands read, and its commands and children run.
 
 Each case runs in a fresh interpreter, since the point is which file an import resolves to."""
 import json
