@@ -14,10 +14,10 @@ import argparse
 import os
 import sys
 
-from densecl_fast.checkpoint import CheckpointError, CheckpointWriteError
-from densecl_fast.config import ConfigError, list_presets, load_config, to_yaml
-from densecl_fast.data import DataError
-from densecl_fast.trainer import NonFiniteLossError, train
+from .checkpoint import CheckpointError, CheckpointWriteError
+from .config import ConfigError, list_presets, load_config, to_yaml
+from .data import DataError
+from .trainer import NonFiniteLossError, train
 
 
 def _error(e: Exception) -> None:
