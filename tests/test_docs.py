@@ -19,12 +19,22 @@ CONFIG_MD = os.path.join(DOCS, "config.md")
 # Packages of this repository: `python -m X` with X in one of them is one of our entry points.
 OUR_PACKAGES = ("densecl_fast", "perf", "kernels")
 # Entry points with sub-commands: the sub-command is part of what --help is asked of.
-SUBCOMMANDS = {"-m densecl_fast.eval"}
+SUBCOMMANDS = {"-m densecl_fast.eval", "densecl-eval"}
 
 
 def _read(path):
     with open(path, encoding="utf-8") as f:
         return f.read()
+
+
+def console_scripts():
+    """{command: "module:function"} of pyproject.toml's [project.scripts] (the commands of an install)."""
+    section = re.search(r"^\[project\.scripts\]\n(.*?)(?=^\[|\Z)", _read(os.path.join(ROOT, "pyproject.toml")),
+                        flags=re.S | re.M)
+    return dict(re.findall(r'^([\w-]+)\s*=\s*"([\w.]+:\w+)"', section.group(1), flags=re.M)) if section else {}
+
+
+SCRIPTS = console_scripts()
 
 
 def _doc_files():
@@ -130,7 +140,16 @@ def entry_point(tokens):
     if not tokens:
         return None
     prog = os.path.basename(tokens[0])
+    if prog in SCRIPTS:
+        entry, args = prog, tokens[1:]
+        if entry in SUBCOMMANDS and args and not args[0].startswith("-"):
+            entry, args = f"{entry} {args[0]}", args[1:]
+        return entry, args
     if prog in ("torchrun", "deepspeed"):
+        modules = [i for i, t in enumerate(tokens) if t in ("-m", "--module")]
+        if modules and len(tokens) > modules[0] + 1:  # torchrun -m MODULE / deepspeed --module MODULE
+            i = modules[0] + 1
+            return (f"-m {tokens[i]}", tokens[i + 1:]) if tokens[i].split(".")[0] in OUR_PACKAGES else None
         scripts = [i for i, t in enumerate(tokens) if t.endswith(".py")]
         if not scripts:
             return None
@@ -175,6 +194,19 @@ def test_readme_names_the_main_entry_points():
     assert entry_point(["python", "-m", "densecl_fast.eval", "knn", "--k", "20"]) == \
         ("-m densecl_fast.eval knn", ["--k", "20"])
     assert entry_point(["pip", "install", "-e", "."]) is None
+    assert entry_point(["densecl-eval", "knn", "--k", "20"]) == ("densecl-eval knn", ["--k", "20"])
+    assert entry_point(["torchrun", "--nproc_per_node", "8", "-m", "densecl_fast.pretrain", "a=1"]) == \
+        ("-m densecl_fast.pretrain", ["a=1"])
+    assert entry_point(["deepspeed", "--module", "densecl_fast.pretrain", "a=1"]) == ("-m densecl_fast.pretrain", ["a=1"])
+
+
+def test_every_console_script_is_documented():
+    """The installed commands are in README.md's command blocks and docs/install.md's."""
+    assert set(SCRIPTS) >= {"densecl-pretrain", "densecl-reproduce", "densecl-eval", "densecl-export"}, SCRIPTS
+    install_md = {e.split()[0] for e, uses in ENTRIES.items() if any(f == "docs/install.md" for f, _ in uses)}
+    for name in SCRIPTS:
+        assert name in {e.split()[0] for e in README_ENTRIES}, f"README.md's command blocks lack {name}"
+        assert name in install_md, f"docs/install.md's command blocks lack {name}"
 
 
 def test_readme_keeps_the_test_command():
@@ -187,12 +219,18 @@ def test_documented_command_parses(entry):
     """`--help` of the entry point exits 0, and every --option and section.key=value the docs pass it exists."""
     uses = ENTRIES[entry]
     where = ", ".join(sorted({f for f, _ in uses}))
-    if not entry.startswith("-m "):
-        script = entry.split()[0]
-        assert os.path.isfile(os.path.join(ROOT, script)), f"{where}: {script} does not exist"
+    if entry.split()[0] in SCRIPTS:  # what the installed script runs: its function, with its name as argv[0]
+        name, rest = entry.split()[0], entry.split()[1:]
+        module, function = SCRIPTS[name].split(":")
+        cmd = [sys.executable, "-c", f"import sys; sys.argv[0] = {name!r}; from {module} import {function}; "
+               f"sys.exit({function}())", *rest]
+    else:
+        if not entry.startswith("-m "):
+            script = entry.split()[0]
+            assert os.path.isfile(os.path.join(ROOT, script)), f"{where}: {script} does not exist"
+        cmd = [sys.executable, *entry.split()]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, *entry.split(), "--help"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([*cmd, "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, (f"`python {entry} --help` (used in {where}) exited {proc.returncode}:\n"
                                   f"{proc.stderr[-2000:]}")
     help_text = proc.stdout

@@ -1,13 +1,16 @@
 """Our kernels import as `densecl_fast.kernels` however the project is run, and a package called
-`kernels` beside it (the PyPI one, or any other first on the path) changes nothing.
+`kernels` beside it (the PyPI one, or any other first on the path) changes nothing. A wheel installed
+away from the checkout has everything its commands read, and its commands and children run.
 
 Each case runs in a fresh interpreter, since the point is which file an import resolves to."""
+import json
 import os
 import shutil
 import site
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -44,7 +47,6 @@ def probe(cwd, pythonpath=None, installed=True):
         [sys.executable, "-S", "-c", f"import sys; sys.path.extend({site.getsitepackages()!r})\n" + PROBE]
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    import json
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -164,3 +166,93 @@ def test_build_without_isolation_beside_the_pypi_kernels(tmp_path):
     build = pip_install_target(src, target, "--no-build-isolation")
     assert build.returncode == 0, build.stderr[-3000:]
     check_installed(src, target)
+
+
+# ---- a wheel installed into a fresh environment, used outside the checkout -------------------------
+
+SCRIPTS = ("densecl-pretrain", "densecl-reproduce", "densecl-eval", "densecl-export")
+
+# Run by the fresh environment's interpreter, in a folder outside the checkout: the two ways the
+# reproduction starts the pretraining CLI as a child, two steps each. The probe's (this interpreter,
+# no launcher) trains with train.engine=deepspeed, whose default JSON is package data; a run with
+# --nproc > 1 starts torchrun (here over one rank, the one-process scaling probe's form).
+CHILDREN = textwrap.dedent("""
+    import argparse, json, os, subprocess, sys
+    import densecl_fast
+    from densecl_fast.reproduce.probe import probe_command
+    from densecl_fast.reproduce.runs import child_env, run_training
+    tiny = json.loads(sys.argv[1])
+    out = {"package": os.path.realpath(densecl_fast.__file__)}
+    cmd = probe_command(argparse.Namespace(config="smoke", nproc=1),
+                        tiny + ["train.engine=deepspeed", "train.out_dir=ds"], 1)
+    child = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
+    out["probe_child"] = {"cmd": cmd, "rc": child.returncode, "log": child.stdout + child.stderr}
+    sys.stdout.flush()
+    out["torchrun_child"] = run_training(argparse.Namespace(config="smoke", nproc=2), tiny + ["train.out_dir=tr"], 1)
+    print(json.dumps(out))
+""")
+
+
+def site_dirs():
+    """The test environment's site-packages folders (also those a .pth file of it adds)."""
+    return [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages") and os.path.isdir(p)]
+
+
+@pytest.mark.slow
+def test_wheel_installed_outside_the_checkout_trains_and_starts_children(tmp_path, data_cache):
+    """`pip install` of the wheel (no launch/ folder, no source tree): the console scripts exist, the
+    DeepSpeed engine finds its default config, and the reproduction's pretraining children start."""
+    from helpers import tiny
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    src, dist = source_copy(tmp_path), tmp_path / "dist"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(dist), str(src)], capture_output=True, text=True, timeout=300,
+                           cwd=str(tmp_path), env=env)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = dist.glob("densecl_fast-*.whl")
+
+    # A fresh environment that reuses this one's packages: path lines in a .pth add the folders
+    # without running their own .pth files, so this environment's editable densecl_fast stays out.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    py, bin_dir = str(venv / "bin" / "python"), venv / "bin"
+    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(purelib, "_test_environment.pth"), "w") as f:
+        f.write("\n".join(site_dirs()) + "\n")
+    # --ignore-installed: pip sees this environment's densecl_fast through the .pth and must not touch it
+    install = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed",
+                              str(wheel)], capture_output=True, text=True, timeout=300, cwd=str(tmp_path), env=env)
+    assert install.returncode == 0, install.stderr[-3000:]
+    for name in SCRIPTS:
+        assert (bin_dir / name).is_file(), f"no console script {name}"
+    assert (Path(purelib) / "densecl_fast" / "engines" / "ds_configs" / "ds_zero1.json").is_file()
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    run_env = dict(env, PATH=str(bin_dir) + os.pathsep + env.get("PATH", ""), OMP_NUM_THREADS="1")
+    overrides = [o for o in tiny("unused", data_cache, "optim.max_steps=2") if not o.startswith("train.out_dir=")]
+    r = subprocess.run([py, "-c", CHILDREN, json.dumps(overrides)], cwd=str(work), env=run_env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert under(res["package"], purelib), f"the checkout was imported, not the wheel: {res['package']}"
+    probe_child = res["probe_child"]
+    assert probe_child["rc"] == 0, probe_child["log"][-4000:]
+    assert "engine deepspeed (ZeRO-1, 1 rank" in probe_child["log"]
+    assert "densecl_fast.pretrain" in probe_child["cmd"] and not any(c.endswith(".py") for c in probe_child["cmd"])
+    assert res["torchrun_child"]["status"] == "finished" and res["torchrun_child"]["step"] == 2, res
+    assert any((work / "ds" / "checkpoints").iterdir()) and (work / "tr" / "metrics.jsonl").is_file()
+
+
+def test_children_of_a_checkout_find_its_package(monkeypatch):
+    """A checkout run without install (launch/reproduce.py puts it on its own sys.path only): the
+    reproduction's `python -m densecl_fast.pretrain` children get it on PYTHONPATH; an install's
+    site-packages is left to the interpreter."""
+    from densecl_fast.reproduce import runs
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    monkeypatch.setattr(runs, "PACKAGE_ROOT", ROOT)
+    assert runs.child_env()["PYTHONPATH"].split(os.pathsep) == [ROOT, "/elsewhere"]
+    monkeypatch.setattr(runs, "PACKAGE_ROOT", site.getsitepackages()[0])
+    assert runs.child_env()["PYTHONPATH"] == "/elsewhere"
+    assert runs.pretrain_command("smoke", ["a=1"], 2)[-5:] == ["-m", "densecl_fast.pretrain", "--config", "smoke", "a=1"]

@@ -6,7 +6,8 @@ The wrapping is in place: the query encoder's forward is routed through the Deep
 forward (its autocast, forward and backward hooks), so the model holds no wrapper and its
 state_dict keys do not change.
 
-Config: the JSON of `deepspeed.config`, else launch/ds_zero<deepspeed.zero_stage or 1>.json;
+Config: the JSON of `deepspeed.config`, else ds_configs/ds_zero<deepspeed.zero_stage or 1>.json beside
+this file (package data, so an installed wheel has them too);
 `deepspeed.zero_stage` overrides the JSON's stage. Batch sizes, optimizer and precision come from
 our config: the JSON may leave them out or say "auto"; a JSON that states other values, has an
 optimizer/scheduler section, or enables DeepSpeed's fp16/bf16 modes is a one-line error (its bf16
@@ -32,12 +33,12 @@ from ..distributed import ensure_process_group
 from .. import stages
 from .base import Engine, make_optimizer, reject_unsupported
 
-LAUNCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "launch")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_configs")
 CLIENT_KEY = ckpt_io.DS_CLIENT_KEY  # client-state entry: the DenseCL tensors outside the engine
 
 
 def default_config_path(stage: int) -> str:
-    return os.path.join(LAUNCH_DIR, f"ds_zero{stage}.json")
+    return os.path.join(CONFIG_DIR, f"ds_zero{stage}.json")
 
 
 def resolve_ds_config(cfg, world_size: int, precision: str) -> dict:

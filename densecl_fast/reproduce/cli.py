@@ -16,8 +16,8 @@ Stages, each recorded in OUT/state.json when it completes (so `--resume` skips i
                     and of the random-init trunk (OUT/eval/TRUNK/MODE.json)
   report            OUT/report.md, report.json, loss.png, throughput.png, eval.png
 
-Only public entry points are used: `load_config`, `train`, launch/pretrain.py (the probe, in a child
-process; every run under torchrun with --nproc > 1), the eval CLI, the export CLI, and the run
+Only public entry points are used: `load_config`, `train`, `python -m densecl_fast.pretrain` (the probe, in
+a child process; every run under torchrun with --nproc > 1), the eval CLI, the export CLI, and the run
 directories' metrics.jsonl and checkpoints.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The throughput probe: a short timed run of launch/pretrain.py in a child process with the run's exact
+"""The throughput probe: a short timed run of the pretraining CLI in a child process with the run's exact
 settings, kept to its share of a time budget; its measurements make the plan, and a probe that did not
 finish is one line saying why."""
 from __future__ import annotations
@@ -11,12 +11,11 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import time
 
 from .errors import RunFailed, Stopped, UsageError
 from .plan import RECIPE_EPOCHS, fmt_duration, make_plan, parse_budget
-from .runs import REPO, load_cfg, read_metrics, run_cfg_overrides
+from .runs import child_env, load_cfg, pretrain_command, read_metrics, run_cfg_overrides
 from .state import State
 
 PROBE_WARMUP = 3                   # first steps of the probe not timed (allocator, workers, compile)
@@ -49,7 +48,7 @@ def probe(args, state: State, t_start: float) -> dict:
         # (the trainer's banner, "max_steps at step N ... continue with --resume auto") would read as
         # advice about the reproduction: they go to the probe's log.
         log_path = os.path.join(args.out, f"{name}.log")
-        env = dict(os.environ)
+        env = child_env()
         if args.nproc > 1:  # torchrun sets OMP_NUM_THREADS=1 for the ranks only when it starts several: match it
             env.setdefault("OMP_NUM_THREADS", "1")
         t0 = time.time()
@@ -102,18 +101,12 @@ def probe(args, state: State, t_start: float) -> dict:
     return plan
 
 
-PRETRAIN_SCRIPT = os.path.join(REPO, "launch", "pretrain.py")
-
-
 def probe_command(args, overrides: list[str], nproc: int) -> list[str]:
-    """The probe's child: launch/pretrain.py as the pretraining runs start it (in this process's
+    """The probe's child: the pretraining CLI as the pretraining runs start it (in this process's
     interpreter when the reproduction runs one process; torchrun when it runs several, also for the
     one-process scaling probe: the same launcher and environment as the ranks, so the measured
     efficiency compares like with like)."""
-    if args.nproc == 1:
-        return [sys.executable, PRETRAIN_SCRIPT, "--config", args.config, *overrides]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), PRETRAIN_SCRIPT,
-            "--config", args.config, *overrides]
+    return pretrain_command(args.config, overrides, None if args.nproc == 1 else nproc)
 
 
 def run_child(cmd: list[str], env: dict, log_path: str,

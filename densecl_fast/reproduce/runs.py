@@ -1,5 +1,5 @@
-"""The runs the stages start: pretraining (in this process, or torchrun around launch/pretrain.py),
-the export and eval CLIs, and the run directories' metrics.jsonl."""
+"""The runs the stages start: pretraining (in this process, or torchrun around
+`python -m densecl_fast.pretrain`), the export and eval CLIs, and the run directories' metrics.jsonl."""
 from __future__ import annotations
 
 import json
@@ -12,10 +12,33 @@ import sys
 from .errors import RunFailed, UsageError
 
 EXPORT_FORMATS = (("torchvision", "pth"), ("detectron2", "pkl"), ("mmdet", "mm.pth"))
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-# ---- pretraining: in-process, or torchrun around launch/pretrain.py -------------------------------
+# ---- pretraining: in-process, or torchrun around `python -m densecl_fast.pretrain` -----------------
+
+PRETRAIN_MODULE = "densecl_fast.pretrain"
+# The folder this densecl_fast is imported from: an install's site-packages, or a checkout's root
+# (launch/reproduce.py puts it on its own sys.path, which a child does not inherit).
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pretrain_command(config: str, overrides: list[str], nproc: int | None = None) -> list[str]:
+    """The pretraining CLI as a child process, started as a module (an install has no launch/ folder):
+    under torchrun with `nproc` processes, else in this interpreter."""
+    head = [sys.executable, "-m"] if nproc is None else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m"]
+    return [*head, PRETRAIN_MODULE, "--config", config, *overrides]
+
+
+def child_env() -> dict:
+    """This process's environment, with PYTHONPATH leading to the same densecl_fast when it is not
+    an installed one (a checkout run as launch/reproduce.py without `pip install`)."""
+    import site
+    env = dict(os.environ)
+    installed = {os.path.realpath(p) for p in [*site.getsitepackages(), site.getusersitepackages()]}
+    if os.path.realpath(PACKAGE_ROOT) not in installed:
+        env["PYTHONPATH"] = os.pathsep.join([PACKAGE_ROOT, *filter(None, [env.get("PYTHONPATH")])])
+    return env
 
 def run_cfg_overrides(args, out_dir: str, extra=()) -> list[str]:
     return [f"data.source={args.data}", *args.overrides, f"train.out_dir={out_dir}", *extra]
@@ -45,15 +68,14 @@ def run_training(args, overrides: list[str], nproc: int) -> dict:
             raise RunFailed(f"{e} (continue with --resume once fixed)") from None
         except (DataError, CheckpointError) as e:
             raise UsageError(str(e)) from None
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           os.path.join(REPO, "launch", "pretrain.py"), "--config", args.config, *overrides]
+    cmd = pretrain_command(args.config, overrides, nproc)
     print("  $ " + " ".join(cmd), flush=True)
     try:  # follow a redirect of sys.stdout when it is a real file
         sys.stdout.flush()
         out = sys.stdout if sys.stdout.fileno() >= 0 else None
     except (AttributeError, OSError, ValueError):
         out = None
-    env = dict(os.environ)
+    env = child_env()
     if nproc == 1:  # torchrun sets OMP_NUM_THREADS=1 for the ranks only when it starts several: match it
         env.setdefault("OMP_NUM_THREADS", "1")
     proc = subprocess.Popen(cmd, stdout=out, env=env)
@@ -66,7 +88,7 @@ def run_training(args, overrides: list[str], nproc: int) -> dict:
         for s, h in old.items():
             signal.signal(s, h)
     if rc == 2:
-        raise UsageError(f"pretraining refused its input (launch/pretrain.py exit status 2; see the error above)")
+        raise UsageError(f"pretraining refused its input ({PRETRAIN_MODULE} exit status 2; see the error above)")
     from ..checkpoint import list_checkpoints
     ckpts = list_checkpoints(cfg.train.out_dir)
     step = int(re.search(r"ckpt_(\d+)\.pt$", ckpts[-1]).group(1)) if ckpts else 0
