@@ -2,11 +2,12 @@
 
     python tests/exit_harness.py FAULT PIDS_FILE [pretrain.py arguments...]
 
-FAULT: step (train_step raises at step 2), loader (a DataLoader worker raises on its second
+FAULT: step (train_step raises at step 2; step-rank1: on rank 1 only, under torchrun), loader (a DataLoader worker raises on its second
 batch), save (the first checkpoint write raises), monitor (the kNN monitor raises at step 2),
 none, or slow-watchdog (workers notice a dead trainer only after 120 s instead of 5: they outlive
 a SIGKILLed trainer, as they may for up to 5 s in a real run). The pids of the trainer's worker
-processes are written to PIDS_FILE (one line, space-separated) once the first batch arrived.
+processes are written to PIDS_FILE (one line, space-separated; PIDS_FILE.<rank> under torchrun)
+once the first batch arrived.
 """
 import os
 import runpy
@@ -21,6 +22,8 @@ from densecl_fast import trainer  # noqa: E402
 from densecl_fast.data import torch_loader  # noqa: E402
 
 fault, pids_file = sys.argv[1], sys.argv[2]
+if "RANK" in os.environ:  # under torchrun: one file per rank
+    pids_file += "." + os.environ["RANK"]
 sys.argv = [os.path.join(ROOT, "launch", "pretrain.py"), *sys.argv[3:]]
 
 
@@ -41,7 +44,8 @@ def train_step(*args, **kw):
     calls["step"] += 1
     if calls["step"] == 1:
         write_worker_pids()
-    if fault == "step" and calls["step"] == 2:
+    failing = fault == "step" or (fault == "step-rank1" and os.environ.get("RANK") == "1")
+    if failing and calls["step"] == 2:
         raise Injected("injected failure in the training step")
     return real_step(*args, **kw)
 
@@ -78,7 +82,7 @@ elif fault == "monitor":
 elif fault == "slow-watchdog":
     import torch.utils.data._utils.worker as worker_mod
     worker_mod.MP_STATUS_CHECK_INTERVAL = 120.0
-elif fault not in ("step", "none"):
+elif fault not in ("step", "step-rank1", "none"):
     sys.exit(f"unknown fault {fault}")
 
 runpy.run_path(sys.argv[0], run_name="__main__")

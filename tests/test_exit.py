@@ -62,17 +62,26 @@ def kill_group(proc):
         pass
 
 
+slow = pytest.mark.slow  # another engine or backend: the same way out of train(), a spot check each
+
+
 @pytest.mark.parametrize("fault, extra, message", [
     ("step", [], "injected failure in the training step"),
     ("loader", [], "injected failure in a data worker"),
     ("save", [], "injected failure in a checkpoint write"),
     ("monitor", [], "injected failure in the kNN monitor"),
-])
+    pytest.param("step", ["train.engine=ddp"], "injected failure in the training step", marks=slow),
+    pytest.param("step", ["train.engine=fsdp"], "injected failure in the training step", marks=slow),
+    pytest.param("step", ["data.backend=dali"], "injected failure in the training step",
+                 marks=[slow, pytest.mark.dali]),
+], ids=["step", "loader", "save", "monitor", "ddp", "fsdp", "dali"])
 def test_a_failure_in_the_loop_exits_1_and_leaves_no_worker(fault, extra, message, tmp_path, data_cache):
+    if "data.backend=dali" in extra:
+        pytest.importorskip("nvidia.dali")
     proc, pids_file = start(fault, str(tmp_path / "run"), data_cache, *extra, tmp_path=tmp_path)
     try:
         workers = wait_for_file(proc, pids_file)
-        assert len(workers) == 2, workers
+        assert len(workers) == (0 if "data.backend=dali" in extra else 2), workers  # DALI: threads only
         t0 = time.time()
         try:
             text, _ = proc.communicate(timeout=EXIT_WITHIN_S)
@@ -84,6 +93,27 @@ def test_a_failure_in_the_loop_exits_1_and_leaves_no_worker(fault, extra, messag
     assert proc.returncode == 1, text
     assert message in text and "Traceback" in text, text
     assert time.time() - t0 < EXIT_WITHIN_S
+    assert not [p for p in workers if alive(p)], f"workers left running: {workers}"
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_failure_on_one_rank_under_torchrun_ends_the_launch(tmp_path, data_cache):
+    pids_file = str(tmp_path / "pids")
+    args = tiny(str(tmp_path / "run"), data_cache, "data.num_workers=1", "train.engine=ddp", "train.deterministic=false")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             HARNESS, "step-rank1", pids_file, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        workers = wait_for_file(proc, pids_file + ".0") + wait_for_file(proc, pids_file + ".1")
+        try:
+            text, _ = proc.communicate(timeout=EXIT_WITHIN_S + 30)  # + torchrun's own shutdown of rank 0
+        except subprocess.TimeoutExpired:
+            pytest.fail("torchrun still running after one rank failed")
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 1 and "injected failure in the training step" in text, text
     assert not [p for p in workers if alive(p)], f"workers left running: {workers}"
 
 
@@ -183,6 +213,7 @@ def test_a_dead_owners_lock_is_waited_for_then_its_leftovers_named(tmp_path, mon
         live.wait()
 
 
+@pytest.mark.slow  # ~30 s: a run to its first checkpoint, then a resumed step
 def test_sigkill_with_workers_alive_then_resume_at_once(tmp_path, data_cache, capsys):
     out = str(tmp_path / "run")
     # workers that outlive their killed trainer (their watchdog looks every 120 s, not 5)
@@ -203,7 +234,7 @@ def test_sigkill_with_workers_alive_then_resume_at_once(tmp_path, data_cache, ca
                                 "--resume", "auto"])
         cap = capsys.readouterr()
         assert rc == 0, cap.err
-        assert f"resumed from" in cap.out and f"max_steps: {step + 1}/" in cap.out, cap.out
+        assert "resumed from" in cap.out and f"max_steps: {step + 1}/" in cap.out, cap.out
     finally:
         kill_group(proc)
         for p in workers:
