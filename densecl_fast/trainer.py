@@ -236,7 +236,8 @@ def lock_run_dir(t_cfg, resume_path: str | None, dist_info: DistInfo, device: to
 def check_bn_statistics(cfg: Config, world_size: int) -> None:
     """Training BatchNorm needs more than one value per channel, and the trunk's last stage has
     ceil(image_size / 32)^2 positions per image: a BN group of one image at image_size <= 32 (a batch
-    of 1 per process, or bn_group_size=1) fails in the first step, so it is refused before any work."""
+    of 1 per process, or bn_group_size=1) raises in the first step (plain BN) or normalises every
+    value of that stage to zero (grouped BN), so it is refused before any work."""
     m, per = cfg.model, cfg.optim.batch_size // world_size
     if world_size > 1 and m.bn == "sync":
         group = cfg.optim.batch_size
