@@ -460,7 +460,14 @@ def remove_stale_temps(out_dir: str) -> list[str]:
 
 class RunLock:
     """`<out_dir>/.lock`: an exclusive flock for as long as a run uses the directory. The kernel
-    drops it when the process dies, so a killed run never leaves a stale lock."""
+    drops it when the last descriptor of its open file closes. A forked child (a DataLoader worker)
+    would share the descriptor, and with it the lock, and can outlive a killed run by seconds: so
+    every forked child closes its copy (`_close_in_child`), and exec'd ones never get it (Python's
+    descriptors are close-on-exec). The lock then dies with its owner."""
+
+    # A lock whose recorded owner is dead can only be held by processes it left behind: wait this
+    # long for them to go before naming them.
+    dead_owner_wait_s = 10.0
 
     def __init__(self, out_dir: str):
         self.path = os.path.join(out_dir, LOCK_NAME)
@@ -468,27 +475,47 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         import fcntl
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+        import time
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        deadline = None
+        while True:
             try:
-                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
-            except OSError:
-                holder = "unknown"
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise ConfigError(f"train.out_dir={os.path.dirname(self.path)} is in use by another run "
-                                  f"(pid {holder}; lock file {self.path}); wait for it to end or choose "
-                                  f"another train.out_dir") from None
-            raise ConfigError(f"train.out_dir={os.path.dirname(self.path)}: cannot lock {self.path}: "
-                              f"{e.strerror or e}") from None
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                busy = e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
+                holder = _read_holder(fd)
+                dead = busy and _owner_is_dead(holder)
+                if dead and deadline is None:
+                    deadline = time.monotonic() + self.dead_owner_wait_s
+                if dead and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                os.close(fd)
+                raise self._refusal(e, busy, holder, dead) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self.fd = fd
+        _held_locks.add(self)
         return self
 
+    def _refusal(self, e: OSError, busy: bool, holder: str, dead: bool) -> ConfigError:
+        where = f"train.out_dir={os.path.dirname(self.path)}"
+        if not busy:
+            return ConfigError(f"{where}: cannot lock {self.path}: {e.strerror or e}")
+        if dead:
+            others = _processes_holding(self.path)
+            return ConfigError(
+                f"{where}: the run that locked it (pid {holder}) has ended, but "
+                + (f"process(es) {', '.join(map(str, others))} it left behind still hold {self.path}; end them "
+                   f"(kill {' '.join(map(str, others))}) and start again" if others else
+                   f"{self.path} is still locked after {self.dead_owner_wait_s:g} s; end what that run left "
+                   f"running and start again"))
+        return ConfigError(f"{where} is in use by another run (pid {holder}; lock file {self.path}); wait for "
+                           f"it to end or choose another train.out_dir")
+
     def release(self) -> None:
+        _held_locks.discard(self)
         if self.fd is not None:
             import fcntl
             try:
@@ -496,6 +523,71 @@ class RunLock:
             finally:
                 os.close(self.fd)
                 self.fd = None
+
+
+_held_locks: set = set()
+
+
+def _close_in_child() -> None:
+    # Closes the child's copy only: flock(LOCK_UN) here would drop the parent's lock as well
+    # (both descriptors are one open file).
+    for lock in list(_held_locks):
+        if lock.fd is not None:
+            try:
+                os.close(lock.fd)
+            except OSError:
+                pass
+            lock.fd = None
+    _held_locks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _owner_is_dead(holder: str) -> bool:
+    """Whether the lock file names a process of this machine that no longer exists."""
+    m = re.fullmatch(r"(\d+) on (\S+)", holder)
+    if not m or m.group(2) != socket.gethostname():
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, another user's
+        return False
+    return False
+
+
+def _processes_holding(path: str) -> list[int]:
+    """Pids of this machine's processes with `path` open (Linux /proc; best effort)."""
+    try:
+        target = os.stat(path)
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return []
+    found = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                found.append(pid)
+                break
+    return sorted(found)
 
 
 def prepare_run_dir(out_dir: str, resume_path: str | None) -> tuple[RunLock, list[str]]:

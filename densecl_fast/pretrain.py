@@ -13,6 +13,7 @@ Everything after the options is a `key=value` override of the config (see docs/c
 import argparse
 import os
 import sys
+import traceback
 
 from .checkpoint import CheckpointError, CheckpointWriteError
 from .config import ConfigError, list_presets, load_config, to_yaml
@@ -56,6 +57,11 @@ def main(argv=None) -> int:
         return 2
     except NonFiniteLossError as e:
         _error(e)
+        return 1
+    except Exception:
+        # Any other failure of the run (the step, the data, the monitor, a save): its traceback, from
+        # every rank (it may be one rank's own), and exit 1. train() shut the workers down on its way out.
+        traceback.print_exc()
         return 1
     if int(os.environ.get("RANK", "0") or 0) == 0:  # one summary per run, not per process
         print(f"{summary['status']}: {summary['step']}/{summary['total_steps']} steps, run directory "

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -109,25 +110,29 @@ class MetricsLog:
 
 def train(cfg: Config) -> dict:
     """Run (or continue) the pretraining of `cfg`; returns a summary. The run directory's lock is
-    held until it returns or raises."""
-    held: list = []
+    held, and the loader's worker processes live, until it returns or raises: whatever fails, the
+    workers are shut down before it raises (a worker left running blocks the interpreter's exit)."""
+    held = ExitStack()  # closed last-in first-out: the workers end before the lock is released
     try:
         return _train(cfg, held)
     finally:
-        for lock in held:
-            lock.release()
-        cleanup()
+        try:
+            held.close()
+        finally:
+            cleanup()
 
 
 def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def _train(cfg: Config, held: list) -> dict:
+def _train(cfg: Config, held: ExitStack) -> dict:
     t_cfg = cfg.train
     # Machine- and launch-dependent checks (CUDA, precision, kernels, batch per process vs BN groups)
     # come first: a bad value is a one-line error before any process group, data or model.
-    check_environment(cfg, world_size=max(1, int(os.environ.get("WORLD_SIZE", "1") or 1)))
+    world_size = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    check_environment(cfg, world_size=world_size)
+    check_bn_statistics(cfg, world_size)
     dist_info, device = init_distributed(t_cfg.device)
     say = (lambda *a: print(*a, flush=True)) if dist_info.is_main else (lambda *a: None)
     precision = resolve_precision(t_cfg.precision, device)
@@ -145,6 +150,7 @@ def _train(cfg: Config, held: list) -> dict:
 
     # ---- data: every data problem is reported before a model is built --------------------------
     loader, steps_per_epoch = build_data(cfg, dist_info, device, precision, per_rank_batch)
+    held.callback(loader.close)
     monitor = KnnMonitor.build(cfg, device, dist_info)  # train.knn_data: checked here, with the data
 
     # ---- model, engine set-up (compile, wrapping, optimizer) --------------------------------------
@@ -207,7 +213,7 @@ def read_resume_point(cfg: Config, engine: Engine) -> tuple[str | None, dict | N
     return resume_path, ck
 
 
-def lock_run_dir(t_cfg, resume_path: str | None, dist_info: DistInfo, device: torch.device, held: list,
+def lock_run_dir(t_cfg, resume_path: str | None, dist_info: DistInfo, device: torch.device, held: ExitStack,
                  say) -> None:
     """Rank 0 checks train.out_dir (one run per directory) and locks it; the lock goes into `held`,
     which train() releases. Every rank raises if rank 0 could not, so none goes on alone."""
@@ -215,7 +221,7 @@ def lock_run_dir(t_cfg, resume_path: str | None, dist_info: DistInfo, device: to
     if dist_info.is_main:
         try:
             lock, removed = ckpt_io.prepare_run_dir(t_cfg.out_dir, resume_path)
-            held.append(lock)
+            held.callback(lock.release)
             if removed:
                 say(f"removed {len(removed)} temp file(s) of interrupted checkpoint writes in "
                     f"{ckpt_io.checkpoint_dir(t_cfg.out_dir)}")
@@ -225,6 +231,25 @@ def lock_run_dir(t_cfg, resume_path: str | None, dist_info: DistInfo, device: to
         problem = ConfigError(f"train.out_dir={t_cfg.out_dir}: rank 0 cannot use the run directory (see its error)")
     if problem is not None:
         raise problem
+
+
+def check_bn_statistics(cfg: Config, world_size: int) -> None:
+    """Training BatchNorm needs more than one value per channel, and the trunk's last stage has
+    ceil(image_size / 32)^2 positions per image: a BN group of one image at image_size <= 32 (a batch
+    of 1 per process, or bn_group_size=1) raises in the first step (plain BN) or normalises every
+    value of that stage to zero (grouped BN), so it is refused before any work."""
+    m, per = cfg.model, cfg.optim.batch_size // world_size
+    if world_size > 1 and m.bn == "sync":
+        group = cfg.optim.batch_size
+    else:
+        group = per if m.bn_group_size <= 0 or m.bn_group_size >= per else m.bn_group_size
+    side = -(-cfg.data.image_size // 32)
+    if group * side * side < 2:
+        raise ConfigError(
+            f"optim.batch_size={cfg.optim.batch_size} with model.bn_group_size={m.bn_group_size} on {world_size} "
+            f"process(es) gives BatchNorm groups of {group} image(s), and data.image_size={cfg.data.image_size} "
+            f"leaves {side}x{side} position(s) at the trunk's last stage: BatchNorm needs more than one value "
+            f"per channel; use at least 2 images per group (batch and model.bn_group_size) or data.image_size >= 33")
 
 
 def per_rank_batch_size(batch_size: int, world_size: int) -> int:

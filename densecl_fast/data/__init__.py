@@ -9,6 +9,7 @@ Every backend returns a *two-view loader*, the seam between data and trainer:
     for im_q, im_k in loader:    # float tensors on `device`, N x 3 x H x W, ImageNet-normalised
         ...
     loader.skipped               # corrupt/unreadable images skipped so far (never raises)
+    loader.close()               # end its workers/pipeline (the trainer does, on every way out)
 
 The data order and every augmentation are a function of (seed, epoch, sample), so a run
 resumed at (epoch, start_step) sees exactly the batches it would have seen. Both backends take

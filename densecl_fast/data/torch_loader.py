@@ -7,8 +7,12 @@ batch; the main process counts and logs them (`plan.BadFileLog`).
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import multiprocessing
+import os
 import signal
+import weakref
 from typing import Iterator, List, Sequence, Tuple
 
 import torch
@@ -60,13 +64,22 @@ def collate_two_views(items):
     return q, k, sources, bad
 
 
-def ignore_stop_signals(_worker_id: int = 0) -> None:
+def ignore_stop_signals(stopping, _worker_id: int) -> None:
     """DataLoader worker start-up: leave SIGTERM and SIGINT to the training process. A scheduler
     (SLURM, Kubernetes, torchrun's agent) signals the whole process group; a worker that died of
     it first would crash the trainer mid-step. The trainer finishes its step, checkpoints and
-    shuts the workers down; they also exit on their own when the trainer dies."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    shuts the workers down; they also exit on their own when the trainer dies.
+
+    `stopping` (an Event the loader sets in close()) turns SIGTERM back on for the shutdown: the
+    DataLoader ends a worker that did not leave on its own with SIGTERM, and one that ignored it
+    would be joined for ever at interpreter exit."""
+    signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, stopping))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _on_sigterm(stopping, _signum, _frame) -> None:
+    if stopping.is_set():
+        os._exit(0)  # 0: the DataLoader's SIGCHLD check must not report a shutdown as a worker failure
 
 
 class ShardedEpochSampler(Sampler):
@@ -108,16 +121,21 @@ class TorchTwoViewLoader:
         self.dataset = TwoViewDataset(paths, self.plan, data_cfg.image_size, data_cfg.min_scale, augmentation)
         self.sampler = ShardedEpochSampler(self.plan)
         workers = int(data_cfg.num_workers)
+        context = _mp_context() if workers > 0 else None
+        self._stopping = (context or multiprocessing).Event() if workers > 0 else None
         self._loader = DataLoader(
             self.dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
             collate_fn=collate_two_views, num_workers=workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
-            multiprocessing_context=_mp_context() if workers > 0 else None,
-            worker_init_fn=ignore_stop_signals if workers > 0 else None,
+            multiprocessing_context=context,
+            worker_init_fn=functools.partial(ignore_stop_signals, self._stopping) if workers > 0 else None,
         )
         self.bad = BadFileLog()
         self._last: List[int] = []
+        if workers > 0:
+            _open_loaders.add(self)
+            _register_exit_guard()
 
     def __len__(self) -> int:
         return self.plan.steps
@@ -153,3 +171,46 @@ class TorchTwoViewLoader:
             self._last = sources
             yield (q.to(self.device, non_blocking=True, memory_format=fmt),
                    k.to(self.device, non_blocking=True, memory_format=fmt))
+
+    def close(self) -> None:
+        """Shut the worker processes down (idempotent; a later iteration starts new ones). The
+        trainer calls it on every way out; an interpreter exit calls it for loaders left open."""
+        it = getattr(self._loader, "_iterator", None)  # persistent workers live in the kept iterator
+        self._loader._iterator = None
+        if it is None or not hasattr(it, "_workers"):
+            return
+        self._stopping.set()
+        try:
+            it._shutdown_workers()  # the DataLoader's own shutdown: a None to each worker, then SIGTERM
+        finally:
+            for w in it._workers:   # the last resort for a worker stuck where no signal handler runs
+                if w.is_alive():
+                    w.kill()
+                    w.join(timeout=5)
+            self._stopping.clear()
+
+
+# Loaders with worker processes not closed yet. At interpreter exit multiprocessing's own hook
+# SIGTERMs its daemon children and joins them: a worker that ignores SIGTERM would block the exit
+# for ever (a crashed run that never ends and holds its GPUs). This guard, registered after that
+# hook (atexit runs last-in first-out) and after torch's, which turns the DataLoader's shutdown
+# into a no-op, closes them first.
+_open_loaders: "weakref.WeakSet[TorchTwoViewLoader]" = weakref.WeakSet()
+_guard_registered = False
+
+
+def _register_exit_guard() -> None:
+    global _guard_registered
+    if not _guard_registered:
+        import multiprocessing.util  # noqa: F401  (its atexit hook must be registered before ours)
+        import torch.utils.data._utils  # noqa: F401  (and torch's)
+        atexit.register(_close_open_loaders)
+        _guard_registered = True
+
+
+def _close_open_loaders() -> None:
+    for loader in list(_open_loaders):
+        try:
+            loader.close()
+        except Exception:  # one loader's failure must not leave the others' workers behind
+            pass
