@@ -1,19 +1,74 @@
 """Generated data sets in data.cache_dir (the built-in set, Fashion-MNIST as PNGs, the scenes):
-written once, whole or not at all, by whichever process gets there first."""
+written once, whole or not at all, by whichever process gets there first.
+
+A set is generated in a temporary folder `.<name>.tmp-<host>-<pid>-<random>` beside its final
+place and renamed into place. A generation that was killed leaves that folder behind; the next
+generation in the same folder removes it once its process is gone (same host, pid not running).
+Temp folders of other hosts (a shared cache) are left alone: whether their process still runs
+cannot be told from here. Temp folders of older versions (no host/pid in the name) are removed
+when untouched for a day."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import tempfile
-from typing import Callable
+import time
+from typing import Callable, List
 
 from .errors import DataError
 
 MARKER = "labels.json"  # written last by every generator: its presence marks a complete set
+LEGACY_TEMP_AGE_S = 24 * 3600
+_TEMP = re.compile(r"^\..+\.tmp-(?:(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-)?[A-Za-z0-9_]+$")
 
 
 def is_complete(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, MARKER))
+
+
+def _host() -> str:
+    # '-' separates the name's fields: keep the host name free of it (and of anything else odd)
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it runs, as another user
+        return True
+    return True
+
+
+def remove_stale_temps(parent: str) -> List[str]:
+    """Delete the temp folders in `parent` left by generations that were killed (see the module
+    docstring for which ones are known to be dead); -> the paths removed."""
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    host, now = _host(), time.time()
+    for name in names:
+        m = _TEMP.match(name)
+        path = os.path.join(parent, name)
+        if not m or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        if m.group("pid") is not None:
+            stale = m.group("host") == host and not _alive(int(m.group("pid")))
+        else:
+            try:
+                stale = now - os.path.getmtime(path) > LEGACY_TEMP_AGE_S
+            except OSError:
+                continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            if not os.path.exists(path):
+                removed.append(path)
+    return removed
 
 
 def build_once(final: str, build: Callable[[str], None], what: str, cache_dir: str) -> str:
@@ -28,9 +83,10 @@ def build_once(final: str, build: Callable[[str], None], what: str, cache_dir: s
     parent = os.path.dirname(final)
     try:
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+        remove_stale_temps(parent)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-{_host()}-{os.getpid()}-", dir=parent)
     except OSError as e:
-        raise DataError(f"cannot create the {what} under data.cache_dir={cache_dir!r}: {e}") from e
+        raise DataError(f"cannot create the {what} under data.cache_dir={cache_dir!r}: {e}") from None
     try:
         build(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
