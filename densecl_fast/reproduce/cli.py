@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 
+from ..config import ConfigError
 from .errors import RunFailed, Stopped, UsageError
 from .plan import fmt_duration, parse_budget, plan_lines
 from .probe import MIN_TIME_BUDGET, PROBE_SHARE, PROBE_WARMUP, probe
@@ -164,7 +164,7 @@ def check_inputs(args) -> None:
 def main(argv=None) -> int:
     try:
         return _main(argv)
-    except UsageError as e:
+    except (UsageError, ConfigError) as e:  # ConfigError: e.g. the run lock's, from inside train()
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     except Stopped as e:
@@ -223,7 +223,7 @@ def _main(argv) -> int:
             finals[run] = state.data["stages"][stage]["checkpoint"]
             print(f"skip {stage} (done): {finals[run]}", flush=True)
             continue
-        from ..checkpoint import list_checkpoints
+        from ..checkpoint import checkpoint_step, list_checkpoints
         resume = "auto" if list_checkpoints(run_dir) else ""
         print(f"{stage}: {plan['epochs']} epochs into {run_dir}" + (" (resuming its latest checkpoint)" if resume else ""),
               flush=True)
@@ -234,7 +234,7 @@ def _main(argv) -> int:
         summary = run_training(args, ov, args.nproc)
         wall = time.time() - t0 + state.data["stages"].get(f"{stage}:partial", {}).get("wall_s", 0.0)
         ckpts = list_checkpoints(run_dir)
-        done_step = int(re.search(r"ckpt_(\d+)\.pt$", ckpts[-1]).group(1)) if ckpts else 0
+        done_step = checkpoint_step(ckpts[-1]) if ckpts else 0
         if summary["status"] != "finished" or done_step < plan["steps"]:
             state.data["stages"][f"{stage}:partial"] = {"wall_s": wall}
             state.save()
