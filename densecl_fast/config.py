@@ -88,7 +88,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/densecl"
-    seed: int = 0
+    seed: int = 0                     # 0 .. MAX_SEED
     device: str = "auto"              # auto | cpu | cuda
     precision: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     channels_last: bool = True
@@ -142,6 +142,10 @@ class Config:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
 
+# train.seed's bound: integers exact in JSON (metrics, state.json, report.json); seed * 1000 + rank (the
+# key-shuffle generator's seed) stays inside the 64 bits torch's generators take; non-negative, as
+# numpy's SeedSequence (the low-shot draws) needs.
+MAX_SEED = 2 ** 53 - 1
 COMPILE_SCOPES = ("blocks", "encoders")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -334,6 +338,7 @@ def validate(cfg: Config) -> None:
     need(o.max_steps >= 0 and o.warmup_epochs >= 0 and o.min_lr >= 0,
          "optim.max_steps, optim.warmup_epochs and optim.min_lr must be >= 0")
     need(bool(str(t.out_dir).strip()), "train.out_dir is empty: give the run directory")
+    need(0 <= t.seed <= MAX_SEED, f"train.seed={t.seed} must be in 0..{MAX_SEED} (2^53 - 1)")
     need(min(t.knn_every_epochs, t.knn_every_steps) >= 0, "train.knn_every_epochs and knn_every_steps must be >= 0")
     need(not str(t.knn_data).strip() or t.knn_every_epochs or t.knn_every_steps,
          "train.knn_data is set but train.knn_every_epochs and knn_every_steps are both 0; set one (or clear knn_data)")

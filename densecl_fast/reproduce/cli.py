@@ -27,7 +27,7 @@ import os
 import sys
 import time
 
-from ..config import ConfigError
+from ..config import MAX_SEED, ConfigError
 from .errors import RunFailed, Stopped, UsageError
 from .plan import fmt_duration, parse_budget, plan_lines
 from .probe import MIN_TIME_BUDGET, PROBE_SHARE, PROBE_WARMUP, probe
@@ -69,6 +69,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+MAX_SEEDS = 100
 RECORDED = ("data", "val", "voc", "budget", "baseline", "seeds", "config", "nproc", "probe_steps", "eval_image_size",
             "eval_max_train", "eval_max_val", "eval_workers", "no_random")
 
@@ -131,8 +132,10 @@ def check_inputs(args) -> None:
         raise UsageError(f"--budget {args.budget}: give at least {fmt_duration(MIN_TIME_BUDGET)}: the throughput "
                          f"probe (a process start, the data, the model, {PROBE_WARMUP} + --probe-steps steps) must "
                          f"fit in {PROBE_SHARE:.0%} of it and whole epochs in the rest; or a budget in epochs (1ep)")
-    if args.nproc < 1 or args.probe_steps < 1 or args.seeds < 1:
-        raise UsageError("--nproc, --probe-steps and --seeds must be >= 1")
+    if args.nproc < 1 or args.probe_steps < 1:
+        raise UsageError("--nproc and --probe-steps must be >= 1")
+    if not 1 <= args.seeds <= MAX_SEEDS:
+        raise UsageError(f"--seeds {args.seeds}: give 1..{MAX_SEEDS} (each seed is a pretraining run per method)")
     for o in args.overrides:
         key = o.split("=", 1)[0].strip()
         if key in ("optim.epochs", "data.source", "train.out_dir", "train.resume"):
@@ -157,7 +160,10 @@ def check_inputs(args) -> None:
         if not os.path.exists(os.path.expanduser(args.data)):
             raise UsageError(f"--data {args.data}: no such folder or file")
         args.data = os.path.abspath(os.path.expanduser(args.data))
-    load_cfg(args, run_cfg_overrides(args, os.path.join(args.out, "probe")))  # the config, with every override
+    cfg = load_cfg(args, run_cfg_overrides(args, os.path.join(args.out, "probe")))  # the config, with every override
+    if cfg.train.seed + args.seeds - 1 > MAX_SEED:
+        raise UsageError(f"--seeds {args.seeds} from train.seed={cfg.train.seed}: the last seed would pass {MAX_SEED}; "
+                         f"give a smaller train.seed")
 
 # ---- main ------------------------------------------------------------------------------------------------
 
