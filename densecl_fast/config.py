@@ -243,6 +243,18 @@ def check_environment(cfg: Config, world_size: Optional[int] = None) -> None:
     need(not grouped or m.bn_group_size <= 0 or m.bn_group_size >= per or per % m.bn_group_size == 0,
          f"optim.batch_size={o.batch_size} gives {per} images per process, not a multiple of "
          f"model.bn_group_size={m.bn_group_size}; change one of them (bn_group_size=0: the whole batch)")
+    # The fewest values per channel a BatchNorm sees in training: its images x the C5 map (stride 32;
+    # every stride-2 layer rounds up). One value normalises to the BN bias whatever the image: the
+    # trunk's output no longer depends on its input (one BatchNorm2d per group refuses this).
+    side = -(-cfg.data.image_size // 32)
+    images = o.batch_size if not grouped else per if m.bn_group_size <= 0 else min(m.bn_group_size, per)
+    if images * side * side <= 1:
+        what = (f"optim.batch_size={o.batch_size} with model.bn=sync" if not grouped else
+                f"optim.batch_size={o.batch_size} on {world_size} process(es) with model.bn_group_size=0 (BN over "
+                f"each process's batch)" if m.bn_group_size <= 0 else f"model.bn_group_size={m.bn_group_size}")
+        raise ConfigError(f"{what} normalises 1 image per BatchNorm, and at data.image_size={cfg.data.image_size} "
+                          f"C5 is 1x1: 1 value per channel, so every image gets the same C5 features; use groups "
+                          f"of at least 2 images (or data.image_size > 32)")
 
 
 def to_yaml(cfg: Config) -> str:
