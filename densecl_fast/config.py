@@ -63,7 +63,8 @@ class DataConfig:
     image_size: int = 224             # output crop size of each view
     min_scale: float = 0.2            # RandomResizedCrop area range (min_scale, 1)
     jitter_prob: float = 0.8          # ColorJitter's probability per view (the MoCo-v2 recipe's)
-    jitter_strength: float = 1.0      # factor on its strengths: brightness/contrast/saturation 0.4, hue 0.1
+    jitter_strength: float = 1.0      # factor on its strengths: brightness/contrast/saturation 0.4, hue 0.1;
+                                      # in [JITTER_STRENGTH_MIN, 2.5]
     grayscale_prob: float = 0.2       # RandomGrayscale's probability per view
     blur_prob: float = 0.5            # GaussianBlur's probability per view
     num_workers: int = 8              # torch DataLoader workers / DALI CPU threads
@@ -142,6 +143,7 @@ class Config:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
 
+JITTER_STRENGTH_MIN = 1e-6          # data.jitter_strength's floor (see validate_augmentation)
 # train.seed's bound: integers exact in JSON (metrics, state.json, report.json); seed * 1000 + rank (the
 # key-shuffle generator's seed) stays inside the 64 bits torch's generators take; non-negative, as
 # numpy's SeedSequence (the low-shot draws) needs.
@@ -301,10 +303,13 @@ def validate_augmentation(d: DataConfig) -> None:
         if not 0.0 <= getattr(d, key) <= 1.0:
             raise ConfigError(f"data.{key}={getattr(d, key)} must be in [0, 1]")
     # Above 2.5 the brightness and contrast factors 1 +- 0.4 * strength would go below 0: torchvision
-    # clips them there, the DALI graph does not.
-    if not 0.0 < d.jitter_strength <= 2.5:
-        raise ConfigError(f"data.jitter_strength={d.jitter_strength} must be in (0, 2.5] (2.5: the brightness and "
-                          f"contrast factors reach 0; data.jitter_prob=0 turns the jitter off)")
+    # clips them there, the DALI graph does not. At or below 2^-54 / 0.4 (~1.4e-16) 1 +- 0.4 * strength
+    # rounds to 1 and torchvision's ColorJitter drops brightness, contrast and saturation with their
+    # random draws, moving every later draw of the view (the DALI draws would not move): a floor far
+    # above that, where the jitter changes no 8-bit pixel anyway, keeps both backends on the same draws.
+    if not JITTER_STRENGTH_MIN <= d.jitter_strength <= 2.5:
+        raise ConfigError(f"data.jitter_strength={d.jitter_strength} must be in [{JITTER_STRENGTH_MIN:g}, 2.5] (2.5: "
+                          f"the brightness and contrast factors reach 0; data.jitter_prob=0 turns the jitter off)")
 
 
 def validate(cfg: Config) -> None:
