@@ -62,7 +62,8 @@ def check_val(data: str, val: str) -> None:
     if not val:
         return
     try:
-        own = data == "synthetic" or fashion_mnist.parse_source(data) is not None or scenes.parse_source(data) is not None
+        own = (data == "synthetic" or fashion_mnist.parse_source(data) is not None
+               or scenes.parse_source(data) is not None)
     except DataError:
         return  # a malformed spelling: load_eval_data names it
     if own:

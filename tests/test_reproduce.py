@@ -240,7 +240,8 @@ def test_a_reproduction_with_a_sharded_checkpoint_engine(tmp_path, data_cache, c
     assert "plan: budget 1ep -> 1 epoch(s)" in captured.out
     state = json.load(open(os.path.join(out, "state.json")))
     ckpt = state["stages"]["pretrain:densecl"]["checkpoint"]
-    assert ckpt.endswith("ckpt_000000005.dcp") and os.path.isdir(ckpt) and state["stages"]["pretrain:densecl"]["steps"] == 5
+    assert ckpt.endswith("ckpt_000000005.dcp") and os.path.isdir(ckpt)
+    assert state["stages"]["pretrain:densecl"]["steps"] == 5
     for fmt, ext in EXPORT_FORMATS:
         assert os.path.getsize(os.path.join(out, "export", f"densecl_{fmt}.{ext}")) > 0
     rep = json.load(open(os.path.join(out, "report.json")))

@@ -57,8 +57,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", help="wall clock for planning + pretraining (8h, 90m, 1h30m) or epochs (20ep)")
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
     p.add_argument("--baseline", action="store_true", help="also MoCo-v2 (λ = 0) at the same budget")
-    p.add_argument("--seeds", type=int, default=1, help=f"pretraining runs per method (1..{MAX_SEEDS}), with train.seed, "
-                   "+1, ... (and as many random-init trunks); the report gives means, std and per-seed figures")
+    p.add_argument("--seeds", type=int, default=1, help=f"pretraining runs per method (1..{MAX_SEEDS}), with "
+                   "train.seed, +1, ... (and as many random-init trunks); the report gives means, std and per-seed "
+                   "figures")
     p.add_argument("--resume", action="store_true", help="continue the reproduction in --out where it stopped")
     p.add_argument("--config", default="densecl_r50_200e_in1k", help="preset or YAML (default: the seed recipe)")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for pretraining: > 1 runs torchrun")

@@ -75,7 +75,8 @@ def probe(args, state: State, t_start: float) -> dict:
         step_s = statistics.median(batch / r["img_per_s"] for r in timed_recs)
         steps_total = sum(batch / r["img_per_s"] for r in recs)
         # a file checkpoint whole (unverified: the probe's own, just written); a folder's meta.pt holds the same
-        ck = load_checkpoint(ckpts[-1], verify=False) if checkpoint_kind(ckpts[-1]) == "pt" else read_checkpoint_meta(ckpts[-1])
+        last = ckpts[-1]
+        ck = load_checkpoint(last, verify=False) if checkpoint_kind(last) == "pt" else read_checkpoint_meta(last)
         info = {"step_s": step_s, "startup_s": max(0.0, wall - steps_total), "wall_s": wall, "batch": batch,
                 "steps_per_epoch": int(ck["steps_per_epoch"]), "num_images": int(ck.get("num_samples") or 0),
                 "timed_steps": len(timed_recs)}
