@@ -144,6 +144,11 @@ def list_checkpoints(out_dir: str) -> list[str]:
     return sorted(paths, key=lambda p: int(_NAME.search(p).group(1)))
 
 
+def checkpoint_step(path: str) -> int:
+    """The step in the name of a checkpoint `list_checkpoints` lists (any format)."""
+    return int(_NAME.search(os.path.normpath(path)).group(1))
+
+
 def checkpoint_kind(path: str) -> str:
     """'pt' | 'dcp' | 'ds' by the name (a file given by the user with another name: 'pt')."""
     m = _NAME.search(os.path.normpath(path))

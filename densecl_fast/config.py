@@ -63,7 +63,8 @@ class DataConfig:
     image_size: int = 224             # output crop size of each view
     min_scale: float = 0.2            # RandomResizedCrop area range (min_scale, 1)
     jitter_prob: float = 0.8          # ColorJitter's probability per view (the MoCo-v2 recipe's)
-    jitter_strength: float = 1.0      # factor on its strengths: brightness/contrast/saturation 0.4, hue 0.1
+    jitter_strength: float = 1.0      # factor on its strengths: brightness/contrast/saturation 0.4, hue 0.1;
+                                      # in [JITTER_STRENGTH_MIN, 2.5]
     grayscale_prob: float = 0.2       # RandomGrayscale's probability per view
     blur_prob: float = 0.5            # GaussianBlur's probability per view
     num_workers: int = 8              # torch DataLoader workers / DALI CPU threads
@@ -88,7 +89,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/densecl"
-    seed: int = 0
+    seed: int = 0                     # 0 .. MAX_SEED
     device: str = "auto"              # auto | cpu | cuda
     precision: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     channels_last: bool = True
@@ -126,9 +127,9 @@ class TrainConfig:
 
 @dataclass
 class DeepSpeedSection:
-    """train.engine=deepspeed only. The JSON is launch/ds_zero<zero_stage>.json unless `config` names one;
+    """train.engine=deepspeed only. The JSON is densecl_fast/engines/ds_configs/ds_zero<zero_stage>.json unless `config` names one;
     batch sizes, optimizer and precision always come from this config (a JSON that contradicts them is an error)."""
-    config: str = ""                  # path of a DeepSpeed JSON config ("" = launch/ds_zero<zero_stage>.json)
+    config: str = ""                  # path of a DeepSpeed JSON config ("" = densecl_fast/engines/ds_configs/ds_zero<zero_stage>.json)
     zero_stage: Optional[int] = None  # 0 | 1 | 2; overrides the JSON's zero_optimization.stage (None: the JSON's, or 1)
 
 
@@ -142,6 +143,11 @@ class Config:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
 
+JITTER_STRENGTH_MIN = 1e-6          # data.jitter_strength's floor (see validate_augmentation)
+# train.seed's bound: integers exact in JSON (metrics, state.json, report.json); seed * 1000 + rank (the
+# key-shuffle generator's seed) stays inside the 64 bits torch's generators take; non-negative, as
+# numpy's SeedSequence (the low-shot draws) needs.
+MAX_SEED = 2 ** 53 - 1
 COMPILE_SCOPES = ("blocks", "encoders")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -239,6 +245,18 @@ def check_environment(cfg: Config, world_size: Optional[int] = None) -> None:
     need(not grouped or m.bn_group_size <= 0 or m.bn_group_size >= per or per % m.bn_group_size == 0,
          f"optim.batch_size={o.batch_size} gives {per} images per process, not a multiple of "
          f"model.bn_group_size={m.bn_group_size}; change one of them (bn_group_size=0: the whole batch)")
+    # The fewest values per channel a BatchNorm sees in training: its images x the C5 map (stride 32;
+    # every stride-2 layer rounds up). One value normalises to the BN bias whatever the image: the
+    # trunk's output no longer depends on its input (one BatchNorm2d per group refuses this).
+    side = -(-cfg.data.image_size // 32)
+    images = o.batch_size if not grouped else per if m.bn_group_size <= 0 else min(m.bn_group_size, per)
+    if images * side * side <= 1:
+        what = (f"optim.batch_size={o.batch_size} with model.bn=sync" if not grouped else
+                f"optim.batch_size={o.batch_size} on {world_size} process(es) with model.bn_group_size=0 (BN over "
+                f"each process's batch)" if m.bn_group_size <= 0 else f"model.bn_group_size={m.bn_group_size}")
+        raise ConfigError(f"{what} normalises 1 image per BatchNorm, and at data.image_size={cfg.data.image_size} "
+                          f"C5 is 1x1: 1 value per channel, so every image gets the same C5 features; use groups "
+                          f"of at least 2 images (or data.image_size > 32)")
 
 
 def to_yaml(cfg: Config) -> str:
@@ -285,10 +303,13 @@ def validate_augmentation(d: DataConfig) -> None:
         if not 0.0 <= getattr(d, key) <= 1.0:
             raise ConfigError(f"data.{key}={getattr(d, key)} must be in [0, 1]")
     # Above 2.5 the brightness and contrast factors 1 +- 0.4 * strength would go below 0: torchvision
-    # clips them there, the DALI graph does not.
-    if not 0.0 < d.jitter_strength <= 2.5:
-        raise ConfigError(f"data.jitter_strength={d.jitter_strength} must be in (0, 2.5] (2.5: the brightness and "
-                          f"contrast factors reach 0; data.jitter_prob=0 turns the jitter off)")
+    # clips them there, the DALI graph does not. At or below 2^-54 / 0.4 (~1.4e-16) 1 +- 0.4 * strength
+    # rounds to 1 and torchvision's ColorJitter drops brightness, contrast and saturation with their
+    # random draws, moving every later draw of the view (the DALI draws would not move): a floor far
+    # above that, where the jitter changes no 8-bit pixel anyway, keeps both backends on the same draws.
+    if not JITTER_STRENGTH_MIN <= d.jitter_strength <= 2.5:
+        raise ConfigError(f"data.jitter_strength={d.jitter_strength} must be in [{JITTER_STRENGTH_MIN:g}, 2.5] (2.5: "
+                          f"the brightness and contrast factors reach 0; data.jitter_prob=0 turns the jitter off)")
 
 
 def validate(cfg: Config) -> None:
@@ -334,6 +355,7 @@ def validate(cfg: Config) -> None:
     need(o.max_steps >= 0 and o.warmup_epochs >= 0 and o.min_lr >= 0,
          "optim.max_steps, optim.warmup_epochs and optim.min_lr must be >= 0")
     need(bool(str(t.out_dir).strip()), "train.out_dir is empty: give the run directory")
+    need(0 <= t.seed <= MAX_SEED, f"train.seed={t.seed} must be in 0..{MAX_SEED} (2^53 - 1)")
     need(min(t.knn_every_epochs, t.knn_every_steps) >= 0, "train.knn_every_epochs and knn_every_steps must be >= 0")
     need(not str(t.knn_data).strip() or t.knn_every_epochs or t.knn_every_steps,
          "train.knn_data is set but train.knn_every_epochs and knn_every_steps are both 0; set one (or clear knn_data)")

@@ -20,13 +20,14 @@ rank, then the others wait at a barrier.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Optional
 
 import torch
 import torchvision.transforms as T
 
-from .data import DataError
+from .data import DataError, fashion_mnist, scenes
 from .distributed import all_reduce_max, barrier
 from .eval import features, knn
 from .eval.datasets import EvalSplit, load_eval_data
@@ -54,6 +55,30 @@ def _in_memory(split: EvalSplit, image_size: int) -> EvalSplit:
     return EvalSplit(split.name, split.keys, images.__getitem__, split.classes, split.labels)
 
 
+def check_val(data: str, val: str) -> None:
+    """`train.knn_val` is honoured or refused, never ignored: the generated sets and Fashion-MNIST
+    bring their own evaluation split, an image folder needs a folder, a list needs a list."""
+    val, data = str(val).strip(), str(data).strip()
+    if not val:
+        return
+    try:
+        own = (data == "synthetic" or fashion_mnist.parse_source(data) is not None
+               or scenes.parse_source(data) is not None)
+    except DataError:
+        return  # a malformed spelling: load_eval_data names it
+    if own:
+        raise DataError(f"train.knn_val={val!r} cannot be used with train.knn_data={data!r}, which has its own "
+                        f"evaluation split (the built-in set's last images, the test split of Fashion-MNIST or "
+                        f"of the scenes); clear train.knn_val")
+    dp, vp = (os.path.abspath(os.path.expanduser(x)) for x in (data, val))
+    if os.path.isdir(dp) and not os.path.isdir(vp):
+        raise DataError(f"train.knn_val={val!r}: no such folder (train.knn_data is an image folder, so the "
+                        f"evaluation split is one too)")
+    if os.path.isfile(dp) and not os.path.isfile(vp):
+        raise DataError(f"train.knn_val={val!r}: no such file (train.knn_data is a file list, so the evaluation "
+                        f"split is one too)")
+
+
 class KnnMonitor:
     def __init__(self, bank: EvalSplit, val: EvalSplit, *, arch: str, image_size: int, k: int, every_epochs: int,
                  every_steps: int, device: torch.device, is_main: bool, batch_size: int = 128):
@@ -68,6 +93,7 @@ class KnnMonitor:
         t, d = cfg.train, cfg.data
         if not str(t.knn_data).strip():
             return None
+        check_val(t.knn_data, t.knn_val)
         try:
             bank, val = load_eval_data(t.knn_data, task="cls", val=t.knn_val, max_train=t.knn_max_bank,
                                        max_val=t.knn_max_val, synthetic_images=d.synthetic_images,

@@ -132,7 +132,6 @@ def _train(cfg: Config, held: ExitStack) -> dict:
     # come first: a bad value is a one-line error before any process group, data or model.
     world_size = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
     check_environment(cfg, world_size=world_size)
-    check_bn_statistics(cfg, world_size)
     dist_info, device = init_distributed(t_cfg.device)
     say = (lambda *a: print(*a, flush=True)) if dist_info.is_main else (lambda *a: None)
     precision = resolve_precision(t_cfg.precision, device)
@@ -231,25 +230,6 @@ def lock_run_dir(t_cfg, resume_path: str | None, dist_info: DistInfo, device: to
         problem = ConfigError(f"train.out_dir={t_cfg.out_dir}: rank 0 cannot use the run directory (see its error)")
     if problem is not None:
         raise problem
-
-
-def check_bn_statistics(cfg: Config, world_size: int) -> None:
-    """Training BatchNorm needs more than one value per channel, and the trunk's last stage has
-    ceil(image_size / 32)^2 positions per image: a BN group of one image at image_size <= 32 (a batch
-    of 1 per process, or bn_group_size=1) raises in the first step (plain BN) or normalises every
-    value of that stage to zero (grouped BN), so it is refused before any work."""
-    m, per = cfg.model, cfg.optim.batch_size // world_size
-    if world_size > 1 and m.bn == "sync":
-        group = cfg.optim.batch_size
-    else:
-        group = per if m.bn_group_size <= 0 or m.bn_group_size >= per else m.bn_group_size
-    side = -(-cfg.data.image_size // 32)
-    if group * side * side < 2:
-        raise ConfigError(
-            f"optim.batch_size={cfg.optim.batch_size} with model.bn_group_size={m.bn_group_size} on {world_size} "
-            f"process(es) gives BatchNorm groups of {group} image(s), and data.image_size={cfg.data.image_size} "
-            f"leaves {side}x{side} position(s) at the trunk's last stage: BatchNorm needs more than one value "
-            f"per channel; use at least 2 images per group (batch and model.bn_group_size) or data.image_size >= 33")
 
 
 def per_rank_batch_size(batch_size: int, world_size: int) -> int:

@@ -175,8 +175,8 @@ def test_augmentation_keys_default_to_the_recipe_and_are_checked(tmp_path):
     for override, msg in [("data.jitter_prob=1.2", r"^data\.jitter_prob=1\.2 must be in \[0, 1\]$"),
                           ("data.grayscale_prob=-0.1", r"^data\.grayscale_prob=-0\.1 must be in \[0, 1\]$"),
                           ("data.blur_prob=nan", r"^data\.blur_prob=nan must be in \[0, 1\]$"),
-                          ("data.jitter_strength=0", r"^data\.jitter_strength=0\.0 must be in \(0, 2\.5\]"),
-                          ("data.jitter_strength=3", r"^data\.jitter_strength=3\.0 must be in \(0, 2\.5\]")]:
+                          ("data.jitter_strength=0", r"^data\.jitter_strength=0\.0 must be in \[1e-06, 2\.5\]"),
+                          ("data.jitter_strength=3", r"^data\.jitter_strength=3\.0 must be in \[1e-06, 2\.5\]")]:
         with pytest.raises(ConfigError, match=msg):
             load_config("smoke", [override])
     # A config built in code reaches the loader unvalidated: the loader checks the keys itself.
@@ -184,6 +184,36 @@ def test_augmentation_keys_default_to_the_recipe_and_are_checked(tmp_path):
     write_images(str(tmp_path / "img"), 4)
     with pytest.raises(ConfigError, match=r"data\.blur_prob=2\.0 must be in \[0, 1\]"):
         TorchTwoViewLoader(cfg(tmp_path / "img", tmp_path, blur_prob=2.0), batch_size=2)
+
+
+def test_a_jitter_strength_torchvision_rounds_away_is_refused():
+    """Issue 25 item 8: at a strength <= 2^-54 / 0.4 torchvision's ColorJitter turns 1 +- 0.4 k into
+    (1, 1), drops brightness, contrast and saturation and their three draws, and every later draw of
+    the view (grayscale, blur, flip, the next view's crop) moved; the DALI draws would not. Strengths
+    below data.jitter_strength's floor are refused, on every path (config, a DataConfig built in code,
+    an Augmentation made directly)."""
+    import torchvision.transforms as T
+    from densecl_fast.config import JITTER_STRENGTH_MIN, ConfigError, load_config
+    collapsing = 2.0 ** -54 / 0.4
+    assert T.ColorJitter(*tr.Augmentation().jitter_ranges()[:3]).brightness is not None
+    assert T.ColorJitter(0.4 * collapsing).brightness is None       # the premise, in torchvision
+    assert T.ColorJitter(0.4 * JITTER_STRENGTH_MIN).brightness is not None
+    for k in (collapsing, 3e-16, 1e-7):
+        with pytest.raises(ConfigError, match=rf"^data\.jitter_strength={k} must be in \[1e-06, 2\.5\]"):
+            load_config("smoke", [f"data.jitter_strength={k}"])
+        with pytest.raises(ConfigError, match="data.jitter_strength"):
+            tr.Augmentation(jitter_strength=k)
+    # at the floor, the jitter still draws its factors: every other draw is the recipe's
+    img = Image.new("RGB", (100, 100))
+
+    def params(aug):
+        t = tr.ViewTransform(64, 0.2, aug)
+        torch.manual_seed(5)
+        return [t.sample_params(img) for _ in range(200)]
+    recipe, floor = params(tr.Augmentation()), params(tr.Augmentation(jitter_strength=JITTER_STRENGTH_MIN))
+    assert [(p.crop, p.grayscale, p.blur_sigma, p.flip) for p in floor] == \
+        [(p.crop, p.grayscale, p.blur_sigma, p.flip) for p in recipe]
+    assert all(abs(f - 1.0) < 1e-6 for p in floor if p.jitter for f in p.jitter[1:4])  # drawn in float32
 
 
 def test_torch_loader_follows_the_augmentation_keys(tmp_path):

@@ -107,6 +107,38 @@ def test_bad_knn_data_stops_before_the_model(tmp_path, data_cache):
     assert not os.listdir(os.path.join(tmp_path, "x", "checkpoints"))   # no model was built, nothing saved
 
 
+def test_a_knn_val_that_cannot_be_honoured_is_an_error_naming_it(tmp_path, data_cache):
+    """Issue 25 item 4: train.knn_val was silently ignored with the sets that bring their own evaluation
+    split (the monitor used that split), and a missing folder was reported as '--val'."""
+    from tests.test_scenes import fake_garments, write_idx
+    root = str(tmp_path / "fmnist")
+    write_idx(root, "train", *fake_garments(30, 0))
+    write_idx(root, "test", *fake_garments(10, 1))
+    folder = tmp_path / "labelled"
+    for cls in ("a", "b"):
+        (folder / cls).mkdir(parents=True)
+    for data in ("synthetic", f"fashion-mnist:{root}", f"fashion-mnist-scenes:{root}#train=8,test=4,size=32"):
+        for val in ("/no/such/folder", str(folder)):  # missing or not: either way it would be ignored
+            cfg = load_config("smoke", tiny(str(tmp_path / "x"), data_cache, f"train.knn_data={data}",
+                                            f"train.knn_val={val}", "train.knn_max_bank=8", "train.knn_max_val=4"))
+            with pytest.raises(DataError, match=rf"train.knn_val='{val}' cannot be used with train.knn_data="):
+                KnnMonitor.build(cfg, torch.device("cpu"), one_process())
+    cfg = load_config("smoke", tiny(str(tmp_path / "x"), data_cache, f"train.knn_data={folder}",
+                                    "train.knn_val=/no/such/folder"))
+    with pytest.raises(DataError, match=r"^train.knn_val='/no/such/folder': no such folder"):
+        KnnMonitor.build(cfg, torch.device("cpu"), one_process())
+    lst = tmp_path / "list.txt"
+    lst.write_text("")
+    cfg = load_config("smoke", tiny(str(tmp_path / "x"), data_cache, f"train.knn_data={lst}",
+                                    f"train.knn_val={folder}"))
+    with pytest.raises(DataError, match=rf"^train.knn_val='{folder}': no such file"):
+        KnnMonitor.build(cfg, torch.device("cpu"), one_process())
+    # through the trainer: before any model is built
+    with pytest.raises(DataError, match="train.knn_val='/no/such/folder' cannot be used"):
+        train(load_config("smoke", tiny(str(tmp_path / "y"), data_cache, *KNN, "train.knn_val=/no/such/folder")))
+    assert not os.listdir(os.path.join(tmp_path, "y", "checkpoints"))
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_two_ranks_rank0_measures_the_others_wait(tmp_path, data_cache):

@@ -203,6 +203,30 @@ def test_a_refused_budget_or_data_set_leaves_nothing_that_blocks_the_corrected_c
     assert json.load(open(os.path.join(out, "state.json")))["args"]["budget"] == "2ep"
 
 
+def test_unbounded_seeds_are_refused_before_anything_is_recorded(tmp_path, data_cache, capsys, planned):
+    """Issue 25 item 6: --seeds 1000000000000 built its seed list after state.json was written (a
+    MemoryError); a train.seed past what the generators take was a traceback in the run."""
+    from densecl_fast.config import MAX_SEED
+    out = str(tmp_path / "repro")
+    t = repro_tiny(data_cache)
+    for argv, words in ((["--seeds", "101"], "--seeds 101: give 1..100"),
+                        (["--seeds", "1000000000000"], "--seeds 1000000000000: give 1..100"),
+                        (["--seeds", "0"], "--seeds 0"),
+                        ([f"train.seed={2 ** 63}"], f"train.seed={2 ** 63} must be in 0..{MAX_SEED}"),
+                        (["train.seed=-1"], "train.seed=-1"),
+                        (["--seeds", "3", f"train.seed={MAX_SEED - 1}"], "the last seed would pass")):
+        assert main(["--data", "synthetic", "--budget", "2ep", "--out", out, *t, *argv]) == 2
+        assert words in one_line(capsys)
+        assert not os.path.exists(os.path.join(out, "state.json")) and not planned
+    assert main(["--data", "synthetic", "--budget", "2ep", "--out", out, *t, "--seeds", "2",
+                 f"train.seed={MAX_SEED - 1}"]) == 0  # the largest seeds there are
+    assert planned[-1]["seeds"] == 2
+    # the trainer's own command: one line, exit 2, before any work
+    rc = pretrain_cli.main(["--config", "smoke", f"train.seed={2 ** 64}", f"train.out_dir={tmp_path / 'run'}"])
+    assert rc == 2 and "train.seed" in one_line(capsys)
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_a_plan_refused_after_the_probe_can_be_replaced_or_resumed_with_other_arguments(tmp_path, data_cache,
                                                                                            capsys, monkeypatch):
     out = str(tmp_path / "repro")

@@ -205,6 +205,49 @@ def test_a_signal_during_the_probe_stops_the_reproduction_without_a_plan(tmp_pat
     assert "plan" not in json.load(open(os.path.join(out, "state.json")))["stages"]
 
 
+def test_a_locked_run_directory_under_resume_is_one_line_exit_2(tmp_path, data_cache, capsys):
+    """Issue 25 item 5: the run lock's refusal (a ConfigError raised inside train()) was a traceback."""
+    import fcntl
+    out = tmp_path / "repro"
+    (out / "densecl").mkdir(parents=True)
+    argv, p = tiny(data_cache), plan("2ep")
+    p.update(probe={"timed_steps": 2}, config={"preset": "smoke"})
+    (out / "state.json").write_text(json.dumps({
+        "version": 1, "args": {"data": "synthetic", "budget": "2ep", "config": "smoke", "probe_steps": 2,
+                               "overrides": argv[4:]},
+        "plan": p, "stages": {"plan": {"finished": 1.0}}}))
+    fd = os.open(out / "densecl" / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run holds train.out_dir
+        os.write(fd, b"4242 on elsewhere\n")
+        rc = main(["--resume", "--out", str(out)])
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "is in use by another run" in err and str(out / "densecl") in err, err
+
+
+@pytest.mark.slow
+def test_a_reproduction_with_a_sharded_checkpoint_engine(tmp_path, data_cache, capsys):
+    """Issue 25 item 9: the probe and the pretraining stage found the step of the last checkpoint with a
+    regex for ckpt_<step>.pt, so train.engine=fsdp (ckpt_<step>.dcp/ folders) raised."""
+    out = str(tmp_path / "repro")
+    rc = main(["--data", "synthetic", "--budget", "1ep", "--no-random", "--out", out, *tiny(data_cache),
+               "train.engine=fsdp"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-3000:]
+    assert "plan: budget 1ep -> 1 epoch(s)" in captured.out
+    state = json.load(open(os.path.join(out, "state.json")))
+    ckpt = state["stages"]["pretrain:densecl"]["checkpoint"]
+    assert ckpt.endswith("ckpt_000000005.dcp") and os.path.isdir(ckpt)
+    assert state["stages"]["pretrain:densecl"]["steps"] == 5
+    for fmt, ext in EXPORT_FORMATS:
+        assert os.path.getsize(os.path.join(out, "export", f"densecl_{fmt}.{ext}")) > 0
+    rep = json.load(open(os.path.join(out, "report.json")))
+    assert rep["runs"]["densecl"]["steps"] == 5 and 0 <= rep["eval"]["densecl"]["knn_k20"] <= 100
+
+
 # ---- the seeded experiment on the Fashion-MNIST scenes, shrunk (issue 19) -----------------------------
 
 FMNIST = "/usr/share/datasets/fashion-mnist"

@@ -25,15 +25,20 @@ idx files' sizes and mtimes, as `fashion_mnist.digest`):
     images/<class>/<i:06d>.png   RGB scene; <class> = its label (the class covering most pixels)
     masks/<i:06d>.png            uint8 L: 0 = background, k = fashion_mnist.CLASSES[k-1]
     instances/<i:06d>.png        uint8 L: 0 = background, k = the k-th garment drawn (visible part)
-    labels.json                  {"version", "split", "num_images", "size", "classes", "sha256",
-                                  "pixels_sha256", "images": [{"image", "mask", "instances",
+    labels.json                  {"version", "format", "split", "num_images", "size", "source",
+                                  "classes", "sha256", "pixels_sha256", "images": [{"image", "mask", "instances",
                                   "label", "objects": [{"class", "source_index", "visible",
                                   "bbox" (visible part, end exclusive) or null}, ...drawing order]}]}
 
-`sha256` is over the bytes of every image and mask file in index order; it is checked each time
-the set is reused, and a set that fails it is refused (delete the folder to regenerate it), never
-silently replaced. `pixels_sha256` is over the generated arrays (compare across machines). The set
-is written into a temporary folder renamed into place, so racing ranks never see a partial set.
+`sha256` covers everything that defines the set: every field of labels.json but itself (labels,
+objects, sizes, ...; as canonical JSON) and the bytes of every image, mask and instance file in
+index order. It is checked each time the set is reused, and a set that fails it (or whose
+labels.json is unreadable or malformed) is refused with one line naming the folder (delete the
+folder to regenerate it), never silently replaced. `pixels_sha256` is over the generated arrays
+(compare across machines). `format` is the on-disk layout's version (2: the checksum covers
+labels.json; a set written before is refused the same way). The set is written into a temporary
+folder renamed into place, so racing ranks never see a partial set (see data/cache.py for the temp
+folders of killed generations).
 """
 from __future__ import annotations
 
@@ -51,7 +56,8 @@ from .cache import build_once
 from .errors import DataError
 
 PREFIX = "fashion-mnist-scenes:"
-VERSION = 1
+VERSION = 1                      # the drawing (seeds every scene's random stream): a new one draws other scenes
+FORMAT = 2                       # labels.json's layout and what `sha256` covers
 SEED = 0x5CE7E5
 DEFAULT_COUNT = {"train": 4000, "test": 1000}
 DEFAULT_SIZE = 96
@@ -193,9 +199,12 @@ def scenes_dir(cache_dir: str, spec: ScenesSpec, split: str) -> str:
                         f"{fashion_mnist.digest(spec.root, split)}")
 
 
-def _files_sha256(folder: str, entries: list) -> str:
+def _set_sha256(folder: str, meta: dict) -> str:
+    """SHA-256 over labels.json's fields but `sha256` (canonical JSON), then every entry's files."""
     h = hashlib.sha256()
-    for e in entries:
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True,
+                        separators=(",", ":")).encode())
+    for e in meta["images"]:
         for key in ("image", "mask", "instances"):
             with open(os.path.join(folder, e[key]), "rb") as f:
                 h.update(f.read())
@@ -222,22 +231,39 @@ def generate(folder: str, spec: ScenesSpec, split: str) -> None:
         for a in (rgb, mask, inst):
             pixels.update(a.tobytes())
         entries.append(e)
-    meta = {"version": VERSION, "split": split, "num_images": len(entries), "size": spec.size,
-            "source": spec.root, "classes": list(CLASSES), "sha256": _files_sha256(folder, entries),
-            "pixels_sha256": pixels.hexdigest(), "images": entries}
+    meta = {"version": VERSION, "format": FORMAT, "split": split, "num_images": len(entries), "size": spec.size,
+            "source": spec.root, "classes": list(CLASSES), "pixels_sha256": pixels.hexdigest(), "images": entries}
+    meta["sha256"] = _set_sha256(folder, meta)
     with open(os.path.join(folder, "labels.json"), "w") as f:  # last: its presence marks a complete set
         json.dump(meta, f)
 
 
+def _well_formed(meta) -> bool:
+    """The fields readers use, of the types and ranges they assume (a label indexes CLASSES)."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("sha256"), str):
+        return False
+    images = meta.get("images")
+    if not isinstance(images, list) or meta.get("num_images") != len(images):
+        return False
+    for e in images:
+        if not (isinstance(e, dict) and all(isinstance(e.get(k), str) for k in ("image", "mask", "instances"))
+                and type(e.get("label")) is int and 0 <= e["label"] < len(CLASSES)):
+            return False
+    return True
+
+
 def _verified(folder: str) -> str:
-    meta = read_labels(folder)
     try:
-        ok = _files_sha256(folder, meta["images"]) == meta["sha256"]
-    except (OSError, KeyError, TypeError):
-        ok = False
+        meta = read_labels(folder)
+        ok = _well_formed(meta) and _set_sha256(folder, meta) == meta["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):  # ValueError: JSON (and UnicodeDecodeError)
+        meta, ok = None, False
+    if not ok and isinstance(meta, dict) and "format" not in meta and "sha256" in meta:
+        raise DataError(f"the Fashion-MNIST scenes at {folder} were written by an older densecl_fast (their "
+                        "checksum does not cover labels.json); delete the folder to generate them again")
     if not ok:
-        raise DataError(f"the Fashion-MNIST scenes at {folder} fail their checksum (a file was changed, removed "
-                        "or damaged); delete the folder to generate them again")
+        raise DataError(f"the Fashion-MNIST scenes at {folder} fail their checksum (labels.json or an image "
+                        "was changed, removed or damaged); delete the folder to generate them again")
     return folder
 
 

@@ -54,6 +54,11 @@ class Augmentation:
     blur_prob: float = BLUR_PROB
     jitter_strength: float = 1.0      # multiplies brightness/contrast/saturation 0.4 and hue 0.1
 
+    def __post_init__(self):
+        # Checked however it is made (a config built in code, a test, the DALI params): a strength
+        # torchvision rounds away would move the torch backend's draws and not DALI's.
+        validate_augmentation(self)
+
     @classmethod
     def of(cls, data_cfg) -> "Augmentation":
         """From a `config.DataConfig`, checked (a config built in code reaches the loaders unvalidated)."""

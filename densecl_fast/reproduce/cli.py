@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 
+from ..config import MAX_SEED, ConfigError
 from .errors import RunFailed, Stopped, UsageError
 from .plan import fmt_duration, parse_budget, plan_lines
 from .probe import MIN_TIME_BUDGET, PROBE_SHARE, PROBE_WARMUP, probe
@@ -35,6 +35,9 @@ from .report import write_report
 from .runs import (EXPORT_FORMATS, METHOD_OVERRIDES, call_cli, eval_jobs, load_cfg, method_of, pretrain_runs, run_cfg_overrides,
                    run_training, seeds_of, skipped_evals)
 from .state import State
+
+
+MAX_SEEDS = 100  # --seeds: each is a pretraining run per method (and a random trunk)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,8 +57,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", help="wall clock for planning + pretraining (8h, 90m, 1h30m) or epochs (20ep)")
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
     p.add_argument("--baseline", action="store_true", help="also MoCo-v2 (λ = 0) at the same budget")
-    p.add_argument("--seeds", type=int, default=1, help="pretraining runs per method, with train.seed, +1, ... "
-                   "(and as many random-init trunks); the report gives means, std and per-seed figures")
+    p.add_argument("--seeds", type=int, default=1, help=f"pretraining runs per method (1..{MAX_SEEDS}), with "
+                   "train.seed, +1, ... (and as many random-init trunks); the report gives means, std and per-seed "
+                   "figures")
     p.add_argument("--resume", action="store_true", help="continue the reproduction in --out where it stopped")
     p.add_argument("--config", default="densecl_r50_200e_in1k", help="preset or YAML (default: the seed recipe)")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for pretraining: > 1 runs torchrun")
@@ -131,8 +135,10 @@ def check_inputs(args) -> None:
         raise UsageError(f"--budget {args.budget}: give at least {fmt_duration(MIN_TIME_BUDGET)}: the throughput "
                          f"probe (a process start, the data, the model, {PROBE_WARMUP} + --probe-steps steps) must "
                          f"fit in {PROBE_SHARE:.0%} of it and whole epochs in the rest; or a budget in epochs (1ep)")
-    if args.nproc < 1 or args.probe_steps < 1 or args.seeds < 1:
-        raise UsageError("--nproc, --probe-steps and --seeds must be >= 1")
+    if args.nproc < 1 or args.probe_steps < 1:
+        raise UsageError("--nproc and --probe-steps must be >= 1")
+    if not 1 <= args.seeds <= MAX_SEEDS:
+        raise UsageError(f"--seeds {args.seeds}: give 1..{MAX_SEEDS} (each seed is a pretraining run per method)")
     for o in args.overrides:
         key = o.split("=", 1)[0].strip()
         if key in ("optim.epochs", "data.source", "train.out_dir", "train.resume"):
@@ -157,14 +163,17 @@ def check_inputs(args) -> None:
         if not os.path.exists(os.path.expanduser(args.data)):
             raise UsageError(f"--data {args.data}: no such folder or file")
         args.data = os.path.abspath(os.path.expanduser(args.data))
-    load_cfg(args, run_cfg_overrides(args, os.path.join(args.out, "probe")))  # the config, with every override
+    cfg = load_cfg(args, run_cfg_overrides(args, os.path.join(args.out, "probe")))  # the config, with every override
+    if cfg.train.seed + args.seeds - 1 > MAX_SEED:
+        raise UsageError(f"--seeds {args.seeds} from train.seed={cfg.train.seed}: the last seed would pass {MAX_SEED}; "
+                         f"give a smaller train.seed")
 
 # ---- main ------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     try:
         return _main(argv)
-    except UsageError as e:
+    except (UsageError, ConfigError) as e:  # ConfigError: e.g. the run lock's, from inside train()
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     except Stopped as e:
@@ -223,7 +232,7 @@ def _main(argv) -> int:
             finals[run] = state.data["stages"][stage]["checkpoint"]
             print(f"skip {stage} (done): {finals[run]}", flush=True)
             continue
-        from ..checkpoint import list_checkpoints
+        from ..checkpoint import checkpoint_step, list_checkpoints
         resume = "auto" if list_checkpoints(run_dir) else ""
         print(f"{stage}: {plan['epochs']} epochs into {run_dir}" + (" (resuming its latest checkpoint)" if resume else ""),
               flush=True)
@@ -234,7 +243,7 @@ def _main(argv) -> int:
         summary = run_training(args, ov, args.nproc)
         wall = time.time() - t0 + state.data["stages"].get(f"{stage}:partial", {}).get("wall_s", 0.0)
         ckpts = list_checkpoints(run_dir)
-        done_step = int(re.search(r"ckpt_(\d+)\.pt$", ckpts[-1]).group(1)) if ckpts else 0
+        done_step = checkpoint_step(ckpts[-1]) if ckpts else 0
         if summary["status"] != "finished" or done_step < plan["steps"]:
             state.data["stages"][f"{stage}:partial"] = {"wall_s": wall}
             state.save()

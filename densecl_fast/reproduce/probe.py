@@ -25,7 +25,8 @@ MIN_TIME_BUDGET = 60.0             # seconds: less cannot hold a probe in its sh
 
 def probe(args, state: State, t_start: float) -> dict:
     """A short timed run with the run's exact settings; -> the plan (also printed)."""
-    from ..checkpoint import list_checkpoints, load_checkpoint
+    from ..checkpoint import (checkpoint_kind, checkpoint_step, list_checkpoints, load_checkpoint, read_checkpoint_meta,
+                              remove_path)
     budget = parse_budget(args.budget)
     runs = (2 if args.baseline else 1) * args.seeds
     base = load_cfg(args, run_cfg_overrides(args, os.path.join(args.out, "probe")))
@@ -63,7 +64,7 @@ def probe(args, state: State, t_start: float) -> dict:
         ckpts = list_checkpoints(d)
         if not ckpts:
             raise UsageError(f"the throughput probe in {d} wrote no checkpoint")
-        got = int(re.search(r"ckpt_(\d+)\.pt$", ckpts[-1]).group(1))
+        got = checkpoint_step(ckpts[-1])
         if got < n:  # SIGTERM/SIGINT: the trainer checkpointed and returned early; do not plan on it
             raise Stopped(f"the throughput probe was stopped at step {got} of {n}")
         timed_recs = [r for r in recs if r["step"] > PROBE_WARMUP]
@@ -72,13 +73,15 @@ def probe(args, state: State, t_start: float) -> dict:
                              f"{n} batches in total?)")
         step_s = statistics.median(batch / r["img_per_s"] for r in timed_recs)
         steps_total = sum(batch / r["img_per_s"] for r in recs)
-        ck = load_checkpoint(ckpts[-1], verify=False)
+        # a file checkpoint whole (unverified: the probe's own, just written); a folder's meta.pt holds the same
+        last = ckpts[-1]
+        ck = load_checkpoint(last, verify=False) if checkpoint_kind(last) == "pt" else read_checkpoint_meta(last)
         info = {"step_s": step_s, "startup_s": max(0.0, wall - steps_total), "wall_s": wall, "batch": batch,
                 "steps_per_epoch": int(ck["steps_per_epoch"]), "num_images": int(ck.get("num_samples") or 0),
                 "timed_steps": len(timed_recs)}
         del ck
         for p in ckpts:  # full model + queues: not needed any more
-            os.remove(p)
+            remove_path(p)
         return info
 
     main = timed(args.nproc, "probe")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -60,13 +59,14 @@ def run_training(args, overrides: list[str], nproc: int) -> dict:
     cfg = load_cfg(args, overrides)  # every config problem is a one-line error before anything starts
     if nproc == 1 and args.nproc == 1:
         from ..checkpoint import CheckpointError, CheckpointWriteError
+        from ..config import ConfigError
         from ..data import DataError
         from ..trainer import NonFiniteLossError, train
         try:
             return train(cfg)
         except (CheckpointWriteError, NonFiniteLossError) as e:
             raise RunFailed(f"{e} (continue with --resume once fixed)") from None
-        except (DataError, CheckpointError) as e:
+        except (DataError, CheckpointError, ConfigError) as e:  # ConfigError: e.g. train.out_dir in use
             raise UsageError(str(e)) from None
     cmd = pretrain_command(args.config, overrides, nproc)
     print("  $ " + " ".join(cmd), flush=True)
@@ -89,9 +89,9 @@ def run_training(args, overrides: list[str], nproc: int) -> dict:
             signal.signal(s, h)
     if rc == 2:
         raise UsageError(f"pretraining refused its input ({PRETRAIN_MODULE} exit status 2; see the error above)")
-    from ..checkpoint import list_checkpoints
+    from ..checkpoint import checkpoint_step, list_checkpoints
     ckpts = list_checkpoints(cfg.train.out_dir)
-    step = int(re.search(r"ckpt_(\d+)\.pt$", ckpts[-1]).group(1)) if ckpts else 0
+    step = checkpoint_step(ckpts[-1]) if ckpts else 0
     return {"status": "finished" if rc == 0 else f"failed (exit status {rc})", "step": step, "total_steps": None}
 
 
