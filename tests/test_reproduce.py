@@ -331,3 +331,14 @@ def test_seeds_name_the_runs_and_the_random_trunks_and_seed_every_probe():
                                            for m in ("knn", "dense")}   # the scenes have masks: dense runs
     for t, _, a in jobs:
         assert a[a.index("--seed") + 1] == t[-1] and a.count("--seed") == 1
+
+
+def test_the_pretraining_child_imports_this_densecl_fast_whatever_its_working_folder(tmp_path):
+    """`python -m` puts the working folder first on sys.path: a reproduction started inside another
+    checkout must still train with the densecl_fast that started it."""
+    from densecl_fast.reproduce.runs import child_env, pretrain_command
+    (tmp_path / "densecl_fast").mkdir()
+    (tmp_path / "densecl_fast" / "__init__.py").write_text("raise SystemExit('the wrong densecl_fast')\n")
+    cmd = pretrain_command("smoke", ["--help"])
+    r = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "wrong" not in r.stderr + r.stdout, r.stderr

@@ -31,13 +31,16 @@ def pretrain_command(config: str, overrides: list[str], nproc: int | None = None
 
 def child_env() -> dict:
     """This process's environment, with PYTHONPATH leading to the same densecl_fast when it is not
-    an installed one (a checkout run as launch/reproduce.py without `pip install`)."""
+    an installed one (a checkout run as launch/reproduce.py without `pip install`). PYTHONSAFEPATH
+    (Python 3.11+): `python -m` would otherwise put the working folder first on sys.path, and a
+    reproduction started inside another checkout would train that checkout's densecl_fast."""
     import site
-    env = dict(os.environ)
+    env = dict(os.environ, PYTHONSAFEPATH="1")
     installed = {os.path.realpath(p) for p in [*site.getsitepackages(), site.getusersitepackages()]}
     if os.path.realpath(PACKAGE_ROOT) not in installed:
         env["PYTHONPATH"] = os.pathsep.join([PACKAGE_ROOT, *filter(None, [env.get("PYTHONPATH")])])
     return env
+
 
 def run_cfg_overrides(args, out_dir: str, extra=()) -> list[str]:
     return [f"data.source={args.data}", *args.overrides, f"train.out_dir={out_dir}", *extra]
