@@ -279,3 +279,84 @@ def test_device_check_scripts_parse_and_list_runnable_steps(tmp_path):
     text = open(os.path.join(ROOT, "perf/device_check.sh")).read()
     for name in ("mmselfsup_fp32_b32", "eager_plain_bn", "eager_bf16_cl_fused", "compiled_plain_bn", "compiled_fused"):
         assert name in text
+
+
+class FakeClock:
+    """Stands in for the runner's `time` module: seconds pass only when a fake step says so."""
+
+    def __init__(self):
+        self.t = 1000.0
+
+    def monotonic(self):
+        return self.t
+
+    perf_counter = monotonic
+
+
+def fake_suite(monkeypatch, tmp_path, first_step_s, step_s=1.0, *extra):
+    """The runner with a fake clock, fake models (nothing is built or compiled) and a fake train_step:
+    the first step of each new compiled model takes `first_step_s`, every other step `step_s`."""
+    from perf.cli import parse_args
+    clock = FakeClock()
+    monkeypatch.setattr(runner, "time", clock)
+    monkeypatch.setattr(runner, "build_model", lambda cfg, device, precision, channels_last, plan, seed:
+                        (torch.nn.Module(), {"compiled": plan is not None}))
+
+    def train_step(model, engine, im_q, im_k, lr, lam):
+        first = engine["compiled"] and not engine.get("stepped")
+        engine["stepped"] = True
+        clock.t += first_step_s if first else step_s
+        return {"loss": torch.tensor(1.0)}
+
+    monkeypatch.setattr(runner, "train_step", train_step)
+    args = parse_args(TINY + ["--out", str(tmp_path / "out"), "--no-plots", "--peak-tflops", "1", "--warmup", "3",
+                              "--steps", "8", "--repeats", "3", *extra])
+    return clock, args
+
+
+def test_a_compile_longer_than_the_cap_still_gets_steady_steps_and_an_honest_compile_time(tmp_path, monkeypatch):
+    """Issue 27.1: a compile longer than the variant's cap used to leave no time for a steady step;
+    the first step then stood for the steady one, compile_s read 0.0 and the variant was skipped."""
+    clock, args = fake_suite(monkeypatch, tmp_path, 100.0, 1.0, "--budget-seconds", "240", "--compile-estimate-s",
+                             "60", "--variants", "eager_plain_bn,compiled_plain_bn,compiled,eager_bf16_cl")
+    t0 = clock.t
+    assert runner.run(args, [], t0) == 0
+    with open(tmp_path / "out" / "results.json") as f:
+        v = by_name(json.load(f))
+    c = v["compiled_plain_bn"]
+    assert c["status"] == "ok", c
+    assert c["warmup_steps"] >= 3                            # the first step and at least two steady ones
+    assert c["compile_s"] == 100.0 - 1.0 and c["first_step_s"] == 100.0
+    assert c["step_ms"] == 1000.0 and c["images_per_s"]["median"] == 4.0   # 1 s per step of 4 images
+    # the measured compile (not the 60 s guess, nor the 1 s floor of a zero) budgets the next compile
+    assert v["compiled"]["status"] == "skipped" and "needs ~101 s" in v["compiled"]["reason"], v["compiled"]
+    assert v["eager_plain_bn"]["status"] == "ok" and v["eager_bf16_cl"]["status"] == "ok"
+    assert clock.t - t0 <= 240
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| compiled_plain_bn | default | 99.0 | – | 100.0 | 3 |" in md, md
+
+
+def test_a_compile_within_the_estimate_keeps_the_suite_inside_its_budget(tmp_path, monkeypatch):
+    clock, args = fake_suite(monkeypatch, tmp_path, 30.0, 1.0, "--budget-seconds", "240", "--compile-estimate-s",
+                             "60", "--variants", "eager_plain_bn,compiled_plain_bn,compiled,eager_bf16_cl")
+    t0 = clock.t
+    assert runner.run(args, [], t0) == 0
+    with open(tmp_path / "out" / "results.json") as f:
+        v = by_name(json.load(f))
+    assert all(x["status"] == "ok" for x in v.values()), v
+    assert v["compiled_plain_bn"]["compile_s"] == v["compiled"]["compile_s"] == 29.0
+    assert clock.t - t0 <= 240
+
+
+def test_the_caps_set_aside_the_triton_jit_of_a_fused_variant(tmp_path):
+    """A fused variant's first step JIT-compiles the Triton kernels (15.8 s on an H200 before the
+    grouped-BN kernels): its cap holds that apart from its steady share, once per kernel setting."""
+    from perf.cli import parse_args
+    suite = runner.Suite(parse_args(TINY + ["--out", str(tmp_path / "o"), "--budget-seconds", "300",
+                                            "--variants", "eager_plain_bn,eager_bf16_cl_fused"]), [], runner.time.monotonic())
+    suite.cuda = True
+    fused = suite.settings_for(suite.variants[1])
+    assert suite.one_off_s(fused) == runner.JIT_ESTIMATE_S
+    assert suite.time_cap(1, fused) > runner.JIT_ESTIMATE_S
+    suite.jitted.add(suite.jit_key(fused))
+    assert suite.one_off_s(fused) == 0.0
