@@ -360,3 +360,18 @@ def test_the_caps_set_aside_the_triton_jit_of_a_fused_variant(tmp_path):
     assert suite.time_cap(1, fused) > runner.JIT_ESTIMATE_S
     suite.jitted.add(suite.jit_key(fused))
     assert suite.one_off_s(fused) == 0.0
+
+
+def test_bench_kernels_prints_each_row_as_it_is_measured(capsys):
+    """Issue 27.3: a device call cut by its time limit lost the whole kernel table, printed only at the end."""
+    from perf import bench_kernels
+    rows = []
+    bench_kernels.attempt(rows, "queue InfoNCE dense", "fused", lambda: (0.881, 31.0))
+    assert capsys.readouterr().out.split() == ["queue", "InfoNCE", "dense", "fused", "0.881", "31.0"]
+
+    def boom():
+        raise RuntimeError("out of registers\nsecond line")
+
+    bench_kernels.attempt(rows, "queue InfoNCE dense", "eager", boom)
+    assert "failed: RuntimeError: out of registers" in capsys.readouterr().out
+    assert len(rows) == 2
