@@ -8,8 +8,9 @@ be compiled (and of the Triton JIT of each fused kernel setting still to run) is
 variant that pays it. A variant's cap is that one-off allowance plus its share for steady steps;
 the share starts when the first step (compile, JIT, autotuning) has ended, however long it took, so
 an underestimated compile costs the variants after it, not this one's measurement. A variant
-with one-off work always takes MIN_STEADY steady steps after it: its compile time is the first
-step minus a steady one, never minus itself. Warm-up, timed repeats and the trace stop at the
+with one-off work always takes MIN_STEADY steady steps after it, any other variant one: its
+compile time is the first step minus a steady one, never minus itself, and its timed steps are
+sized on steady ones. Warm-up, timed repeats and the trace stop at the
 variant's deadline; a variant whose cap cannot hold its one-off work and two steps is "skipped: budget".
 """
 from __future__ import annotations
@@ -267,7 +268,7 @@ class Suite:
                      + (f" ({own:.0f} s of it for compile/JIT, apart from the steady steps)" if own else ""))
             with kernels_backend(s["fused"], self.device) as active:
                 rec["kernels_active"] = active
-                self.measure(v, s, rec, time.perf_counter() + cap, cap - own if own else None)
+                self.measure(v, s, rec, time.perf_counter() + cap, cap - own, own > 0)
             rec["status"] = "ok"
             self.say(f"{tag}: {rec['images_per_s']['median']:,.1f} images/s [{time.monotonic() - t_start:.0f} s]")
         except Skip as e:
@@ -286,9 +287,10 @@ class Suite:
         rec["seconds"] = time.monotonic() - t_start
         return rec
 
-    def measure(self, v, s, rec, deadline, steady_share=None):
-        """`deadline`: when this variant's cap ends; `steady_share`: for a variant with one-off work
-        (compile, JIT), the seconds its steady steps get from the end of its first step instead."""
+    def measure(self, v, s, rec, deadline, steady_share, one_off):
+        """`deadline`: when this variant's cap ends; `steady_share`: the seconds its steady steps get
+        at least from the end of its first step (compile, JIT, cuDNN autotuning: a first step longer
+        than planned does not eat them); `one_off`: the first step compiles or JITs."""
         a = self.args
         if self.cuda:   # what the previous variant left unreferenced must not count in this one's peak
             gc.collect()
@@ -327,15 +329,15 @@ class Suite:
                 rec["phase"] = "first step" if compiling else "warm-up"   # a failure in "first step" is the compile's
                 first = rec["first_step_s"] = timed_step()
                 rec["phase"] = "warm-up"
-                if steady_share is not None:
-                    # The steady share starts now, whatever the compile took; the suite's budget still ends it.
-                    deadline = time.perf_counter() + min(steady_share, max(0.0, self.left()))
-                min_steady = MIN_STEADY if steady_share is not None else 0
+                # The steady share holds from now, whatever the first step took; the suite's budget still ends it.
+                now = time.perf_counter()
+                deadline = min(max(deadline, now + steady_share), now + max(0.0, self.left()))
+                # At least one steady step (two after a compile/JIT): the first step never stands for a steady one.
+                min_steady = MIN_STEADY if one_off else 1
                 times = []
-                while len(times) < min_steady or (
-                        len(times) + 1 < warm and deadline - time.perf_counter() > (times[-1] if times else first)):
+                while len(times) < min_steady or (len(times) + 1 < warm and deadline - time.perf_counter() > times[-1]):
                     times.append(timed_step())
-                step_s = statistics.median(times[-3:]) if times else first
+                step_s = statistics.median(times[-3:])
                 rec["warmup_steps"] = 1 + len(times)
                 if rec["warmup_steps"] < warm:
                     rec["notes"].append(f"warm-up cut to {rec['warmup_steps']} steps (budget)")
@@ -351,8 +353,7 @@ class Suite:
                 self.per_image_s = max(self.per_image_s, step_s / s["batch"] / (2 if s["precision"] == "fp32" else 1))
                 fit = fit_plan(step_s, deadline - time.perf_counter(), steps, repeats)
                 if fit is None:
-                    raise Skip(f"budget (a step takes {step_s:.1f} s, beyond this variant's cap"
-                               + (f"; first step {first:.1f} s" if steady_share is not None else "") + ")")
+                    raise Skip(f"budget (a step takes {step_s:.1f} s, beyond this variant's cap; first step {first:.1f} s)")
                 if fit != (a.steps, a.repeats):
                     rec["notes"].append(f"timed {fit[0]} steps x {fit[1]} repeats, warm-up {warm}"
                                         + (" (budget)" if fit != (steps, repeats) else " (the loader's bursts)"))

@@ -256,7 +256,8 @@ DEVICE_SCRIPTS = ("perf/device_check.sh", "perf/device_check_dali.sh")
 
 def test_device_check_scripts_parse_and_list_runnable_steps(tmp_path):
     """CI's guard for the prepared GPU checks: valid bash, and every step they list names a module
-    that exists and variants that `python -m perf` knows (the full rehearsal is `--device cpu`)."""
+    that exists and variants that `python -m perf` knows (the full rehearsal is `--device cpu`);
+    a dry run writes nothing."""
     import importlib.util
     import re
     from perf.variants import default_variants
@@ -265,9 +266,11 @@ def test_device_check_scripts_parse_and_list_runnable_steps(tmp_path):
         r = subprocess.run(["bash", "-n", script], cwd=ROOT, capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stderr
         for device in ("cuda", "cpu"):
+            out = tmp_path / device
             r = subprocess.run(["bash", script, "--dry-run", "--device", device], cwd=ROOT, capture_output=True,
-                               text=True, timeout=30, env={**os.environ, "OUT": str(tmp_path / device)})
+                               text=True, timeout=30, env={**os.environ, "OUT": str(out)})
             assert r.returncode == 0, r.stdout + r.stderr
+            assert not out.exists(), f"{script} --dry-run wrote {out}"
             steps = [line for line in r.stdout.splitlines() if line.startswith("== ")]
             assert len(steps) >= 3 and "0 step(s) failed" in r.stdout, r.stdout
             for mod in re.findall(r" -m ([\w.]+)", r.stdout):
@@ -276,10 +279,51 @@ def test_device_check_scripts_parse_and_list_runnable_steps(tmp_path):
                 assert set(listed.split(",")) <= known, (script, listed)
         bad = subprocess.run(["bash", script, "--device", "tpu"], cwd=ROOT, capture_output=True, text=True, timeout=30)
         assert bad.returncode == 2 and "use cuda or cpu" in bad.stderr
+        bad = subprocess.run(["bash", script, "--dry-run", "--only", "nonesuch"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=30)
+        assert bad.returncode == 2 and "--only nonesuch: no such step" in bad.stderr
     text = open(os.path.join(ROOT, "perf/device_check.sh")).read()
-    for name in ("mmselfsup_fp32_b32", "eager_plain_bn", "eager_bf16_cl_fused", "compiled_plain_bn", "compiled_fused"):
+    for name in ("mmselfsup_fp32_b32", "eager_plain_bn", "eager_bf16_cl_fused", "compiled_plain_bn", "compiled_fused",
+                 "tests/test_kernels.py", "tests/test_group_bn.py"):
         assert name in text
+    r = subprocess.run(["bash", "perf/device_check.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    tests_step = next(line for line in r.stdout.splitlines() if line.startswith("== kernel_tests"))
+    assert " -n 8 " in tests_step and "tests/test_kernels.py tests/test_group_bn.py" in tests_step   # xdist, both files
 
+
+# Issue 27.3: the lent machine's budget. One session: 900 s of device time, the machine's start
+# included (docs/profiling.md, "The device session": up to ~180 s); one call at most 600 s.
+SESSION_S, START_S, CALL_S, DALI_PART_CALLS_S = 900, 180, 600, 4 * 15
+
+
+def test_device_check_limits_fit_one_session_with_room_for_a_step_rerun():
+    import re
+    calls = {}
+    for script in DEVICE_SCRIPTS:
+        r = subprocess.run(["bash", script, "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        limits = [int(x) for x in re.findall(r"^== \S+ \(timeout (\d+) s", r.stdout, re.M)]
+        grace = int(re.search(r"kill (\d+) s later", r.stdout).group(1))
+        summed = int(re.search(r"step limits sum to (\d+) s", r.stdout).group(1))
+        assert summed == sum(limits)
+        timeout_s = int(re.search(r"timeout_s (\d+)", open(os.path.join(ROOT, script)).read()).group(1))
+        # the call's limit holds every step at its limit and one kill grace, and is one device call
+        assert sum(limits) + grace <= timeout_s <= CALL_S, (script, sum(limits), timeout_s)
+        calls[script] = (timeout_s, max(limits))
+    used = START_S + sum(t for t, _ in calls.values()) + DALI_PART_CALLS_S
+    assert used + 90 <= SESSION_S, used          # room to rerun a step of up to 90 s (--only kernel_tests, ...)
+
+
+def test_a_step_that_ignores_sigterm_is_killed_and_logs_go_to_one_file(tmp_path):
+    script = (f". perf/device_common.sh; parse_args --device cuda; OUT={tmp_path}/out; PY=python3; prepare; "
+              "step hang 1 bash -c 'trap \"\" TERM; echo started; sleep 60'; step ok 5 echo fine; finish")
+    r = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "KILL_GRACE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "== hang: exit 137" in r.stdout and "(time limit)" in r.stdout, r.stdout
+    assert "1 step(s) failed" in r.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["check.log", "log.txt"]
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert "===== hang" in log and "started" in log and "===== ok" in log and "fine" in log
 
 class FakeClock:
     """Stands in for the runner's `time` module: seconds pass only when a fake step says so."""
@@ -293,9 +337,10 @@ class FakeClock:
     perf_counter = monotonic
 
 
-def fake_suite(monkeypatch, tmp_path, first_step_s, step_s=1.0, *extra):
+def fake_suite(monkeypatch, tmp_path, first_step_s, step_s=1.0, *extra, eager_first_s=None):
     """The runner with a fake clock, fake models (nothing is built or compiled) and a fake train_step:
-    the first step of each new compiled model takes `first_step_s`, every other step `step_s`."""
+    the first step of each new compiled model takes `first_step_s`, of an eager one `eager_first_s`
+    (default `step_s`), every other step `step_s`."""
     from perf.cli import parse_args
     clock = FakeClock()
     monkeypatch.setattr(runner, "time", clock)
@@ -303,9 +348,9 @@ def fake_suite(monkeypatch, tmp_path, first_step_s, step_s=1.0, *extra):
                         (torch.nn.Module(), {"compiled": plan is not None}))
 
     def train_step(model, engine, im_q, im_k, lr, lam):
-        first = engine["compiled"] and not engine.get("stepped")
+        first = not engine.get("stepped")
         engine["stepped"] = True
-        clock.t += first_step_s if first else step_s
+        clock.t += ((first_step_s if engine["compiled"] else eager_first_s or step_s) if first else step_s)
         return {"loss": torch.tensor(1.0)}
 
     monkeypatch.setattr(runner, "train_step", train_step)
@@ -345,6 +390,24 @@ def test_a_compile_within_the_estimate_keeps_the_suite_inside_its_budget(tmp_pat
         v = by_name(json.load(f))
     assert all(x["status"] == "ok" for x in v.values()), v
     assert v["compiled_plain_bn"]["compile_s"] == v["compiled"]["compile_s"] == 29.0
+    assert clock.t - t0 <= 240
+
+
+def test_a_slow_first_eager_step_is_not_taken_for_a_steady_one(tmp_path, monkeypatch):
+    """cuDNN autotuning (or oneDNN's on the CPU: 54 s in a CPU rehearsal) makes an eager variant's
+    first step long: the step is still timed on steady steps, not skipped as 'a step takes 54 s'."""
+    clock, args = fake_suite(monkeypatch, tmp_path, 30.0, 1.0, "--budget-seconds", "240", "--compile-estimate-s",
+                             "60", "--variants", "eager_plain_bn,compiled_plain_bn",
+                             eager_first_s=70.0)
+    t0 = clock.t
+    assert runner.run(args, [], t0) == 0
+    with open(tmp_path / "out" / "results.json") as f:
+        v = by_name(json.load(f))
+    e = v["eager_plain_bn"]
+    assert e["status"] == "ok" and e["first_step_s"] == 70.0 and e["step_ms"] == 1000.0, e
+    assert e["warmup_steps"] >= 2 and "compile_s" not in e
+    assert v["compiled_plain_bn"]["status"] == "ok" and v["compiled_plain_bn"]["compile_s"] == 29.0, \
+        [(x["name"], x.get("reason"), x.get("seconds")) for x in v.values()]
     assert clock.t - t0 <= 240
 
 
