@@ -342,12 +342,12 @@ class Suite:
                 if rec["warmup_steps"] < warm:
                     rec["notes"].append(f"warm-up cut to {rec['warmup_steps']} steps (budget)")
                 if compiling or jitting:
-                    one_off = max(0.0, first - step_s)
-                    rec["compile_s" if compiling else "jit_s"] = one_off
+                    extra = max(0.0, first - step_s)
+                    rec["compile_s" if compiling else "jit_s"] = extra
                     if compiling:   # with fused kernels new to this process, their JIT is in it too
-                        self.compile_s = max(1.0, one_off)
+                        self.compile_s = max(1.0, extra)
                     else:
-                        self.jit_s = max(1.0, one_off)
+                        self.jit_s = max(1.0, extra)
                 if s["fused"]:
                     self.jitted.add(self.jit_key(s))
                 self.per_image_s = max(self.per_image_s, step_s / s["batch"] / (2 if s["precision"] == "fp32" else 1))
