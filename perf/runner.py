@@ -353,7 +353,9 @@ class Suite:
                 self.per_image_s = max(self.per_image_s, step_s / s["batch"] / (2 if s["precision"] == "fp32" else 1))
                 fit = fit_plan(step_s, deadline - time.perf_counter(), steps, repeats)
                 if fit is None:
-                    raise Skip(f"budget (a step takes {step_s:.1f} s, beyond this variant's cap; first step {first:.1f} s)")
+                    raise Skip(f"budget (a step takes {step_s:.1f} s, beyond this variant's cap; first step {first:.1f} s"
+                               + (f", {first - step_s:.1f} s of it compile/JIT, recorded" if compiling or jitting else "")
+                               + ")")
                 if fit != (a.steps, a.repeats):
                     rec["notes"].append(f"timed {fit[0]} steps x {fit[1]} repeats, warm-up {warm}"
                                         + (" (budget)" if fit != (steps, repeats) else " (the loader's bursts)"))

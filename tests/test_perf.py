@@ -393,6 +393,20 @@ def test_a_compile_within_the_estimate_keeps_the_suite_inside_its_budget(tmp_pat
     assert clock.t - t0 <= 240
 
 
+def test_a_compile_past_the_whole_budget_is_recorded_and_nothing_more_is_timed(tmp_path, monkeypatch):
+    """A compile that outlasts the suite's budget (264 s in a CPU rehearsal with 240 s): its time and
+    two steady steps are recorded, no timed repeats are started past the budget."""
+    clock, args = fake_suite(monkeypatch, tmp_path, 300.0, 1.0, "--budget-seconds", "240", "--compile-estimate-s",
+                             "30", "--variants", "compiled_plain_bn")
+    t0 = clock.t
+    assert runner.run(args, [], t0) == 1   # nothing measured
+    with open(tmp_path / "out" / "results.json") as f:
+        c = by_name(json.load(f))["compiled_plain_bn"]
+    assert c["status"] == "skipped" and c["compile_s"] == 299.0 and c["warmup_steps"] == 3, c
+    assert "299.0 s of it compile/JIT, recorded" in c["reason"]
+    assert clock.t - t0 == 300.0 + 2 * 1.0
+
+
 def test_a_slow_first_eager_step_is_not_taken_for_a_steady_one(tmp_path, monkeypatch):
     """cuDNN autotuning (or oneDNN's on the CPU: 54 s in a CPU rehearsal) makes an eager variant's
     first step long: the step is still timed on steady steps, not skipped as 'a step takes 54 s'."""
