@@ -145,13 +145,24 @@ def timed(step, grads):
     return median_ms(step, grads), peak_extra_mib(step, grads)
 
 
+HEADER = f"{'case':<48} {'impl':<10} {'fwd+bwd ms':>11} {'peak extra MiB':>15}"
+
+
+def row_text(name, impl, ms, mib, ratio=""):
+    if isinstance(ms, float):
+        return f"{name:<48} {impl:<10} {ms:>11.3f} {mib:>15.1f}  {ratio}".rstrip()
+    return f"{name:<48} {'error' if impl == 'check' else impl:<10} {'':>11} {'':>15}  {ms}"
+
+
 def attempt(rows, name, impl, fn):
-    """Append (name, impl, *fn()), or (name, impl, error text, None): the other rows still run."""
+    """Append (name, impl, *fn()), or (name, impl, error text, None): the other rows still run.
+    The row is printed at once: a run cut by its time limit keeps what it measured."""
     try:
         rows.append((name, impl, *fn()))
     except Exception as e:  # noqa: BLE001 -- reported in the table
         rows.append((name, impl, f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300], None))
         torch.cuda.empty_cache()
+    print(row_text(*rows[-1]), flush=True)
 
 
 def rel_err(a, b):
@@ -197,6 +208,7 @@ def main(argv=None):
     from densecl_fast.kernels import dense_match_triton
     from densecl_fast.kernels import queue_infonce_triton as qi
     rows = []
+    print("rows as they are measured (the table with the ratios follows at the end):\n" + HEADER, flush=True)
     for case, (M, K, D) in INFONCE_CASES.items():
         n_split = qi.split_layout(M, K, D, dtype, torch.device("cuda"))[0]
         name = f"queue InfoNCE {case} M={M} K={K} D={D}"
@@ -225,15 +237,12 @@ def main(argv=None):
         del inputs
         torch.cuda.empty_cache()
 
-    print(f"{'case':<48} {'impl':<10} {'fwd+bwd ms':>11} {'peak extra MiB':>15}  vs eager / per_group")
+    print(f"\n{HEADER}  vs eager / per_group")
     # Baseline per case: eager for the loss pieces; the per-group native BN it replaced for BN.
     base = {name: ms for name, impl, ms, _ in rows if impl in ("eager", "per_group") and isinstance(ms, float)}
     for name, impl, ms, mib in rows:
-        if isinstance(ms, float):
-            print(f"{name:<48} {impl:<10} {ms:>11.3f} {mib:>15.1f}  "
-                  + (f"{base[name] / ms:.2f}x" if name in base else "–"))
-        else:
-            print(f"{name:<48} {'error' if impl == 'check' else impl:<10} {'':>11} {'':>15}  {ms}")
+        print(row_text(name, impl, ms, mib, (f"{base[name] / ms:.2f}x" if name in base else "–")
+                       if isinstance(ms, float) else ""))
     for name in base:
         t = {impl: ms for n, impl, ms, _ in rows if n == name and impl != "check" and isinstance(ms, float)}
         if "fused" in t and "per_group" in t:

@@ -13,7 +13,8 @@ or, end to end, the torchvision or DALI loader over JPEGs. Per variant: images/s
 over repeats), ms per stage, peak memory, TFLOP/s and MFU; --out gets results.json, results.md,
 throughput.png, stages.png (and trace_<variant>.json.gz with --trace). A failing variant is recorded
 and the suite goes on; --budget-seconds gives each variant one time cap before it starts (an equal
-share of what is left, compile estimates set aside): repeats shrink to fit, variants that no longer
+share of what is left, compile and Triton JIT estimates set aside; a variant's steady steps keep
+their share however long its first step took): repeats shrink to fit, variants that no longer
 fit are "skipped: budget".
 
 Exit status: 0 when at least one variant was measured, 1 when none was, 2 on a bad config, 130 when

@@ -4,8 +4,14 @@ Every variant runs the trainer's own `train_step` on a `DenseCL` built from the 
 timed is what `launch/pretrain.py` runs. Variants fail soft: an exception is recorded with its
 message and the suite moves on. Budget: before a variant starts it gets one cap, what is left
 divided among it and the variants still to run, after the compile estimate of every model still to
-be compiled is set aside for the variant that compiles it. Warm-up, timed repeats and the trace
-stop at the cap; a variant whose cap cannot hold its compile and a step is "skipped: budget".
+be compiled (and of the Triton JIT of each fused kernel setting still to run) is set aside for the
+variant that pays it. A variant's cap is that one-off allowance plus its share for steady steps;
+the share starts when the first step (compile, JIT, autotuning) has ended, however long it took, so
+an underestimated compile costs the variants after it, not this one's measurement. A variant
+with one-off work always takes MIN_STEADY steady steps after it, any other variant one: its
+compile time is the first step minus a steady one, never minus itself, and its timed steps are
+sized on steady ones. Warm-up, timed repeats and the trace stop at the
+variant's deadline; a variant whose cap cannot hold its one-off work and two steps is "skipped: budget".
 """
 from __future__ import annotations
 
@@ -39,6 +45,13 @@ from .sources import LoaderSource, Skip, SyntheticSource, fused_kernels_status, 
 from .variants import default_variants, fit_plan
 
 OUTPUT_RESERVE_S = 5.0   # kept back from the budget for writing the JSON, markdown and plots
+# Triton JIT (and autotuning) of the fused kernels in the first step of a fused variant, before one
+# was measured: 15.8 s for the loss kernels on an H200 (perf/RESULTS.md), before the grouped-BN
+# kernels added one specialisation per BN layer shape.
+JIT_ESTIMATE_S = 30.0
+# Steady steps after a first step with one-off work: the compile time is the first step minus
+# their median, and the timed plan is sized on them.
+MIN_STEADY = 2
 
 
 class Suite:
@@ -62,6 +75,8 @@ class Suite:
         self.jpegs = None
         self.compile_failed = {}     # model key -> (variant, error): a failed compile is not retried
         self.compile_s = a.compile_estimate_s if a.compile_estimate_s is not None else (120.0 if self.cuda else 90.0)
+        self.jit_s = JIT_ESTIMATE_S
+        self.jitted = set()          # jit_key of the fused settings whose kernels were built in this process
         self.per_image_s = 0.0       # slowest seconds per image seen (bf16-equivalent), for the skip check
         os.makedirs(a.out, exist_ok=True)
         m = self.cfg.model
@@ -171,6 +186,17 @@ class Suite:
     def compiles(self, s):
         return s["compile"] and not (self.model is not None and self.model[0] == self.model_key(s))
 
+    def jit_key(self, s):
+        """What the fused kernels specialise on: dtype, memory format, BN groups and batch (shapes)."""
+        return s["batch"], s["bn_group_size"], s["precision"], s["channels_last"]
+
+    def jits(self, s):
+        return bool(s["fused"]) and self.cuda and self.jit_key(s) not in self.jitted
+
+    def one_off_s(self, s):
+        """Expected seconds of one-off work (compile, Triton JIT) in the variant's first step."""
+        return (self.compile_s if self.compiles(s) else 0.0) + (self.jit_s if self.jits(s) else 0.0)
+
     def plan(self, s):
         """(warm-up steps, timed steps per repeat, repeats): torchvision workers deliver in bursts (one
         round to fill, two per repeat); DALI and compile need a few steps to settle."""
@@ -186,11 +212,13 @@ class Suite:
         left = self.left()
         if not math.isfinite(left):
             return math.inf
-        own = self.compile_s if self.compiles(s) else 0.0
+        own = self.one_off_s(s)
         rest = [self.settings_for(v) for v in self.variants[index + 1:]
                 if (self.cuda or not v.cuda_only) and (v.data != "dali" or dali_available())]
         later = {self.model_key(r) for r in rest if r["compile"] and self.compiles(r)} - {self.model_key(s)}
-        reserve = self.compile_s * len(later) if own + self.compile_s * len(later) <= left else 0.0
+        later_jit = {self.jit_key(r) for r in rest if self.jits(r)} - ({self.jit_key(s)} if s["fused"] else set())
+        reserve = self.compile_s * len(later) + self.jit_s * len(later_jit)
+        reserve = reserve if own + reserve <= left else 0.0
         return own + max(0.0, left - own - reserve) / (1 + len(rest))
 
     def input_dtype(self, s):
@@ -232,14 +260,15 @@ class Suite:
                 raise Skip(f"not retried: compiling this model failed in {failed[0]} ({failed[1][:200]})")
             if s["data"] == "dali" and not dali_available():
                 raise Skip("NVIDIA DALI is not installed (pip install -e .[dali])")
-            cap, left = self.time_cap(index, s), self.left()
-            need = (self.compile_s if self.compiles(s) else 0.0) + 2 * self.per_image_s * s["batch"]
+            cap, left, own = self.time_cap(index, s), self.left(), self.one_off_s(s)
+            need = own + 2 * self.per_image_s * s["batch"]
             if left <= 0 or cap < need:
                 raise Skip(f"budget (needs ~{need:.0f} s, a cap of {max(0.0, cap):.0f} s of {max(0.0, left):.0f} s left)")
-            self.say(f"{tag}: {report.settings_text(rec)} | cap {cap:.0f} s of {left:.0f} s left")
+            self.say(f"{tag}: {report.settings_text(rec)} | cap {cap:.0f} s of {left:.0f} s left"
+                     + (f" ({own:.0f} s of it for compile/JIT, apart from the steady steps)" if own else ""))
             with kernels_backend(s["fused"], self.device) as active:
                 rec["kernels_active"] = active
-                self.measure(v, s, rec, time.perf_counter() + cap)
+                self.measure(v, s, rec, time.perf_counter() + cap, cap - own, own > 0)
             rec["status"] = "ok"
             self.say(f"{tag}: {rec['images_per_s']['median']:,.1f} images/s [{time.monotonic() - t_start:.0f} s]")
         except Skip as e:
@@ -258,13 +287,16 @@ class Suite:
         rec["seconds"] = time.monotonic() - t_start
         return rec
 
-    def measure(self, v, s, rec, deadline):
+    def measure(self, v, s, rec, deadline, steady_share, one_off):
+        """`deadline`: when this variant's cap ends; `steady_share`: the seconds its steady steps get
+        at least from the end of its first step (compile, JIT, cuDNN autotuning: a first step longer
+        than planned does not eat them); `one_off`: the first step compiles or JITs."""
         a = self.args
         if self.cuda:   # what the previous variant left unreferenced must not count in this one's peak
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
-        compiling = self.compiles(s)
+        compiling, jitting = self.compiles(s), self.jits(s)
         rec["phase"] = "build"
         (model, engine), rec["model_reused"] = self.get_model(s)
         rec["phase"] = "data set-up"
@@ -297,20 +329,33 @@ class Suite:
                 rec["phase"] = "first step" if compiling else "warm-up"   # a failure in "first step" is the compile's
                 first = rec["first_step_s"] = timed_step()
                 rec["phase"] = "warm-up"
+                # The steady share holds from now, whatever the first step took; the suite's budget still ends it.
+                now = time.perf_counter()
+                deadline = min(max(deadline, now + steady_share), now + max(0.0, self.left()))
+                # At least one steady step (two after a compile/JIT): the first step never stands for a steady one.
+                min_steady = MIN_STEADY if one_off else 1
                 times = []
-                while len(times) + 1 < warm and deadline - time.perf_counter() > (times[-1] if times else first):
+                while len(times) < min_steady or (len(times) + 1 < warm and deadline - time.perf_counter() > times[-1]):
                     times.append(timed_step())
-                step_s = statistics.median(times[-3:]) if times else first
+                step_s = statistics.median(times[-3:])
                 rec["warmup_steps"] = 1 + len(times)
                 if rec["warmup_steps"] < warm:
                     rec["notes"].append(f"warm-up cut to {rec['warmup_steps']} steps (budget)")
-                if compiling:
-                    rec["compile_s"] = first - step_s
-                    self.compile_s = max(1.0, first - step_s)
+                if compiling or jitting:
+                    extra = max(0.0, first - step_s)
+                    rec["compile_s" if compiling else "jit_s"] = extra
+                    if compiling:   # with fused kernels new to this process, their JIT is in it too
+                        self.compile_s = max(1.0, extra)
+                    else:
+                        self.jit_s = max(1.0, extra)
+                if s["fused"]:
+                    self.jitted.add(self.jit_key(s))
                 self.per_image_s = max(self.per_image_s, step_s / s["batch"] / (2 if s["precision"] == "fp32" else 1))
                 fit = fit_plan(step_s, deadline - time.perf_counter(), steps, repeats)
                 if fit is None:
-                    raise Skip(f"budget (a step takes {step_s:.1f} s, beyond this variant's cap)")
+                    raise Skip(f"budget (a step takes {step_s:.1f} s, beyond this variant's cap; first step {first:.1f} s"
+                               + (f", {first - step_s:.1f} s of it compile/JIT, recorded" if compiling or jitting else "")
+                               + ")")
                 if fit != (a.steps, a.repeats):
                     rec["notes"].append(f"timed {fit[0]} steps x {fit[1]} repeats, warm-up {warm}"
                                         + (" (budget)" if fit != (steps, repeats) else " (the loader's bursts)"))

@@ -256,7 +256,8 @@ DEVICE_SCRIPTS = ("perf/device_check.sh", "perf/device_check_dali.sh")
 
 def test_device_check_scripts_parse_and_list_runnable_steps(tmp_path):
     """CI's guard for the prepared GPU checks: valid bash, and every step they list names a module
-    that exists and variants that `python -m perf` knows (the full rehearsal is `--device cpu`)."""
+    that exists and variants that `python -m perf` knows (the full rehearsal is `--device cpu`);
+    a dry run writes nothing."""
     import importlib.util
     import re
     from perf.variants import default_variants
@@ -265,9 +266,11 @@ def test_device_check_scripts_parse_and_list_runnable_steps(tmp_path):
         r = subprocess.run(["bash", "-n", script], cwd=ROOT, capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stderr
         for device in ("cuda", "cpu"):
+            out = tmp_path / device
             r = subprocess.run(["bash", script, "--dry-run", "--device", device], cwd=ROOT, capture_output=True,
-                               text=True, timeout=30, env={**os.environ, "OUT": str(tmp_path / device)})
+                               text=True, timeout=30, env={**os.environ, "OUT": str(out)})
             assert r.returncode == 0, r.stdout + r.stderr
+            assert not out.exists(), f"{script} --dry-run wrote {out}"
             steps = [line for line in r.stdout.splitlines() if line.startswith("== ")]
             assert len(steps) >= 3 and "0 step(s) failed" in r.stdout, r.stdout
             for mod in re.findall(r" -m ([\w.]+)", r.stdout):
@@ -276,6 +279,176 @@ def test_device_check_scripts_parse_and_list_runnable_steps(tmp_path):
                 assert set(listed.split(",")) <= known, (script, listed)
         bad = subprocess.run(["bash", script, "--device", "tpu"], cwd=ROOT, capture_output=True, text=True, timeout=30)
         assert bad.returncode == 2 and "use cuda or cpu" in bad.stderr
+        bad = subprocess.run(["bash", script, "--dry-run", "--only", "nonesuch"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=30)
+        assert bad.returncode == 2 and "--only nonesuch: no such step" in bad.stderr
     text = open(os.path.join(ROOT, "perf/device_check.sh")).read()
-    for name in ("mmselfsup_fp32_b32", "eager_plain_bn", "eager_bf16_cl_fused", "compiled_plain_bn", "compiled_fused"):
+    for name in ("mmselfsup_fp32_b32", "eager_plain_bn", "eager_bf16_cl_fused", "compiled_plain_bn", "compiled_fused",
+                 "tests/test_kernels.py", "tests/test_group_bn.py"):
         assert name in text
+    r = subprocess.run(["bash", "perf/device_check.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    tests_step = next(line for line in r.stdout.splitlines() if line.startswith("== kernel_tests"))
+    assert " -n 8 " in tests_step and "tests/test_kernels.py tests/test_group_bn.py" in tests_step   # xdist, both files
+
+
+# Issue 27.3: the lent machine's budget. One session: 900 s of device time, the machine's start
+# included (docs/profiling.md, "The device session": up to ~180 s); one call at most 600 s.
+SESSION_S, START_S, CALL_S, DALI_PART_CALLS_S = 900, 180, 600, 4 * 15
+
+
+def test_device_check_limits_fit_one_session_with_room_for_a_step_rerun():
+    import re
+    calls = {}
+    for script in DEVICE_SCRIPTS:
+        r = subprocess.run(["bash", script, "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        limits = [int(x) for x in re.findall(r"^== \S+ \(timeout (\d+) s", r.stdout, re.M)]
+        grace = int(re.search(r"kill (\d+) s later", r.stdout).group(1))
+        summed = int(re.search(r"step limits sum to (\d+) s", r.stdout).group(1))
+        assert summed == sum(limits)
+        timeout_s = int(re.search(r"timeout_s (\d+)", open(os.path.join(ROOT, script)).read()).group(1))
+        # the call's limit holds every step at its limit and one kill grace, and is one device call
+        assert sum(limits) + grace <= timeout_s <= CALL_S, (script, sum(limits), timeout_s)
+        calls[script] = (timeout_s, max(limits))
+    used = START_S + sum(t for t, _ in calls.values()) + DALI_PART_CALLS_S
+    assert used + 90 <= SESSION_S, used          # room to rerun a step of up to 90 s (--only kernel_tests, ...)
+
+
+def test_a_step_that_ignores_sigterm_is_killed_and_logs_go_to_one_file(tmp_path):
+    script = (f". perf/device_common.sh; parse_args --device cuda; OUT={tmp_path}/out; PY=python3; prepare; "
+              "step hang 1 bash -c 'trap \"\" TERM; echo started; sleep 60'; step ok 5 echo fine; finish")
+    r = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "KILL_GRACE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "== hang: exit 137" in r.stdout and "(time limit)" in r.stdout, r.stdout
+    assert "1 step(s) failed" in r.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["check.log", "log.txt"]
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert "===== hang" in log and "started" in log and "===== ok" in log and "fine" in log
+
+class FakeClock:
+    """Stands in for the runner's `time` module: seconds pass only when a fake step says so."""
+
+    def __init__(self):
+        self.t = 1000.0
+
+    def monotonic(self):
+        return self.t
+
+    perf_counter = monotonic
+
+
+def fake_suite(monkeypatch, tmp_path, first_step_s, step_s=1.0, *extra, eager_first_s=None):
+    """The runner with a fake clock, fake models (nothing is built or compiled) and a fake train_step:
+    the first step of each new compiled model takes `first_step_s`, of an eager one `eager_first_s`
+    (default `step_s`), every other step `step_s`."""
+    from perf.cli import parse_args
+    clock = FakeClock()
+    monkeypatch.setattr(runner, "time", clock)
+    monkeypatch.setattr(runner, "build_model", lambda cfg, device, precision, channels_last, plan, seed:
+                        (torch.nn.Module(), {"compiled": plan is not None}))
+
+    def train_step(model, engine, im_q, im_k, lr, lam):
+        first = not engine.get("stepped")
+        engine["stepped"] = True
+        clock.t += ((first_step_s if engine["compiled"] else eager_first_s or step_s) if first else step_s)
+        return {"loss": torch.tensor(1.0)}
+
+    monkeypatch.setattr(runner, "train_step", train_step)
+    args = parse_args(TINY + ["--out", str(tmp_path / "out"), "--no-plots", "--peak-tflops", "1", "--warmup", "3",
+                              "--steps", "8", "--repeats", "3", *extra])
+    return clock, args
+
+
+def test_a_compile_longer_than_the_cap_still_gets_steady_steps_and_an_honest_compile_time(tmp_path, monkeypatch):
+    """Issue 27.1: a compile longer than the variant's cap used to leave no time for a steady step;
+    the first step then stood for the steady one, compile_s read 0.0 and the variant was skipped."""
+    clock, args = fake_suite(monkeypatch, tmp_path, 100.0, 1.0, "--budget-seconds", "240", "--compile-estimate-s",
+                             "60", "--variants", "eager_plain_bn,compiled_plain_bn,compiled,eager_bf16_cl")
+    t0 = clock.t
+    assert runner.run(args, [], t0) == 0
+    with open(tmp_path / "out" / "results.json") as f:
+        v = by_name(json.load(f))
+    c = v["compiled_plain_bn"]
+    assert c["status"] == "ok", c
+    assert c["warmup_steps"] >= 3                            # the first step and at least two steady ones
+    assert c["compile_s"] == 100.0 - 1.0 and c["first_step_s"] == 100.0
+    assert c["step_ms"] == 1000.0 and c["images_per_s"]["median"] == 4.0   # 1 s per step of 4 images
+    # the measured compile (not the 60 s guess, nor the 1 s floor of a zero) budgets the next compile
+    assert v["compiled"]["status"] == "skipped" and "needs ~101 s" in v["compiled"]["reason"], v["compiled"]
+    assert v["eager_plain_bn"]["status"] == "ok" and v["eager_bf16_cl"]["status"] == "ok"
+    assert clock.t - t0 <= 240
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| compiled_plain_bn | default | 99.0 | – | 100.0 | 3 |" in md, md
+
+
+def test_a_compile_within_the_estimate_keeps_the_suite_inside_its_budget(tmp_path, monkeypatch):
+    clock, args = fake_suite(monkeypatch, tmp_path, 30.0, 1.0, "--budget-seconds", "240", "--compile-estimate-s",
+                             "60", "--variants", "eager_plain_bn,compiled_plain_bn,compiled,eager_bf16_cl")
+    t0 = clock.t
+    assert runner.run(args, [], t0) == 0
+    with open(tmp_path / "out" / "results.json") as f:
+        v = by_name(json.load(f))
+    assert all(x["status"] == "ok" for x in v.values()), v
+    assert v["compiled_plain_bn"]["compile_s"] == v["compiled"]["compile_s"] == 29.0
+    assert clock.t - t0 <= 240
+
+
+def test_a_compile_past_the_whole_budget_is_recorded_and_nothing_more_is_timed(tmp_path, monkeypatch):
+    """A compile that outlasts the suite's budget (264 s in a CPU rehearsal with 240 s): its time and
+    two steady steps are recorded, no timed repeats are started past the budget."""
+    clock, args = fake_suite(monkeypatch, tmp_path, 300.0, 1.0, "--budget-seconds", "240", "--compile-estimate-s",
+                             "30", "--variants", "compiled_plain_bn")
+    t0 = clock.t
+    assert runner.run(args, [], t0) == 1   # nothing measured
+    with open(tmp_path / "out" / "results.json") as f:
+        c = by_name(json.load(f))["compiled_plain_bn"]
+    assert c["status"] == "skipped" and c["compile_s"] == 299.0 and c["warmup_steps"] == 3, c
+    assert "299.0 s of it compile/JIT, recorded" in c["reason"]
+    assert clock.t - t0 == 300.0 + 2 * 1.0
+
+
+def test_a_slow_first_eager_step_is_not_taken_for_a_steady_one(tmp_path, monkeypatch):
+    """cuDNN autotuning (or oneDNN's on the CPU: 54 s in a CPU rehearsal) makes an eager variant's
+    first step long: the step is still timed on steady steps, not skipped as 'a step takes 54 s'."""
+    clock, args = fake_suite(monkeypatch, tmp_path, 30.0, 1.0, "--budget-seconds", "240", "--compile-estimate-s",
+                             "60", "--variants", "eager_plain_bn,compiled_plain_bn",
+                             eager_first_s=70.0)
+    t0 = clock.t
+    assert runner.run(args, [], t0) == 0
+    with open(tmp_path / "out" / "results.json") as f:
+        v = by_name(json.load(f))
+    e = v["eager_plain_bn"]
+    assert e["status"] == "ok" and e["first_step_s"] == 70.0 and e["step_ms"] == 1000.0, e
+    assert e["warmup_steps"] >= 2 and "compile_s" not in e
+    assert v["compiled_plain_bn"]["status"] == "ok" and v["compiled_plain_bn"]["compile_s"] == 29.0, \
+        [(x["name"], x.get("reason"), x.get("seconds")) for x in v.values()]
+    assert clock.t - t0 <= 240
+
+
+def test_the_caps_set_aside_the_triton_jit_of_a_fused_variant(tmp_path):
+    """A fused variant's first step JIT-compiles the Triton kernels (15.8 s on an H200 before the
+    grouped-BN kernels): its cap holds that apart from its steady share, once per kernel setting."""
+    from perf.cli import parse_args
+    suite = runner.Suite(parse_args(TINY + ["--out", str(tmp_path / "o"), "--budget-seconds", "300",
+                                            "--variants", "eager_plain_bn,eager_bf16_cl_fused"]), [], runner.time.monotonic())
+    suite.cuda = True
+    fused = suite.settings_for(suite.variants[1])
+    assert suite.one_off_s(fused) == runner.JIT_ESTIMATE_S
+    assert suite.time_cap(1, fused) > runner.JIT_ESTIMATE_S
+    suite.jitted.add(suite.jit_key(fused))
+    assert suite.one_off_s(fused) == 0.0
+
+
+def test_bench_kernels_prints_each_row_as_it_is_measured(capsys):
+    """Issue 27.3: a device call cut by its time limit lost the whole kernel table, printed only at the end."""
+    from perf import bench_kernels
+    rows = []
+    bench_kernels.attempt(rows, "queue InfoNCE dense", "fused", lambda: (0.881, 31.0))
+    assert capsys.readouterr().out.split() == ["queue", "InfoNCE", "dense", "fused", "0.881", "31.0"]
+
+    def boom():
+        raise RuntimeError("out of registers\nsecond line")
+
+    bench_kernels.attempt(rows, "queue InfoNCE dense", "eager", boom)
+    assert "failed: RuntimeError: out of registers" in capsys.readouterr().out
+    assert len(rows) == 2
