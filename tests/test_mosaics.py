@@ -181,12 +181,12 @@ def test_probe_reads_cells_from_the_maps_and_is_at_chance_on_constant_maps():
     for grid in (2, 4):
         lab = mosaics.cell_labels(q, grid)
         maps = np.eye(11, dtype=np.float32)[lab].transpose(0, 3, 1, 2) + rs.normal(0, 0.15, (300, 11, grid, grid))
-        r = cells.train_cells(maps[:200], q[:200], maps[200:], q[200:], epochs=5)
+        r = cells.train_cells(maps[:200], q[:200], maps[200:], q[200:], epochs=5, min_steps=150)
         assert r["acc"] > 95 and r["mean_class_acc"] > 95 and r["grid"] == grid and r["eval_cells"] == 100 * grid * grid
         shuffled = maps[:, :, ::-1, :].copy()                  # rows swapped: vectors at the wrong cells
-        assert cells.train_cells(shuffled[:200], q[:200], shuffled[200:], q[200:], epochs=5)["acc"] < 40
+        assert cells.train_cells(shuffled[:200], q[:200], shuffled[200:], q[200:], epochs=5, min_steps=150)["acc"] < 40
         const = np.ones((300, 8, grid, grid), np.float32)
-        r = cells.train_cells(const[:200], q[:200], const[200:], q[200:], epochs=2)
+        r = cells.train_cells(const[:200], q[:200], const[200:], q[200:], epochs=2, min_steps=0)
         assert r["acc"] <= r["chance"] + 1e-9
     with pytest.raises(ValueError, match="N x C x g x g"):
         cells.cells_of(np.zeros((2, 3, 2, 1)), q[:2])
@@ -229,7 +229,7 @@ def test_cells_cli_blind_and_a_label_trained_checkpoint(fake_root, tmp_path):
 def test_calibration_table_in_the_small(fake_root, tmp_path, capsys):
     out = tmp_path / "cal"
     argv = ["--data", f"fashion-mnist-mosaics:{fake_root}#train=24,test=8", "--out", str(out), "--steps", "3",
-            "--batch-size", "8", "--data-cache-dir", str(tmp_path / "data"), "--no-progress"]
+            "--batch-size", "8", "--probe-epochs", "2", "--data-cache-dir", str(tmp_path / "data"), "--no-progress"]
     assert calibrate.main(argv) == 0
     text = capsys.readouterr().out
     res = json.load(open(out / "calibration.json"))

@@ -71,8 +71,8 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--preset", choices=("imagenet",), help="linear: the seed recipe through the trunk (GPU)")
     g.add_argument("--quick", action="store_true", help="linear: on cached features (the default)")
-    p.add_argument("--epochs", type=int, help="linear / dense: epochs (default: the recipe's)")
-    p.add_argument("--lr", type=float, help="linear quick / dense: learning rate")
+    p.add_argument("--epochs", type=int, help="linear / dense / cells: epochs (default: the recipe's)")
+    p.add_argument("--lr", type=float, help="linear quick / dense / cells: learning rate")
     p.add_argument("--layers", default="c5", help="svm/lowshot: comma list of c2..c5")
     p.add_argument("--costs", default=",".join(str(c) for c in svm.COSTS), help="svm: costs (+ 0.5**4..0.5**19 unless --no-extra-costs)")
     p.add_argument("--no-extra-costs", action="store_true")
@@ -218,7 +218,7 @@ def run(args) -> tuple[dict, list, str]:
         for l in cells.LAYERS:
             r = cells.train_cells(ftr[f"map_{l}"], train.cells, fte[f"map_{l}"], test.cells,
                                   epochs=args.epochs or cells.CELL_EPOCHS, lr=args.lr or cells.CELL_LR, seed=args.seed,
-                                  progress=progress)
+                                  min_steps=0 if args.epochs else cells.CELL_MIN_STEPS, progress=progress)
             res[l] = r
             res[f"cell_{l}_acc"], res[f"cell_{l}_mean_class_acc"] = r["acc"], r["mean_class_acc"]
             g = r["grid"]

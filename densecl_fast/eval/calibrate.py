@@ -52,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=supervised.BATCH, help="label-trained run: batch")
     p.add_argument("--max-train", type=int, default=0, help="first N training mosaics (probe, kNN bank, label-trained run)")
     p.add_argument("--max-val", type=int, default=0, help="first N test mosaics scored")
+    p.add_argument("--probe-epochs", type=int, default=0, help="cells probe epochs (0: its recipe's)")
     p.add_argument("--margin", type=float, default=MARGIN, help="points the label-trained trunk must lead by (C5)")
     p.add_argument("--workers", type=int, default=0, help="eval data workers")
     p.add_argument("--data-cache-dir", default="~/.cache/densecl_fast", help="where the mosaics are generated")
@@ -66,6 +67,8 @@ def _eval(mode: str, checkpoint: str, out: str, args, seed: int, extra=()) -> di
             "--data-cache-dir", args.data_cache_dir, "--cache-dir", args.cache_dir, *extra]
     if mode == "knn":
         argv += ["--k", str(KNN_K)]
+    elif args.probe_epochs:
+        argv += ["--epochs", str(args.probe_epochs)]
     if args.no_progress:
         argv.append("--no-progress")
     print("  $ python -m densecl_fast.eval " + " ".join(argv), flush=True)

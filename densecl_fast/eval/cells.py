@@ -7,7 +7,8 @@ each) and C4 is 4 x 4. The maps come from the feature cache (`map_c5`, `map_c4`)
 channel with the training cells' statistics (BN-free, as the linear probe). One linear layer (a 1x1
 convolution) per map, shared by all positions, trained with cross-entropy. Recipe (ours, documented,
 not a published one): SGD, momentum 0.9, lr CELL_LR with a cosine schedule, weight decay CELL_WD,
-batch CELL_BATCH cells, CELL_EPOCHS epochs but at least CELL_MIN_STEPS steps; seeded. Seconds on a
+batch CELL_BATCH cells, CELL_EPOCHS epochs but at least CELL_MIN_STEPS steps (`--epochs N`: exactly N);
+seeded. Seconds on a
 CPU for 10,000 mosaics.
 
 Scores on the evaluation split's cells: accuracy; mean per-class accuracy (the mean over the classes
@@ -58,7 +59,9 @@ def scores(pred: np.ndarray, target: np.ndarray, num_classes: int) -> dict:
 
 def train_cells(train_maps, train_quadrants, val_maps, val_quadrants, *, num_classes: int = len(CELL_CLASSES),
                 epochs: int = CELL_EPOCHS, lr: float = CELL_LR, weight_decay: float = CELL_WD,
-                batch_size: int = CELL_BATCH, seed: int = 0, progress: bool = False) -> dict:
+                batch_size: int = CELL_BATCH, min_steps: int = CELL_MIN_STEPS, seed: int = 0,
+                progress: bool = False) -> dict:
+    """`epochs`, raised to at least `min_steps` steps (small sets: else the head barely leaves its init)."""
     from tqdm import tqdm
     tx, ty = cells_of(train_maps, train_quadrants)
     vx, vy = cells_of(val_maps, val_quadrants)
@@ -71,7 +74,7 @@ def train_cells(train_maps, train_quadrants, val_maps, val_quadrants, *, num_cla
         head.bias.zero_()
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(tx) / batch_size)
-    epochs = max(epochs, math.ceil(CELL_MIN_STEPS / steps_per_epoch))
+    epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
     for _ in tqdm(range(epochs), desc="cells probe", disable=not progress, file=sys.stderr):
         perm = torch.randperm(len(tx), generator=g)
