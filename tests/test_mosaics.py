@@ -20,9 +20,6 @@ from densecl_fast.trainer import stale_key_share
 from densecl_fast.weights import load_backbone_state
 from tests.test_scenes import fake_garments, write_idx
 
-REAL = "/usr/share/datasets/fashion-mnist"
-
-
 @pytest.fixture()
 def fake_root(tmp_path):
     root = str(tmp_path / "fmnist")
@@ -276,14 +273,3 @@ def test_the_seeded_mosaics_experiment_in_the_small(fake_root, tmp_path, capsys)
     assert "cells probe accuracy (C5 cells, our protocol)" in md and "DenseCL − random" in md
     assert "the mosaics' dense evaluation is the cells probe" in md
 
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(REAL), reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
-def test_the_label_trained_trunk_leads_the_random_ones_on_real_mosaics(tmp_path):
-    """The probe's calibration on real mosaics, shrunk (the full one is in docs/real-data-checks.md)."""
-    res = calibrate.run(calibrate.parser().parse_args([
-        "--data", f"fashion-mnist-mosaics:{REAL}#train=2000,test=500", "--out", str(tmp_path / "cal"),
-        "--data-cache-dir", str(tmp_path / "data"), "--no-progress"]))
-    rows = {r["trunk"]: r for r in res["rows"]}
-    assert rows["input_blind"]["cell_c5_acc"] <= res["chance_c5"] + 1e-9
-    assert res["calibrated"], res["verdict"]
