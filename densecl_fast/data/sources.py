@@ -4,6 +4,7 @@
   * "synthetic"          the built-in data set (generated on first use, see `synthetic.py`);
   * fashion-mnist:ROOT[#test]            Fashion-MNIST's photos (`fashion_mnist.py`);
   * fashion-mnist-scenes:ROOT[#tokens]   scenes of Fashion-MNIST garments with masks (`scenes.py`);
+  * fashion-mnist-mosaics:ROOT[#tokens]  2x2 mosaics of Fashion-MNIST garments, a label per quadrant (`mosaics.py`);
   * an image folder      searched recursively; a first-level sub-folder names the class of the
                          images under it (optional); extensions jpg/jpeg/png/webp/bmp/tif/tiff in
                          any case; hidden folders are skipped; sorted, so the order is the same on
@@ -29,7 +30,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from . import fashion_mnist, scenes
+from . import fashion_mnist, mosaics, scenes
 from .errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -137,6 +138,11 @@ def resolve_source(data_cfg) -> Listing:
         meta = scenes.read_labels(folder)
         samples = [Sample(os.path.join(folder, e["image"]), scenes.CLASSES[e["label"]]) for e in meta["images"]]
         return Listing(samples, [], f"Fashion-MNIST scenes, {spec.split} split ({folder})")
+    mspec = mosaics.parse_source(source)
+    if mspec is not None:
+        folder, meta = mosaics.ensure_mosaics(mspec, mspec.split, data_cfg.cache_dir)
+        samples = [Sample(os.path.join(folder, e["image"]), mosaics.CLASSES[e["label"]]) for e in meta["images"]]
+        return Listing(samples, [], f"Fashion-MNIST mosaics, {mspec.split} split ({folder})")
     if source == "synthetic":
         from .synthetic import ensure_synthetic
         folder = ensure_synthetic(data_cfg.cache_dir, data_cfg.synthetic_images, data_cfg.synthetic_resolution)

@@ -1,6 +1,6 @@
 """python -m densecl_fast.eval MODE --checkpoint CKPT|random [--arch A] --data DATA --out DIR
 
-MODE: knn | linear | svm | lowshot | dense. Writes DIR/<MODE>.json and DIR/<MODE>.md and prints
+MODE: knn | linear | svm | lowshot | dense | cells. Writes DIR/<MODE>.json and DIR/<MODE>.md and prints
 one summary line. A bad argument, data set or checkpoint is one line `error: ...` on stderr and
 exit status 2.
 """
@@ -14,10 +14,11 @@ import time
 
 from ..data import DataError
 from ..weights import WeightsError
-from . import dense, features, knn, linear, report, svm
-from .datasets import load_eval_data
+from ..data import mosaics
+from . import cells, dense, features, knn, linear, report, svm
+from .datasets import EvalSplit, load_eval_data
 
-MODES = ("knn", "linear", "svm", "lowshot", "dense")
+MODES = ("knn", "linear", "svm", "lowshot", "dense", "cells")
 
 
 class UsageError(ValueError):
@@ -46,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", help="resnet18/34/50/101 (required with random; else a check)")
     p.add_argument("--encoder", default="query", choices=("query", "key"))
     p.add_argument("--seed", type=int, default=0, help="random trunk init, training seeds, low-shot sampling")
-    p.add_argument("--data", required=True, help="synthetic | image folder | .txt list | VOC devkit | fashion-mnist:ROOT | fashion-mnist-scenes:ROOT")
+    p.add_argument("--data", required=True, help="synthetic | image folder | .txt list | VOC devkit | fashion-mnist:ROOT | fashion-mnist-scenes:ROOT | "
+                                                 "fashion-mnist-mosaics:ROOT")
     p.add_argument("--val", default="", help="separate val folder / list (else a deterministic split)")
     p.add_argument("--root", default="", help="base folder of relative paths in a .txt list")
     p.add_argument("--max-train", type=int, default=0, help="first N training images (0 = all)")
@@ -54,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-images", type=int, default=512)
     p.add_argument("--synthetic-resolution", type=int, default=160)
     p.add_argument("--data-cache-dir", default="~/.cache/densecl_fast", help="where the built-in set is generated")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, help="default: the mosaics' side for fashion-mnist-mosaics, else 224")
     p.add_argument("--batch-size", type=int, default=64, help="extraction batch")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -62,13 +64,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--out", required=True)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--input-blind", action="store_true",
+                   help="every image replaced by a black one: an input-blind trunk, the chance-level reference")
     p.add_argument("--k", default="20", help="knn: comma list of k")
     p.add_argument("--temperature", type=float, default=knn.TEMPERATURE)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--preset", choices=("imagenet",), help="linear: the seed recipe through the trunk (GPU)")
     g.add_argument("--quick", action="store_true", help="linear: on cached features (the default)")
-    p.add_argument("--epochs", type=int, help="linear / dense: epochs (default: the recipe's)")
-    p.add_argument("--lr", type=float, help="linear quick / dense: learning rate")
+    p.add_argument("--epochs", type=int, help="linear / dense / cells: epochs (default: the recipe's)")
+    p.add_argument("--lr", type=float, help="linear quick / dense / cells: learning rate")
     p.add_argument("--layers", default="c5", help="svm/lowshot: comma list of c2..c5")
     p.add_argument("--costs", default=",".join(str(c) for c in svm.COSTS), help="svm: costs (+ 0.5**4..0.5**19 unless --no-extra-costs)")
     p.add_argument("--no-extra-costs", action="store_true")
@@ -100,9 +104,23 @@ def check_out(out: str, mode: str) -> None:
         raise UsageError(f"--out {out}: {parent} is not writable")
 
 
+def blind(split: EvalSplit, image_size: int) -> EvalSplit:
+    """`split` with every image black (labels unchanged): features that cannot depend on the input."""
+    from PIL import Image
+    black = Image.new("RGB", (image_size, image_size))
+    return EvalSplit(split.name, split.keys, lambda i: black, split.classes, split.labels, split.targets, split.masks,
+                     split.fingerprint_extra + ":input-blind", split.cells)
+
+
 def run(args) -> tuple[dict, list, str]:
     if args.mode not in MODES:
         raise UsageError(f"unknown mode {args.mode!r}: use one of {', '.join(MODES)}")
+    if args.image_size is None:
+        try:
+            spec = mosaics.parse_source(args.data)
+        except DataError:
+            spec = None  # load_eval_data says what is wrong with it
+        args.image_size = spec.size if spec else 224
     if args.image_size < 32:
         raise UsageError(f"--image-size {args.image_size}: at least 32")
     if args.checkpoint == "random" and not args.arch:
@@ -124,15 +142,19 @@ def run(args) -> tuple[dict, list, str]:
     except ValueError as e:
         raise UsageError(str(e)) from None
     progress = not args.no_progress
-    task = {"knn": "cls", "linear": "cls", "svm": "multilabel", "lowshot": "multilabel", "dense": "seg"}[args.mode]
+    task = {"knn": "cls", "linear": "cls", "svm": "multilabel", "lowshot": "multilabel", "dense": "seg",
+            "cells": "cells"}[args.mode]
     train, test = load_eval_data(args.data, task=task, val=args.val, root=args.root, max_train=args.max_train,
                                  max_val=args.max_val, synthetic_images=args.synthetic_images,
                                  synthetic_resolution=args.synthetic_resolution, data_cache_dir=args.data_cache_dir)
     if not len(train) or not len(test):
         raise DataError(f"--data {args.data}: empty {'train' if not len(train) else 'eval'} split")
+    if args.input_blind:
+        train, test = blind(train, args.image_size), blind(test, args.image_size)
     trunk, arch, trunk_id = features.build_trunk(args.checkpoint, args.arch, args.seed, args.encoder)
     names = {"knn": ["pool5"], "linear": ["pool5"], "svm": [f"svm_{l}" for l in layers],
-             "lowshot": [f"svm_{l}" for l in layers], "dense": [f"map_{args.layer}"]}[args.mode]
+             "lowshot": [f"svm_{l}" for l in layers], "dense": [f"map_{args.layer}"],
+             "cells": [f"map_{l}" for l in cells.LAYERS] + ["pool5"]}[args.mode]  # pool5: a kNN after it reuses the pass
     cache = None if args.no_cache else args.cache_dir
     kw = dict(image_size=args.image_size, device=device, cache_dir=cache, batch_size=args.batch_size,
               workers=args.workers, progress=progress)
@@ -144,7 +166,8 @@ def run(args) -> tuple[dict, list, str]:
     res = {"mode": args.mode, "checkpoint": args.checkpoint, "arch": arch, "encoder": args.encoder, "seed": args.seed,
            "data": args.data, "image_size": args.image_size, "num_train": len(train), "num_eval": len(test),
            "train_split": train.name, "eval_split": test.name, "classes": train.classes, "feature_names": names,
-           "features": {"train": how_tr, "eval": how_te, "seconds": round(t_feat, 2)}, "device": str(device)}
+           "features": {"train": how_tr, "eval": how_te, "seconds": round(t_feat, 2)}, "device": str(device),
+           "input_blind": args.input_blind}
     nc = len(train.classes)
     if args.mode == "knn":
         acc = knn.knn_accuracy(ftr["pool5"], train.labels, fte["pool5"], test.labels, ks, nc, args.temperature)
@@ -189,6 +212,21 @@ def run(args) -> tuple[dict, list, str]:
         res["layers"] = per_layer
         line = "; ".join(f"{l}: " + ", ".join(f"k={k} {v['mean']:.2f}±{v['std']:.2f}" for k, v in per_layer[l]["k"].items())
                          for l in layers)
+    elif args.mode == "cells":
+        res["cell_classes"] = list(mosaics.CELL_CLASSES)
+        rows, parts = [], []
+        for l in cells.LAYERS:
+            r = cells.train_cells(ftr[f"map_{l}"], train.cells, fte[f"map_{l}"], test.cells,
+                                  epochs=args.epochs or cells.CELL_EPOCHS, lr=args.lr or cells.CELL_LR, seed=args.seed,
+                                  min_steps=0 if args.epochs else cells.CELL_MIN_STEPS, progress=progress)
+            res[l] = r
+            res[f"cell_{l}_acc"], res[f"cell_{l}_mean_class_acc"] = r["acc"], r["mean_class_acc"]
+            g = r["grid"]
+            rows += [(f"{l} ({g}x{g}) cell accuracy", f"{r['acc']:.2f}"),
+                     (f"{l} ({g}x{g}) mean per-class accuracy", f"{r['mean_class_acc']:.2f}"),
+                     (f"{l} chance (commonest class)", f"{r['chance']:.2f}")]
+            parts.append(f"{l} ({g}x{g}) cell acc {r['acc']:.2f}%, mean per-class {r['mean_class_acc']:.2f}%")
+        line = "cells probe: " + "; ".join(parts)
     else:
         n = names[0]
         r = dense.train_dense(ftr[n], dense.load_masks(train, args.image_size), fte[n],

@@ -7,8 +7,11 @@ encoding) and/or mask files. `keys` (item names) feed the feature-cache fingerpr
 Sources: `synthetic` (built-in set; val = every VAL_EVERY-th image), an image folder with class
 sub-folders (`--val` folder, else the same deterministic split), a `.txt` list with labels,
 `fashion-mnist:ROOT` (train / test split), `fashion-mnist-scenes:ROOT[#tokens]` (training scenes /
-test scenes; masks = 10 garment classes + background, label = the class covering most pixels), a Pascal VOC devkit (VOC2007: trainval / test of
-ImageSets/Main; segmentation: ImageSets/Segmentation train / val with SegmentationClass PNGs).
+test scenes; masks = 10 garment classes + background, label = the class covering most pixels),
+`fashion-mnist-mosaics:ROOT[#tokens]` (training mosaics / test mosaics; label = the class most quadrants
+hold, `cells` = the four quadrant labels, 10 classes + empty, for the per-cell probe), a Pascal VOC
+devkit (VOC2007: trainval / test of ImageSets/Main; segmentation: ImageSets/Segmentation train / val
+with SegmentationClass PNGs).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ..data import DataError
-from ..data import fashion_mnist, scenes
+from ..data import fashion_mnist, mosaics, scenes
 from ..data.sources import list_folder, load_rgb, read_file_list, to_rgb
 
 VAL_EVERY = 5            # deterministic split of sets without one: image i is val when i % 5 == 0
@@ -42,6 +45,7 @@ class EvalSplit:
     targets: Optional[np.ndarray] = None        # int32 [N, C] in {1, 0, -1}
     masks: Optional[List[str]] = None           # mask files (class index per pixel, 255 ignore)
     fingerprint_extra: str = ""
+    cells: Optional[np.ndarray] = None          # int64 [N, 4] quadrant labels (mosaics; mosaics.EMPTY = empty)
 
     def __len__(self):
         return len(self.keys)
@@ -84,7 +88,8 @@ def _take(split: EvalSplit, n: int) -> EvalSplit:
     return EvalSplit(split.name, keys, split.loader, split.classes,
                      None if split.labels is None else split.labels[:n],
                      None if split.targets is None else split.targets[:n],
-                     None if split.masks is None else split.masks[:n], split.fingerprint_extra)
+                     None if split.masks is None else split.masks[:n], split.fingerprint_extra,
+                     None if split.cells is None else split.cells[:n])
 
 
 def _split_by_index(paths, labels, classes, masks=None, extra=""):
@@ -191,14 +196,37 @@ def _scenes(spec, task: str, cache_dir: str):
     return out
 
 
+def _mosaics(spec, cache_dir: str):
+    out = []
+    for split in fashion_mnist.SPLITS:
+        folder, meta = mosaics.ensure_mosaics(spec, split, cache_dir)
+        s = _files([os.path.join(folder, e["image"]) for e in meta["images"]], [e["label"] for e in meta["images"]],
+                   mosaics.CLASSES, split, extra=f"mosaics:{meta['sha256']}")
+        s.cells = np.asarray([e["quadrants"] for e in meta["images"]], np.int64).reshape(-1, 4)
+        out.append(s)
+    return out
+
+
 def load_eval_data(data: str, *, task: str, val: str = "", root: str = "", max_train: int = 0, max_val: int = 0,
                    synthetic_images: int = 512, synthetic_resolution: int = 160,
                    data_cache_dir: str = "~/.cache/densecl_fast"):
     """-> (train split, eval split). task: "cls" (single labels), "multilabel" (VOC targets or
-    one-vs-rest), "seg" (masks)."""
+    one-vs-rest), "seg" (masks), "cells" (the mosaics' quadrant labels and single labels)."""
     data = str(data).strip()
     if not data:
         raise DataError("--data is empty")
+    mspec = mosaics.parse_source(data)
+    if mspec is not None:
+        if task == "seg":
+            raise DataError("the Fashion-MNIST mosaics have no masks: their dense probe is the cells mode "
+                            "(a label per grid cell)")
+        if mspec.split != "train":
+            raise DataError(f"--data {data}: drop the split token; evaluation uses the training mosaics as the "
+                            "training split and the test mosaics as the evaluation split")
+        train, test = _mosaics(mspec, data_cache_dir)
+        return _take(train, max_train), _take(test, max_val)
+    if task == "cells":
+        raise DataError(f"--data {data}: the cells probe needs a label per grid cell: fashion-mnist-mosaics:ROOT")
     fm = fashion_mnist.parse_source(data)
     if fm is not None:
         if task == "seg":
@@ -267,8 +295,8 @@ def load_eval_data(data: str, *, task: str, val: str = "", root: str = "", max_t
         else:
             train, test = _split_by_index(p, l, classes)
         return _take(train, max_train), _take(test, max_val)
-    raise DataError(f"--data {data}: not a folder, a .txt list, 'synthetic', fashion-mnist:ROOT or "
-                    "fashion-mnist-scenes:ROOT")
+    raise DataError(f"--data {data}: not a folder, a .txt list, 'synthetic', fashion-mnist:ROOT, "
+                    "fashion-mnist-scenes:ROOT or fashion-mnist-mosaics:ROOT")
 
 
 def load_mask(path: str) -> Image.Image:

@@ -150,13 +150,14 @@ def check_inputs(args) -> None:
     args.val, args.voc = (os.path.abspath(v) if v else v for v in (args.val, args.voc))
     from ..data import DataError
     from ..data.fashion_mnist import parse_source
+    from ..data.mosaics import parse_source as parse_mosaics
     from ..data.scenes import parse_source as parse_scenes
     try:
         fmnist = parse_source(args.data)
-        scenes = parse_scenes(args.data)
+        generated = parse_scenes(args.data) or parse_mosaics(args.data)
     except DataError as e:
         raise UsageError(f"--data {args.data}: {e}") from None
-    root = fmnist[0] if fmnist else scenes.root if scenes else None
+    root = fmnist[0] if fmnist else generated.root if generated else None
     if root and not os.path.isdir(root):
         raise UsageError(f"--data {args.data}: no such folder {root}")
     if args.data != "synthetic" and not root and not any(c in args.data for c in "*?["):  # (DALI shard patterns)

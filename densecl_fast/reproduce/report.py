@@ -61,6 +61,10 @@ def collect_evals(out: str, trunks: list[str]) -> dict:
                 r["dense_fg_miou"] = dense["fg_mIoU"]
             r["dense_miou"] = dense["mIoU"]
             r["dense_pixel_acc"] = dense["pixel_acc"]
+        cells = _load(os.path.join(d, "cells.json"))
+        if cells:
+            for k in ("cell_c5_acc", "cell_c4_acc", "cell_c5_mean_class_acc", "cell_c4_mean_class_acc"):
+                r[k] = cells[k]
         svm = _load(os.path.join(d, "svm.json"))
         if svm:
             r["voc07_svm_c5"] = svm["layers"]["c5"]["mAP"]
@@ -105,6 +109,12 @@ def metric_rows(ev: dict, ks_knn=("20",)) -> list[tuple[str, str, float | None]]
         rows.append(("dense_fg_miou", "dense probe foreground mIoU (C4, our protocol)", None))
     if "dense_miou" in have:
         rows.append(("dense_miou", "dense probe mIoU (C4, our protocol)", None))
+    for k, label in (("cell_c5_acc", "cells probe accuracy (C5 cells, our protocol)"),
+                     ("cell_c4_acc", "cells probe accuracy (C4 cells, our protocol)"),
+                     ("cell_c5_mean_class_acc", "cells probe mean per-class accuracy (C5)"),
+                     ("cell_c4_mean_class_acc", "cells probe mean per-class accuracy (C4)")):
+        if k in have:
+            rows.append((k, label, None))
     if "voc07_svm_c5" in have:
         rows.append(("voc07_svm_c5", "VOC07 SVM mAP (C5)", PUBLISHED_200EP["voc07_svm_c5"]))
     for k in LOWSHOT_K:
@@ -398,7 +408,7 @@ def write_report(out: str, state: dict, args, runs: list[str], skipped: dict, cf
         md.append("The paper's claim at 200 ImageNet epochs (original repo): " + ", ".join(
             f"{k} {a} vs {b} ({a - b:+.1f})" for k, (a, b) in PAPER_DENSECL_VS_MOCO.items()) + ".")
         md.append("")
-    if args.data == "synthetic" or (args.val == "" and args.data != "synthetic" and not args.data.startswith(("fashion-mnist:", "fashion-mnist-scenes:"))):
+    if args.data == "synthetic" or (args.val == "" and args.data != "synthetic" and not args.data.startswith(("fashion-mnist:", "fashion-mnist-scenes:", "fashion-mnist-mosaics:"))):
         md.append("The kNN evaluation split is the eval tool's deterministic hold-out of the pretraining images "
                   "(every 5th image), not a separate validation set." if args.data != "synthetic" else
                   "On the built-in set the eval split is every 5th image of the pretraining set (labels and masks are "

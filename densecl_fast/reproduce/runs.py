@@ -134,6 +134,12 @@ def pretrain_runs(args, seeds: list[int]) -> list[tuple[str, str, int]]:
     return [(run_name(m, s, seeds), m, s) for s in seeds for m in methods]
 
 
+def has_cells(data: str) -> bool:
+    """Pretraining data with a label per grid cell: the Fashion-MNIST mosaics (the cells probe)."""
+    from ..data.mosaics import parse_source
+    return parse_source(data) is not None
+
+
 def has_masks(data: str) -> bool:
     """Pretraining data the dense probe can use directly (--voc aside): the built-in set and the scenes."""
     from ..data.scenes import parse_source
@@ -161,6 +167,8 @@ def eval_jobs(args, cfg, runs: list[tuple[str, str, int]], seeds: list[int]) -> 
                       ("lowshot", ["lowshot", "--data", args.voc, "--layers", "c5"])]
     elif has_masks(args.data):
         per_trunk.append(("dense", ["dense", *data, *limits, "--layer", "c4"]))
+    if has_cells(args.data):
+        per_trunk.append(("cells", ["cells", *data, *limits]))
     trunks = [(name, seed) for name, _, seed in runs]
     if not args.no_random:
         trunks += [(run_name("random", s, seeds), s) for s in seeds]
@@ -173,7 +181,8 @@ def skipped_evals(args) -> dict:
         out["svm"] = out["lowshot"] = "no --voc given (the VOC07 SVM and low-shot protocols need Pascal VOC 2007)"
         if not has_masks(args.data):
             out["dense"] = ("no masks: the dense probe needs --voc, the built-in data set (--data synthetic) or "
-                            "the Fashion-MNIST scenes (--data fashion-mnist-scenes:ROOT)")
+                            "the Fashion-MNIST scenes (--data fashion-mnist-scenes:ROOT)"
+                            + ("; the mosaics' dense evaluation is the cells probe" if has_cells(args.data) else ""))
     out["linear"] = ("not run: the seed's ImageNet linear protocol (100 epochs through the trunk) is a separate GPU "
                      "job; the report gives its command")
     return out
