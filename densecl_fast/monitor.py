@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import torchvision.transforms as T
 
-from .data import DataError, fashion_mnist, scenes
+from .data import DataError, fashion_mnist, mosaics, scenes
 from .distributed import all_reduce_max, barrier
 from .eval import features, knn
 from .eval.datasets import EvalSplit, load_eval_data
@@ -56,20 +56,20 @@ def _in_memory(split: EvalSplit, image_size: int) -> EvalSplit:
 
 
 def check_val(data: str, val: str) -> None:
-    """`train.knn_val` is honoured or refused, never ignored: the generated sets and Fashion-MNIST
-    bring their own evaluation split, an image folder needs a folder, a list needs a list."""
+    """`train.knn_val` is honoured or refused, never ignored: the generated sets (built-in, scenes,
+    mosaics) and Fashion-MNIST bring their own evaluation split, an image folder needs a folder, a list needs a list."""
     val, data = str(val).strip(), str(data).strip()
     if not val:
         return
     try:
         own = (data == "synthetic" or fashion_mnist.parse_source(data) is not None
-               or scenes.parse_source(data) is not None)
+               or scenes.parse_source(data) is not None or mosaics.parse_source(data) is not None)
     except DataError:
         return  # a malformed spelling: load_eval_data names it
     if own:
         raise DataError(f"train.knn_val={val!r} cannot be used with train.knn_data={data!r}, which has its own "
-                        f"evaluation split (the built-in set's last images, the test split of Fashion-MNIST or "
-                        f"of the scenes); clear train.knn_val")
+                        f"evaluation split (the built-in set's last images, the test split of Fashion-MNIST, "
+                        f"of the scenes or of the mosaics); clear train.knn_val")
     dp, vp = (os.path.abspath(os.path.expanduser(x)) for x in (data, val))
     if os.path.isdir(dp) and not os.path.isdir(vp):
         raise DataError(f"train.knn_val={val!r}: no such folder (train.knn_data is an image folder, so the "
