@@ -33,6 +33,7 @@ from .engines import Engine, build_engine
 from .engines.compiling import CompileCache, CompilePlan
 from .model import DenseCL
 from .monitor import KnnMonitor
+from .run_dir import prepare_run_dir, resolve_resume
 from .weights import WeightsError, load_into_model, read_weights
 
 
@@ -202,7 +203,7 @@ def read_resume_point(cfg: Config, engine: Engine) -> tuple[str | None, dict | N
     """The checkpoint train.resume names (None: a new run) and its metadata, checked against this
     config and engine; nothing of it is loaded yet (that waits for the model)."""
     t_cfg = cfg.train
-    resume_path = ckpt_io.resolve_resume(t_cfg.resume, t_cfg.out_dir)
+    resume_path = resolve_resume(t_cfg.resume, t_cfg.out_dir)
     if not resume_path:
         return None, None
     ckpt_io.check_kind(resume_path, engine.ckpt_kind, f"train.engine={engine.name}")
@@ -219,7 +220,7 @@ def lock_run_dir(t_cfg, resume_path: str | None, dist_info: DistInfo, device: to
     problem = None
     if dist_info.is_main:
         try:
-            lock, removed = ckpt_io.prepare_run_dir(t_cfg.out_dir, resume_path)
+            lock, removed = prepare_run_dir(t_cfg.out_dir, resume_path)
             held.callback(lock.release)
             if removed:
                 say(f"removed {len(removed)} temp file(s) of interrupted checkpoint writes in "

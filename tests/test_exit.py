@@ -16,8 +16,9 @@ import time
 
 import pytest
 
-from densecl_fast.checkpoint import RunLock, list_checkpoints
+from densecl_fast.checkpoint import list_checkpoints
 from densecl_fast.config import ConfigError
+from densecl_fast.run_dir import RunLock
 from helpers import PRETRAIN, ROOT, load_script, tiny
 
 HARNESS = os.path.join(ROOT, "tests", "exit_harness.py")
