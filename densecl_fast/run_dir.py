@@ -1,8 +1,14 @@
 """The run directory's life: one run per directory (a lock), the resume point, and its checks.
 
+    resume_path, meta = read_resume_point(cfg, engine)    # before any data or model
+    with lock_run_dir(out_dir, resume_path, dist_info, device, say):
+        ...                                               # the run; resume(...) calls check_resume_point
+
 A run directory belongs to one run: `prepare_run_dir` takes a lock file (`<out_dir>/.lock`, an
 flock released when the process dies), removes temp files of killed checkpoint writes, and refuses
-a fresh run into a directory that already holds checkpoints.
+a fresh run into a directory that already holds checkpoints. The resume point (train.resume) is
+checked against the config and engine before anything is built: its format, structure and
+checksum, the tensor-shaping config keys, and later its position against this run's epochs.
 """
 from __future__ import annotations
 
@@ -10,9 +16,16 @@ import errno
 import os
 import re
 import socket
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from .checkpoint import CheckpointError, checkpoint_dir, list_checkpoints, remove_stale_temps
-from .config import ConfigError
+from .checkpoint import (CheckpointError, check_kind, checkpoint_dir, list_checkpoints, read_checkpoint_meta,
+                         remove_stale_temps, saved_config)
+from .config import Config, ConfigError
+from .distributed import DistInfo, all_reduce_max
+
+if TYPE_CHECKING:
+    from .engines import Engine
 
 LOCK_NAME = ".lock"
 
@@ -214,3 +227,79 @@ def resolve_resume(resume: str, out_dir: str) -> str | None:
     if not os.path.exists(resume):
         raise CheckpointError(f"--resume {resume}: no such checkpoint file")
     return resume
+
+
+def read_resume_point(cfg: Config, engine: Engine) -> tuple[str | None, dict | None]:
+    """The checkpoint train.resume names (None: a new run) and its metadata, checked against this
+    config and engine; nothing of it is loaded yet (that waits for the model)."""
+    t_cfg = cfg.train
+    resume_path = resolve_resume(t_cfg.resume, t_cfg.out_dir)
+    if not resume_path:
+        return None, None
+    check_kind(resume_path, engine.ckpt_kind, f"train.engine={engine.name}")
+    ck = read_checkpoint_meta(resume_path)  # structure and checksum
+    check_compatible(saved_config(ck, resume_path), cfg, resume_path)
+    engine.check_resume(resume_path, ck)
+    return resume_path, ck
+
+
+def check_compatible(saved: Config, cfg: Config, path: str) -> None:
+    """The parts of the config that shape tensors must match; the rest may change on resume."""
+    keys = ["arch", "hid_dim", "out_dim", "queue_len"]
+    diff = [f"model.{k}: checkpoint {getattr(saved.model, k)} vs now {getattr(cfg.model, k)}"
+            for k in keys if getattr(saved.model, k) != getattr(cfg.model, k)]
+    if diff:
+        raise CheckpointError(f"checkpoint {path} is incompatible with this config: " + "; ".join(diff))
+
+
+@contextmanager
+def lock_run_dir(out_dir: str, resume_path: str | None, dist_info: DistInfo, device, say):
+    """Rank 0 checks train.out_dir (one run per directory) and holds its lock until the with-block
+    ends. Every rank raises if rank 0 could not, so none goes on alone."""
+    problem, lock = None, None
+    if dist_info.is_main:
+        try:
+            lock, removed = prepare_run_dir(out_dir, resume_path)
+            if removed:
+                say(f"removed {len(removed)} temp file(s) of interrupted checkpoint writes in "
+                    f"{checkpoint_dir(out_dir)}")
+        except (ConfigError, CheckpointError) as e:
+            problem = e
+    try:
+        if dist_info.enabled and all_reduce_max(problem is not None, device) and problem is None:
+            problem = ConfigError(f"train.out_dir={out_dir}: rank 0 cannot use the run directory (see its error)")
+        if problem is not None:
+            raise problem
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def check_resume_point(ck: dict, path: str, steps_per_epoch: int, total_steps: int, num_samples,
+                       world_size: int, batch_size: int, warn) -> None:
+    """A checkpoint's step means (epoch, step in epoch) only for the steps per epoch it was written
+    with: a different count (data set size, global batch) is an error, not a silent reinterpretation."""
+    step = ck["step"]
+    saved_spe = ck.get("steps_per_epoch")
+    if saved_spe is None and ck.get("epoch"):  # written before steps_per_epoch was stored
+        saved_spe = (step - ck.get("step_in_epoch", 0)) // ck["epoch"]
+    if saved_spe is not None and saved_spe != steps_per_epoch:
+        raise CheckpointError(
+            f"checkpoint {path} was written with {saved_spe} steps per epoch (at epoch {step // saved_spe}, "
+            f"step {step % saved_spe} of {saved_spe}); this data set and optim.batch_size={batch_size} give "
+            f"{steps_per_epoch}, so its position cannot be continued. Resume with the same data set and batch, "
+            f"or start a new run in another train.out_dir")
+    if step > total_steps:
+        raise CheckpointError(
+            f"checkpoint {path} is at step {step}, past the end of this run ({total_steps} steps); "
+            f"raise optim.epochs, or start a new run in another train.out_dir")
+    saved_n = ck.get("num_samples")
+    if saved_n is not None and num_samples is not None and saved_n != num_samples:
+        warn(f"checkpoint {path} was written with {saved_n} images, the data set now has {num_samples}: same "
+             f"steps per epoch, but the order of the rest of the epoch differs from the interrupted run")
+    saved_world = ck.get("world_size", len(ck["shuffle_rng"]))
+    if saved_world != world_size:
+        warn(f"checkpoint {path} was written by {saved_world} process(es), resuming on {world_size}: the "
+             f"data shards and key-shuffle streams differ, so the run continues correctly but does not "
+             f"reproduce the uninterrupted one")
