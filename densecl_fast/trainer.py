@@ -4,7 +4,9 @@
 
 Order of business: processes, device and engine -> data (fails early on bad data) -> model,
 engine set-up (torch.compile and DDP/FSDP/DeepSpeed applied in place, optimizer) -> resume -> the
-loop (lr, λ, step, log, checkpoint, signals).
+loop (lr, λ, step, log, checkpoint, signals). Beside it: the run directory's lock and resume point
+(run_dir.py), metrics.jsonl (metrics.py), the step itself (engines.train_step), checkpoint files
+(checkpoint/).
 """
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
@@ -26,8 +27,8 @@ from . import kernels
 from . import checkpoint as ckpt_io
 from .config import Config, ConfigError, check_environment, config_to_dict, to_yaml
 from .data import DataError, build_loader, resolve_backend
-from .distributed import DistInfo, all_reduce_max, cleanup, init_distributed
-from .engines import Engine, build_engine
+from .distributed import DistInfo, all_reduce_max, cleanup, gather_objects, init_distributed
+from .engines import Engine, build_engine, train_step
 from .engines.compiling import CompileCache, CompilePlan
 from .metrics import MetricsLog, warn
 from .model import DenseCL
@@ -61,14 +62,6 @@ def cudnn_benchmark_for(t_cfg, device: torch.device) -> bool:
     may pick a different algorithm per run). The trainer's shapes are fixed (every batch is full, one
     crop size), so each convolution is tuned once, on the first step."""
     return device.type == "cuda" and bool(t_cfg.cudnn_benchmark) and not t_cfg.deterministic
-
-
-def train_step(model, engine: Engine, im_q, im_k, lr: float, lam: float) -> dict:
-    """One optimisation step; the trainer and perf/ both run exactly this, under every engine."""
-    with engine.autocast():
-        out = model(im_q, im_k, loss_lambda=lam)
-    engine.step(out["loss"], lr)
-    return out
 
 
 def train(cfg: Config) -> dict:
@@ -458,15 +451,6 @@ def save_checkpoint(run: Run, reason: str) -> str | None:
              "batch_size": run.cfg.optim.batch_size, "num_samples": getattr(run.loader, "num_samples", None),
              "engine": run.engine.name}
     return run.engine.save(run.cfg.train.out_dir, step, extra, run.cfg.train.keep_last)
-
-
-def gather_objects(obj) -> list:
-    """`obj` of every rank, in rank order (one process: [obj])."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def gather_shuffle_states(model: DenseCL, device: torch.device) -> list:

@@ -16,7 +16,7 @@ import os
 
 from ..checkpoint import CheckpointError, checkpoint_kind, dcp_error, dcp_exception
 from ..config import Config, ConfigError
-from .base import Engine, autocast_for, make_optimizer
+from .base import Engine, autocast_for, make_optimizer, train_step
 
 ENGINES = ("single", "ddp", "fsdp", "deepspeed")
 
