@@ -65,6 +65,15 @@ def all_reduce_max(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def gather_objects(obj) -> list:
+    """`obj` of every rank, in rank order (one process: [obj])."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -4,22 +4,21 @@
 
 Order of business: processes, device and engine -> data (fails early on bad data) -> model,
 engine set-up (torch.compile and DDP/FSDP/DeepSpeed applied in place, optimizer) -> resume -> the
-loop (lr, λ, step, log, checkpoint, signals).
+loop (lr, λ, step, log, checkpoint, signals). Beside it: the run directory's lock and resume point
+(run_dir.py), metrics.jsonl (metrics.py), the step itself (engines.train_step), checkpoint files
+(checkpoint/).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
-import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
@@ -28,11 +27,13 @@ from . import kernels
 from . import checkpoint as ckpt_io
 from .config import Config, ConfigError, check_environment, config_to_dict, to_yaml
 from .data import DataError, build_loader, resolve_backend
-from .distributed import DistInfo, all_reduce_max, cleanup, init_distributed
-from .engines import Engine, build_engine
+from .distributed import DistInfo, all_reduce_max, cleanup, gather_objects, init_distributed
+from .engines import Engine, build_engine, train_step
 from .engines.compiling import CompileCache, CompilePlan
+from .metrics import MetricsLog, warn
 from .model import DenseCL
 from .monitor import KnnMonitor
+from .run_dir import check_resume_point, lock_run_dir, read_resume_point
 from .weights import WeightsError, load_into_model, read_weights
 
 
@@ -63,51 +64,6 @@ def cudnn_benchmark_for(t_cfg, device: torch.device) -> bool:
     return device.type == "cuda" and bool(t_cfg.cudnn_benchmark) and not t_cfg.deterministic
 
 
-def train_step(model, engine: Engine, im_q, im_k, lr: float, lam: float) -> dict:
-    """One optimisation step; the trainer and perf/ both run exactly this, under every engine."""
-    with engine.autocast():
-        out = model(im_q, im_k, loss_lambda=lam)
-    engine.step(out["loss"], lr)
-    return out
-
-
-def check_compatible(saved: Config, cfg: Config, path: str) -> None:
-    """The parts of the config that shape tensors must match; the rest may change on resume."""
-    keys = ["arch", "hid_dim", "out_dim", "queue_len"]
-    diff = [f"model.{k}: checkpoint {getattr(saved.model, k)} vs now {getattr(cfg.model, k)}"
-            for k in keys if getattr(saved.model, k) != getattr(cfg.model, k)]
-    if diff:
-        raise ckpt_io.CheckpointError(f"checkpoint {path} is incompatible with this config: " + "; ".join(diff))
-
-
-class MetricsLog:
-    """metrics.jsonl (always) and TensorBoard (optional) in the run directory; rank 0 only."""
-
-    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool):
-        self.enabled = enabled
-        self.f = open(os.path.join(out_dir, "metrics.jsonl"), "a") if enabled else None
-        self.tb = None
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
-
-    def write(self, rec: dict):
-        if not self.enabled:
-            return
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
-        if self.tb is not None:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self.tb.add_scalar(f"train/{k}", v, rec["step"])
-
-    def close(self):
-        if self.f:
-            self.f.close()
-        if self.tb:
-            self.tb.close()
-
-
 def train(cfg: Config) -> dict:
     """Run (or continue) the pretraining of `cfg`; returns a summary. The run directory's lock is
     held, and the loader's worker processes live, until it returns or raises: whatever fails, the
@@ -120,10 +76,6 @@ def train(cfg: Config) -> dict:
             held.close()
         finally:
             cleanup()
-
-
-def warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def _train(cfg: Config, held: ExitStack) -> dict:
@@ -140,7 +92,7 @@ def _train(cfg: Config, held: ExitStack) -> dict:
 
     # ---- run directory and resume point: checked, locked and read before any data or model ----
     resume_path, ck = read_resume_point(cfg, engine)
-    lock_run_dir(t_cfg, resume_path, dist_info, device, held, say)
+    held.enter_context(lock_run_dir(t_cfg.out_dir, resume_path, dist_info, device, say))
     per_rank_batch = per_rank_batch_size(cfg.optim.batch_size, dist_info.world_size)
     apply_global_settings(t_cfg, device)
     init_from = None if resume_path else t_cfg.init_from  # a resumed run takes its weights from the checkpoint
@@ -196,41 +148,7 @@ def _train(cfg: Config, held: ExitStack) -> dict:
             "out_dir": t_cfg.out_dir, "data_skipped": skipped}
 
 
-# ---- checks and run directory ---------------------------------------------------------------------
-
-def read_resume_point(cfg: Config, engine: Engine) -> tuple[str | None, dict | None]:
-    """The checkpoint train.resume names (None: a new run) and its metadata, checked against this
-    config and engine; nothing of it is loaded yet (that waits for the model)."""
-    t_cfg = cfg.train
-    resume_path = ckpt_io.resolve_resume(t_cfg.resume, t_cfg.out_dir)
-    if not resume_path:
-        return None, None
-    ckpt_io.check_kind(resume_path, engine.ckpt_kind, f"train.engine={engine.name}")
-    ck = ckpt_io.read_checkpoint_meta(resume_path)  # structure and checksum
-    check_compatible(ckpt_io.saved_config(ck, resume_path), cfg, resume_path)
-    engine.check_resume(resume_path, ck)
-    return resume_path, ck
-
-
-def lock_run_dir(t_cfg, resume_path: str | None, dist_info: DistInfo, device: torch.device, held: ExitStack,
-                 say) -> None:
-    """Rank 0 checks train.out_dir (one run per directory) and locks it; the lock goes into `held`,
-    which train() releases. Every rank raises if rank 0 could not, so none goes on alone."""
-    problem = None
-    if dist_info.is_main:
-        try:
-            lock, removed = ckpt_io.prepare_run_dir(t_cfg.out_dir, resume_path)
-            held.callback(lock.release)
-            if removed:
-                say(f"removed {len(removed)} temp file(s) of interrupted checkpoint writes in "
-                    f"{ckpt_io.checkpoint_dir(t_cfg.out_dir)}")
-        except (ConfigError, ckpt_io.CheckpointError) as e:
-            problem = e
-    if dist_info.enabled and all_reduce_max(problem is not None, device) and problem is None:
-        problem = ConfigError(f"train.out_dir={t_cfg.out_dir}: rank 0 cannot use the run directory (see its error)")
-    if problem is not None:
-        raise problem
-
+# ---- checks ---------------------------------------------------------------------
 
 def per_rank_batch_size(batch_size: int, world_size: int) -> int:
     if batch_size % world_size:
@@ -390,35 +308,6 @@ def resume(run: Run, ck: dict, path: str, say) -> None:
 
 
 
-def check_resume_point(ck: dict, path: str, steps_per_epoch: int, total_steps: int, num_samples,
-                       world_size: int, batch_size: int, warn) -> None:
-    """A checkpoint's step means (epoch, step in epoch) only for the steps per epoch it was written
-    with: a different count (data set size, global batch) is an error, not a silent reinterpretation."""
-    step = ck["step"]
-    saved_spe = ck.get("steps_per_epoch")
-    if saved_spe is None and ck.get("epoch"):  # written before steps_per_epoch was stored
-        saved_spe = (step - ck.get("step_in_epoch", 0)) // ck["epoch"]
-    if saved_spe is not None and saved_spe != steps_per_epoch:
-        raise ckpt_io.CheckpointError(
-            f"checkpoint {path} was written with {saved_spe} steps per epoch (at epoch {step // saved_spe}, "
-            f"step {step % saved_spe} of {saved_spe}); this data set and optim.batch_size={batch_size} give "
-            f"{steps_per_epoch}, so its position cannot be continued. Resume with the same data set and batch, "
-            f"or start a new run in another train.out_dir")
-    if step > total_steps:
-        raise ckpt_io.CheckpointError(
-            f"checkpoint {path} is at step {step}, past the end of this run ({total_steps} steps); "
-            f"raise optim.epochs, or start a new run in another train.out_dir")
-    saved_n = ck.get("num_samples")
-    if saved_n is not None and num_samples is not None and saved_n != num_samples:
-        warn(f"checkpoint {path} was written with {saved_n} images, the data set now has {num_samples}: same "
-             f"steps per epoch, but the order of the rest of the epoch differs from the interrupted run")
-    saved_world = ck.get("world_size", len(ck["shuffle_rng"]))
-    if saved_world != world_size:
-        warn(f"checkpoint {path} was written by {saved_world} process(es), resuming on {world_size}: the "
-             f"data shards and key-shuffle streams differ, so the run continues correctly but does not "
-             f"reproduce the uninterrupted one")
-
-
 # ---- the loop -------------------------------------------------------------------------------------
 
 def run_loop(run: Run, log: MetricsLog) -> tuple[str, str | None]:
@@ -562,15 +451,6 @@ def save_checkpoint(run: Run, reason: str) -> str | None:
              "batch_size": run.cfg.optim.batch_size, "num_samples": getattr(run.loader, "num_samples", None),
              "engine": run.engine.name}
     return run.engine.save(run.cfg.train.out_dir, step, extra, run.cfg.train.keep_last)
-
-
-def gather_objects(obj) -> list:
-    """`obj` of every rank, in rank order (one process: [obj])."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def gather_shuffle_states(model: DenseCL, device: torch.device) -> list:

@@ -33,8 +33,9 @@ import torch
 import torchvision
 
 from . import safe_pickle
-from .checkpoint import (CheckpointError, atomic_save, checkpoint_kind, folder_model_state, load_checkpoint,
+from .checkpoint import (CheckpointError, atomic_save, checkpoint_kind, first_line, load_checkpoint,
                          read_checkpoint_meta)
+from .engines import folder_model_state
 
 
 class WeightsError(ValueError):
@@ -157,7 +158,7 @@ _D2_GLOBALS = frozenset({
 
 
 def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return first_line(e)[:200] or type(e).__name__
 
 
 def read_file(path: str):

@@ -11,7 +11,7 @@ from densecl_fast import kernels
 from densecl_fast.config import load_config
 from densecl_fast.data import dali_available
 from densecl_fast.model import DenseCL
-from densecl_fast.trainer import train_step
+from densecl_fast.engines import train_step
 
 from .bench_data import make_loader
 from .bench_kernels import BN_CASES, BN_IMPLS, IMPLS, INFONCE_CASES, MATCH_IMPLS, bn_inputs, bn_step, infonce_inputs, \

@@ -36,7 +36,7 @@ def child(a) -> dict:
     from densecl_fast.engines.compiling import CompileCache, CompilePlan
     from perf.runner import build_model
     from perf.sources import SyntheticSource, kernels_backend
-    from densecl_fast.trainer import train_step
+    from densecl_fast.engines import train_step
 
     device = torch.device(a.device)
     cfg = load_config("smoke", [f"model.arch={a.arch}", f"data.image_size={a.image_size}",

@@ -35,7 +35,7 @@ from densecl_fast.data import build_loader, dali_available
 from densecl_fast.engines.compiling import CompilePlan
 from densecl_fast.engines.single import SingleEngine
 from densecl_fast.model import DenseCL
-from densecl_fast.trainer import train_step
+from densecl_fast.engines import train_step
 
 from . import report
 from .environment import environment, process_peak_rss_bytes

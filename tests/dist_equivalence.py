@@ -21,7 +21,7 @@ from densecl_fast.distributed import init_distributed  # noqa: E402
 from densecl_fast.engines import build_engine  # noqa: E402
 from densecl_fast.engines.compiling import CompilePlan  # noqa: E402
 from densecl_fast.model import DenseCL  # noqa: E402
-from densecl_fast.trainer import train_step  # noqa: E402
+from densecl_fast.engines import train_step  # noqa: E402
 
 GLOBAL_BATCH, PER_RANK_GROUP, STEPS, LR = 8, 2, 3, 0.5
 

@@ -18,7 +18,8 @@ from densecl_fast.config import ConfigError, load_config
 from densecl_fast.engines.compiling import CompileCache, CompilePlan, cache_key, compile_encoders, regions
 from densecl_fast.engines.single import SingleEngine
 from densecl_fast.model import DenseCL
-from densecl_fast.trainer import cudnn_benchmark_for, train_step
+from densecl_fast.engines import train_step
+from densecl_fast.trainer import cudnn_benchmark_for
 from helpers import ROOT
 
 TINY = ["model.arch=resnet18", "model.hid_dim=32", "model.out_dim=16", "model.queue_len=32",

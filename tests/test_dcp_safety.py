@@ -80,7 +80,7 @@ def _export(path, tmp_path, capsys):
 def test_genuine_folder_reads_as_dcp_itself_reads_it_in_export_eval_and_init_from(genuine, tmp_path, capsys,
                                                                                    data_cache):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    from densecl_fast.checkpoint import folder_model_state
+    from densecl_fast.engines import folder_model_state
     _, path = genuine
     dcp_to_torch_save(path, str(tmp_path / "ref.pt"))  # DCP's own (unchecked) reader: the reference
     ref = torch.load(tmp_path / "ref.pt", weights_only=True)["model"]
@@ -115,7 +115,7 @@ def test_genuine_folder_resumes_as_the_uninterrupted_run(genuine, tmp_path, data
     s = train(load_config("smoke", tiny(resumed, data_cache, *FSDP, "optim.max_steps=2", "train.resume=auto")))
     assert s["status"] == "max_steps" and s["step"] == 2
     train(load_config("smoke", tiny(straight, data_cache, *FSDP, "optim.max_steps=2")))
-    from densecl_fast.checkpoint import folder_model_state
+    from densecl_fast.engines import folder_model_state
     a, b = folder_model_state(list_checkpoints(straight)[-1]), folder_model_state(list_checkpoints(resumed)[-1])
     assert set(a) == set(b)
     for k in a:

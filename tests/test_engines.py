@@ -19,7 +19,7 @@ import torch
 from densecl_fast import checkpoint as ckpt_io
 from densecl_fast.checkpoint import CheckpointError, list_checkpoints
 from densecl_fast.config import ConfigError, load_config
-from densecl_fast.engines import resolve_engine
+from densecl_fast.engines import folder_model_state, resolve_engine
 from densecl_fast.trainer import train
 from densecl_fast.weights import load_backbone_state
 from helpers import PRETRAIN, ROOT, load_script, tiny
@@ -167,7 +167,7 @@ def _state_of(path):
     """The whole model state of a checkpoint of any format (folders: as export reads them)."""
     if ckpt_io.checkpoint_kind(path) == "pt":
         return ckpt_io.load_checkpoint(path)["model"]
-    return ckpt_io.folder_model_state(path)
+    return folder_model_state(path)
 
 
 @pytest.mark.distributed

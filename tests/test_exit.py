@@ -15,9 +15,12 @@ import sys
 import time
 
 import pytest
+import torch
 
-from densecl_fast.checkpoint import RunLock, list_checkpoints
+from densecl_fast.checkpoint import list_checkpoints
 from densecl_fast.config import ConfigError
+from densecl_fast.distributed import DistInfo
+from densecl_fast.run_dir import RunLock, lock_run_dir
 from helpers import PRETRAIN, ROOT, load_script, tiny
 
 HARNESS = os.path.join(ROOT, "tests", "exit_harness.py")
@@ -136,6 +139,24 @@ def test_a_batch_norm_group_of_one_value_is_refused_before_any_work(tmp_path, da
 
 
 # ---- the run lock: dies with its owner ---------------------------------------------------------------
+
+def test_the_run_lock_is_held_for_the_block_that_takes_it(tmp_path):
+    """train() enters lock_run_dir on its ExitStack: the directory is locked for the block only, and
+    released when the block fails (a failed run must not leave its directory locked)."""
+    out, said = str(tmp_path / "run"), []
+    with lock_run_dir(out, None, DistInfo(), torch.device("cpu"), said.append):
+        with pytest.raises(ConfigError, match="in use by another run"):
+            RunLock(out).acquire()
+    with pytest.raises(ValueError, match="the run failed"):
+        with lock_run_dir(out, None, DistInfo(), torch.device("cpu"), said.append):
+            raise ValueError("the run failed")
+    with RunLock(out) as lock:  # free again; RunLock is a context manager too
+        assert lock.fd is not None
+    assert lock.fd is None and said == []
+    with pytest.raises(ConfigError, match="is an existing file"):  # refused before the block: nothing held
+        with lock_run_dir(os.path.join(out, ".lock"), None, DistInfo(), torch.device("cpu"), said.append):
+            pass
+
 
 def test_a_forked_child_does_not_keep_the_run_lock(tmp_path):
     out = str(tmp_path)

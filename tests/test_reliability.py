@@ -18,11 +18,12 @@ from PIL import Image
 
 from densecl_fast import kernels
 from densecl_fast import checkpoint as ckpt_io
-from densecl_fast.checkpoint import CheckpointError, RunLock, list_checkpoints, load_checkpoint
+from densecl_fast.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from densecl_fast.config import DataConfig, ConfigError, load_config
 from densecl_fast.data import DataError
 from densecl_fast.data.sources import list_images, read_file_list
 from densecl_fast.data.torch_loader import TorchTwoViewLoader
+from densecl_fast.run_dir import RunLock
 from helpers import PRETRAIN, ROOT, load_script, tiny
 from densecl_fast.trainer import NonFiniteLossError, lr_at, train
 
@@ -402,7 +403,7 @@ def test_full_disk_during_a_checkpoint_write_is_one_line(tmp_path, data_cache, m
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(obj, f, *a, **kw)
 
-    monkeypatch.setattr(ckpt_io.torch, "save", full_disk)
+    monkeypatch.setattr(torch, "save", full_disk)
     rc, err = cli(tiny(out, data_cache, "train.ckpt_every_steps=1"), capsys)
     line = one_error_line(err)
     assert rc == 1 and "No space left on device" in line and "ckpt_000000001.pt" in line.split("last good")[1], err

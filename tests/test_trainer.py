@@ -17,7 +17,8 @@ from densecl_fast.data import DataError
 from densecl_fast.engines.single import SingleEngine
 from densecl_fast.model import DenseCL
 from helpers import tiny
-from densecl_fast.trainer import NonFiniteLossError, lr_at, train, train_step
+from densecl_fast.engines import train_step
+from densecl_fast.trainer import NonFiniteLossError, lr_at, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

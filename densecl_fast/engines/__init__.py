@@ -14,8 +14,9 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from ..checkpoint import CheckpointError, checkpoint_kind, dcp_error, dcp_exception
 from ..config import Config, ConfigError
-from .base import Engine, autocast_for, make_optimizer
+from .base import Engine, autocast_for, make_optimizer, train_step
 
 ENGINES = ("single", "ddp", "fsdp", "deepspeed")
 
@@ -60,3 +61,21 @@ def build_engine(cfg: Config, dist_info, device, precision: str) -> Engine:
 
 __all__ = ["ENGINES", "Engine", "autocast_for", "build_engine", "make_optimizer", "resolve_engine",
            "started_by_deepspeed"]
+
+
+def folder_model_state(path: str) -> dict:
+    """The whole DenseCL state dict (both encoders, queues, pointer) of a folder checkpoint, on the
+    CPU, without a process group: for export and inspection (weights.read_weights)."""
+    kind = checkpoint_kind(path)
+    try:
+        if kind == "ds":
+            from .deepspeed import read_model_state
+            return read_model_state(path)
+        if kind == "dcp":
+            from ..checkpoint.dcp import dcp_model_state
+            return dcp_model_state(path)
+    except CheckpointError:
+        raise
+    except (Exception, dcp_exception()) as e:
+        raise dcp_error(path, e, "cannot be read") from None
+    raise CheckpointError(f"{path} is not a folder checkpoint of densecl_fast (ckpt_<step>.dcp or .ds)")

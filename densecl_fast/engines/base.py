@@ -4,7 +4,7 @@ Problem: the step body (autocast, backward, optimizer) and the checkpoint format
 plain PyTorch, DDP, FSDP2 and DeepSpeed, and the trainer and perf/ must run the same step.
 Fix: an Engine owns the optimizer (and grad scaler), applies its wrapping in place (the model's
 module tree and state_dict keys never change), and exposes autocast(), step(loss, lr), save and
-load. `train_step` (trainer.py) is engine-agnostic.
+load. `train_step` (below), which the trainer and perf/ run, is engine-agnostic.
 Guarantee: the momentum encoder and both queues stay outside anything an engine wraps: no
 gradients there, no find_unused_parameters.
 """
@@ -33,6 +33,14 @@ def make_optimizer(model, optim_cfg, device: torch.device, base_lr: float) -> to
     kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.SGD(model.encoder_q.parameters(), lr=base_lr, momentum=optim_cfg.momentum,
                            weight_decay=optim_cfg.weight_decay, **kw)
+
+
+def train_step(model, engine: Engine, im_q, im_k, lr: float, lam: float) -> dict:
+    """One optimisation step; the trainer and perf/ both run exactly this, under every engine."""
+    with engine.autocast():
+        out = model(im_q, im_k, loss_lambda=lam)
+    engine.step(out["loss"], lr)
+    return out
 
 
 class Engine:

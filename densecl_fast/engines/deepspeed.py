@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import torch
 
@@ -34,7 +35,8 @@ from .. import stages
 from .base import Engine, make_optimizer, reject_unsupported
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_configs")
-CLIENT_KEY = ckpt_io.DS_CLIENT_KEY  # client-state entry: the DenseCL tensors outside the engine
+CLIENT_KEY = "densecl_outside_engine"  # client-state entry: the DenseCL tensors outside the engine
+MODEL_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's file of the module's (the query encoder's) weights
 
 
 def default_config_path(stage: int) -> str:
@@ -191,3 +193,14 @@ class DeepSpeedEngine(Engine):
             raise ckpt_io.CheckpointError(f"checkpoint {path} does not fit the model: missing "
                                           f"{missing[:3]}, unexpected {unexpected[:3]}")
         return meta
+
+
+def read_model_state(path: str) -> dict:
+    """The DenseCL state dict of the ckpt_<step>.ds folder `path`, on the CPU, without DeepSpeed or a
+    process group: the query encoder from DeepSpeed's module file, the rest from our client state."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ms = torch.load(os.path.join(path, MODEL_FILE), map_location="cpu", weights_only=True)
+    state = {f"encoder_q.{k}": v for k, v in ms["module"].items()}
+    state.update(ms[CLIENT_KEY])
+    return state

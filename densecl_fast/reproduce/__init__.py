@@ -4,7 +4,7 @@ Modules, each importing only those above it:
   errors  the three ways a reproduction stops (bad input, a failed run, a signal)
   plan    budget and plan arithmetic, durations
   state   OUT/state.json: the arguments, the plan, the finished stages
-  runs    the runs the stages start: pretraining, the export and eval CLIs, metrics.jsonl
+  runs    the runs the stages start: pretraining, the export and eval CLIs
   probe   the throughput probe (a timed child process) -> the plan
   report  report.md, report.json and the plots
   cli     the arguments and the stage runner (`main`)

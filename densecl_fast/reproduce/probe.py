@@ -4,7 +4,6 @@ finish is one line saying why."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -15,7 +14,8 @@ import time
 
 from .errors import RunFailed, Stopped, UsageError
 from .plan import RECIPE_EPOCHS, fmt_duration, make_plan, parse_budget
-from .runs import child_env, load_cfg, pretrain_command, read_metrics, run_cfg_overrides
+from ..metrics import read_metrics, read_metrics_so_far
+from .runs import child_env, load_cfg, pretrain_command, run_cfg_overrides
 from .state import State
 
 PROBE_WARMUP = 3                   # first steps of the probe not timed (allocator, workers, compile)
@@ -57,7 +57,7 @@ def probe(args, state: State, t_start: float) -> dict:
         if stopped_by and rc != 0:  # a signal before the trainer's handler (or torchrun's own exit status)
             raise Stopped(f"the throughput probe was stopped by {stopped_by} before it finished")
         if rc != 0:
-            raise probe_failure(rc, wall, log_path, read_metrics_so_far(d), n=n, batch=batch, cfg=base,
+            raise probe_failure(rc, wall, log_path, step_records_so_far(d), n=n, batch=batch, cfg=base,
                                 budget=budget, t_probe=t0, t_start=t_start, runs=runs,
                                 second_probe=nproc > 1)
         recs = read_metrics(d)
@@ -155,16 +155,10 @@ def _kill_group(proc) -> None:
     proc.wait()
 
 
-def read_metrics_so_far(run_dir: str) -> list[dict]:
-    """metrics.jsonl of a run that was killed: its last line may be cut off."""
-    path, recs = os.path.join(run_dir, "metrics.jsonl"), []
-    with contextlib.suppress(OSError), open(path) as f:
-        for line in f:
-            with contextlib.suppress(ValueError):
-                rec = json.loads(line)
-                if isinstance(rec, dict) and isinstance(rec.get("img_per_s"), (int, float)) and rec["img_per_s"] > 0:
-                    recs.append(rec)
-    return recs
+def step_records_so_far(run_dir: str) -> list[dict]:
+    """The timed step records of a run that was killed (its metrics.jsonl's last line may be cut off)."""
+    return [r for r in read_metrics_so_far(run_dir)
+            if isinstance(r.get("img_per_s"), (int, float)) and r["img_per_s"] > 0]
 
 
 def _last_error_line(log_path: str) -> str | None:

@@ -10,7 +10,8 @@ import statistics
 import time
 
 from .plan import IMAGENET_TRAIN_IMAGES, fmt_duration, plan_lines
-from .runs import method_of, read_metrics
+from ..metrics import read_metrics
+from .runs import method_of
 
 LOWSHOT_K = (1, 2, 4, 8, 16, 32, 64, 96)
 

@@ -1,8 +1,7 @@
 """The runs the stages start: pretraining (in this process, or torchrun around
-`python -m densecl_fast.pretrain`), the export and eval CLIs, and the run directories' metrics.jsonl."""
+`python -m densecl_fast.pretrain`), the export and eval CLIs (their metrics.jsonl: ../metrics.py)."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -96,14 +95,6 @@ def run_training(args, overrides: list[str], nproc: int) -> dict:
     ckpts = list_checkpoints(cfg.train.out_dir)
     step = checkpoint_step(ckpts[-1]) if ckpts else 0
     return {"status": "finished" if rc == 0 else f"failed (exit status {rc})", "step": step, "total_steps": None}
-
-
-def read_metrics(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 
