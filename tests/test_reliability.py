@@ -368,11 +368,12 @@ def test_non_finite_message_names_the_lr_of_the_bad_step(tmp_path, data_cache, m
         return loss * float("nan") if calls["n"] > 4 else loss
 
     monkeypatch.setattr(kernels, "queue_infonce", poisoned)
-    base = 0.03 * 8 / 256
+    cfg = load_config("smoke", tiny(str(tmp_path / "nan"), data_cache, "train.log_every=4"))
+    base = cfg.optim.lr * 8 / 256  # per 256 images, batch 8
     want = lr_at(2, 8, base, 0, 0.0)
     assert want != lr_at(3, 8, base, 0, 0.0)
     with pytest.raises(NonFiniteLossError, match=rf"step 3 \(lr {want:g}\)"):  # detected at step 4
-        train(load_config("smoke", tiny(str(tmp_path / "nan"), data_cache, "train.log_every=4")))
+        train(cfg)
 
 
 def test_scan_data_out_into_a_missing_folder(tmp_path, latin1_folder, capsys):

@@ -62,7 +62,8 @@ def test_every_stage_of_a_step_reaches_an_installed_timer():
 
 def test_run_writes_metrics_config_and_checkpoints(tmp_path, data_cache):
     out = str(tmp_path / "run")
-    summary = train(load_config("smoke", tiny(out, data_cache, "model.dense_warmup_iters=2")))
+    cfg = load_config("smoke", tiny(out, data_cache, "model.dense_warmup_iters=2"))
+    summary = train(cfg)
     assert summary["status"] == "finished" and summary["step"] == 8 == summary["total_steps"]
     recs = read_metrics(out)
     assert [r["step"] for r in recs] == list(range(1, 9))
@@ -70,7 +71,7 @@ def test_run_writes_metrics_config_and_checkpoints(tmp_path, data_cache):
     assert [r["lambda"] for r in recs] == [0.0, 0.0] + [0.5] * 6  # dense warm-up
     assert recs[0]["loss"] == pytest.approx(recs[0]["loss_single"])  # λ = 0: global loss only
     lrs = [r["lr"] for r in recs]
-    assert lrs == sorted(lrs, reverse=True) and lrs[0] == pytest.approx(0.03 * 8 / 256)
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] == pytest.approx(cfg.optim.lr * 8 / 256)  # per 256 images
     assert os.path.exists(os.path.join(out, "config.yaml"))
     ckpts = list_checkpoints(out)
     assert [os.path.basename(p) for p in ckpts] == ["ckpt_000000004.pt", "ckpt_000000008.pt"]
