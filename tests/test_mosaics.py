@@ -18,14 +18,9 @@ from densecl_fast.eval.__main__ import main as eval_main
 from densecl_fast.eval.datasets import load_eval_data
 from densecl_fast.trainer import stale_key_share
 from densecl_fast.weights import load_backbone_state
-from tests.test_scenes import fake_garments, write_idx
-
-@pytest.fixture()
-def fake_root(tmp_path):
-    root = str(tmp_path / "fmnist")
-    write_idx(root, "train", *fake_garments(50, 0))
-    write_idx(root, "test", *fake_garments(20, 1))
-    return root
+# fake_root is a fixture.
+from tests.helpers import (check_refused_when_removed, check_spelling_errors, fake_garments,  # noqa: F401
+                           fake_root, write_idx)
 
 
 def test_parse_source_spellings():
@@ -34,12 +29,9 @@ def test_parse_source_spellings():
     assert (s.root, s.split, s.counts, s.size) == ("/a/b", "train", (10000, 2000), 64)
     s = mosaics.parse_source("fashion-mnist-mosaics:/a/b#test, train=30,size=96 ,test=7")
     assert (s.split, s.counts, s.size) == ("test", (30, 7), 96)
-    for bad, msg in (("#val", "unknown token 'val'"), ("#size=16", "size='16' must be an even"),
-                     ("#size=65", "size='65' must be an even"), ("#train=x", "train='x'"), ("#test=0", "test='0'")):
-        with pytest.raises(DataError, match=msg):
-            mosaics.parse_source("fashion-mnist-mosaics:/a" + bad)
-    with pytest.raises(DataError, match="give the folder"):
-        mosaics.parse_source("fashion-mnist-mosaics:")
+    check_spelling_errors(mosaics.parse_source, "fashion-mnist-mosaics:",
+                          (("#val", "unknown token 'val'"), ("#size=16", "size='16' must be an even"),
+                           ("#size=65", "size='65' must be an even"), ("#train=x", "train='x'"), ("#test=0", "test='0'")))
 
 
 def test_cell_labels_take_the_quadrant_covering_most_of_the_cell():
@@ -130,12 +122,7 @@ def test_checksum_covers_images_labels_and_parameters(fake_root, tmp_path):
     Image.fromarray(np.zeros((32, 32), np.uint8), "L").save(path)
     with pytest.raises(DataError, match="fail their checksum"):
         mosaics.ensure_mosaics(spec, "train", str(tmp_path))
-    os.remove(path)
-    with pytest.raises(DataError, match="fail their checksum"):
-        mosaics.ensure_mosaics(spec, "train", str(tmp_path))
-    os.remove(os.path.join(folder, "labels.json"))
-    with pytest.raises(DataError, match="not a complete mosaic set"):
-        mosaics.ensure_mosaics(spec, "train", str(tmp_path))
+    check_refused_when_removed(lambda: mosaics.ensure_mosaics(spec, "train", str(tmp_path)), folder, path, "mosaic")
 
 
 def test_source_and_eval_splits(fake_root, tmp_path):

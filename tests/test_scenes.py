@@ -1,8 +1,6 @@
 """Fashion-MNIST scenes (data/scenes.py) and the class-balanced dense probe that must tell trunks apart."""
-import gzip
 import json
 import os
-import struct
 
 import numpy as np
 import pytest
@@ -20,35 +18,11 @@ from densecl_fast.eval import dense, features
 from densecl_fast.eval.__main__ import main as eval_main
 from densecl_fast.eval.datasets import load_eval_data
 from densecl_fast.model import ResNetTrunk
+# fake_root is a fixture; test_monitor and test_reproduce import the idx writers from here.
+from tests.helpers import (check_refused_when_removed, check_spelling_errors, fake_garments,  # noqa: F401
+                           fake_root, write_idx)
 
 REAL = "/usr/share/datasets/fashion-mnist"
-
-
-def write_idx(root, split, images, labels):
-    os.makedirs(root, exist_ok=True)
-    img_stem, lab_stem = fm._FILES[split]
-    with gzip.open(os.path.join(root, img_stem + ".gz"), "wb") as f:
-        f.write(struct.pack(">IIII", 0x0803, *images.shape) + images.tobytes())
-    with gzip.open(os.path.join(root, lab_stem + ".gz"), "wb") as f:
-        f.write(struct.pack(">II", 0x0801, len(labels)) + labels.astype(np.uint8).tobytes())
-
-
-def fake_garments(n, seed):
-    """Bright discs with a dark hole in the middle (the hole is part of the garment's mask)."""
-    rs = np.random.RandomState(seed)
-    yy, xx = np.mgrid[0:28, 0:28]
-    r2 = (yy - 13.5) ** 2 + (xx - 13.5) ** 2
-    imgs = np.where(r2 < 12 ** 2, rs.randint(120, 256, (n, 1, 1)), 0)
-    imgs = np.where(r2 < 3 ** 2, 0, imgs).astype(np.uint8)
-    return imgs, rs.randint(0, 10, n).astype(np.int64)
-
-
-@pytest.fixture()
-def fake_root(tmp_path):
-    root = str(tmp_path / "fmnist")
-    write_idx(root, "train", *fake_garments(50, 0))
-    write_idx(root, "test", *fake_garments(20, 1))
-    return root
 
 
 def test_parse_source_spellings():
@@ -57,12 +31,9 @@ def test_parse_source_spellings():
     assert (s.root, s.split, s.counts, s.size) == ("/a/b", "train", (4000, 1000), 96)
     s = scenes.parse_source("fashion-mnist-scenes:/a/b#test, train=30,size=64 ,test=7")
     assert (s.split, s.counts, s.size) == ("test", (30, 7), 64)
-    for bad, msg in (("#val", "unknown token 'val'"), ("#size=16", "size='16' must be"), ("#train=x", "train='x'"),
-                     ("#test=0", "test='0'")):
-        with pytest.raises(DataError, match=msg):
-            scenes.parse_source("fashion-mnist-scenes:/a" + bad)
-    with pytest.raises(DataError, match="give the folder"):
-        scenes.parse_source("fashion-mnist-scenes:")
+    check_spelling_errors(scenes.parse_source, "fashion-mnist-scenes:",
+                          (("#val", "unknown token 'val'"), ("#size=16", "size='16' must be"), ("#train=x", "train='x'"),
+                           ("#test=0", "test='0'")))
 
 
 def test_scenes_are_deterministic_consistent_and_a_prefix(fake_root, tmp_path):
@@ -115,12 +86,7 @@ def test_checksum_is_verified_on_reuse(fake_root, tmp_path):
     with pytest.raises(DataError, match="fail their checksum.*delete the folder"):
         scenes.ensure_scenes(spec, "train", str(tmp_path))
     assert os.path.isfile(path) and open(path, "rb").read() != original   # refused, not silently replaced
-    os.remove(path)
-    with pytest.raises(DataError, match="fail their checksum"):
-        scenes.ensure_scenes(spec, "train", str(tmp_path))
-    os.remove(os.path.join(folder, "labels.json"))
-    with pytest.raises(DataError, match="not a complete scene set"):
-        scenes.ensure_scenes(spec, "train", str(tmp_path))
+    check_refused_when_removed(lambda: scenes.ensure_scenes(spec, "train", str(tmp_path)), folder, path, "scene")
 
 
 def _edit_labels(folder, edit):

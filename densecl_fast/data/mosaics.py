@@ -47,7 +47,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -56,6 +55,7 @@ from PIL import Image
 from . import fashion_mnist
 from .cache import build_once
 from .errors import DataError
+from .generated import GeneratedSpec, parse_spec, read_labels, set_dir
 
 PREFIX = "fashion-mnist-mosaics:"
 VERSION = 1
@@ -70,49 +70,13 @@ EMPTY = len(CLASSES)             # the quadrant / cell label of an empty quadran
 CELL_CLASSES = CLASSES + ("empty",)
 
 
-@dataclass(frozen=True)
-class MosaicsSpec:
-    root: str
-    split: str                   # the split `data.source` reads
-    counts: Tuple[int, int]      # mosaics of (train, test)
-    size: int
-
-    def count(self, split: str) -> int:
-        return self.counts[0 if split == "train" else 1]
+class MosaicsSpec(GeneratedSpec):
+    """A parsed `mosaics` source (see parse_source)."""
 
 
 def parse_source(source: str) -> Optional[MosaicsSpec]:
     """'fashion-mnist-mosaics:ROOT[#tokens]' -> MosaicsSpec; anything else -> None."""
-    source = str(source).strip()
-    if not source.startswith(PREFIX):
-        return None
-    root, _, rest = source[len(PREFIX):].partition("#")
-    if not root:
-        raise DataError(f"{source!r}: give the folder of the Fashion-MNIST idx files, e.g. "
-                        f"{PREFIX}/usr/share/datasets/fashion-mnist")
-    split, counts, size = "train", dict(DEFAULT_COUNT), DEFAULT_SIZE
-    for tok in (t.strip() for t in rest.split(",") if t.strip()):
-        key, eq, val = tok.partition("=")
-        if not eq and key in fashion_mnist.SPLITS:
-            split = key
-            continue
-        if eq and key in ("train", "test", "size"):
-            try:
-                v = int(val)
-            except ValueError:
-                v = None
-            lo, hi = (32, 512) if key == "size" else (1, 1_000_000)
-            if v is None or not lo <= v <= hi or (key == "size" and v % 2):
-                raise DataError(f"{source!r}: {key}={val!r} must be an{' even' if key == 'size' else ''} "
-                                f"integer in {lo}..{hi}")
-            if key == "size":
-                size = v
-            else:
-                counts[key] = v
-            continue
-        raise DataError(f"{source!r}: unknown token {tok!r} after '#'; use train or test (the split), "
-                        "train=N, test=N (mosaics per split), size=S (side in px)")
-    return MosaicsSpec(os.path.abspath(os.path.expanduser(root)), split, (counts["train"], counts["test"]), size)
+    return parse_spec(source, PREFIX, MosaicsSpec, DEFAULT_COUNT, DEFAULT_SIZE, "mosaics", even_size=True)
 
 
 def params(spec: MosaicsSpec, split: str) -> dict:
@@ -173,9 +137,7 @@ def cell_labels(quadrants, grid: int) -> np.ndarray:
 # --- the data set on disk --------------------------------------------------------------------
 
 def mosaics_dir(cache_dir: str, spec: MosaicsSpec, split: str) -> str:
-    return os.path.join(os.path.abspath(os.path.expanduser(cache_dir)),
-                        f"fashion-mnist-mosaics-v{VERSION}-{split}-{spec.count(split)}-{spec.size}-"
-                        f"{fashion_mnist.digest(spec.root, split)}")
+    return set_dir(cache_dir, PREFIX[:-1], VERSION, spec, split)
 
 
 def _sha256(folder: str, par: dict, entries: list) -> str:
@@ -227,9 +189,3 @@ def ensure_mosaics(spec: MosaicsSpec, split: str, cache_dir: str) -> Tuple[str, 
     final = mosaics_dir(cache_dir, spec, split)
     build_once(final, lambda tmp: generate(tmp, spec, split), "mosaic set", cache_dir)
     return final, _verified(final, spec, split)
-
-
-def read_labels(folder: str) -> dict:
-    """The labels.json of a generated mosaic set (see the module docstring for its fields); unverified."""
-    with open(os.path.join(folder, "labels.json")) as f:
-        return json.load(f)

@@ -45,8 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import numpy as np
 from PIL import Image
@@ -54,6 +53,7 @@ from PIL import Image
 from . import fashion_mnist
 from .cache import build_once
 from .errors import DataError
+from .generated import GeneratedSpec, parse_spec, read_labels, set_dir
 
 PREFIX = "fashion-mnist-scenes:"
 VERSION = 1                      # the drawing (seeds every scene's random stream): a new one draws other scenes
@@ -65,48 +65,13 @@ GARMENT_THRESHOLD = 12           # of 255: Fashion-MNIST backgrounds are 0 with 
 CLASSES = fashion_mnist.CLASSES  # mask value k = CLASSES[k - 1]; 0 = background
 
 
-@dataclass(frozen=True)
-class ScenesSpec:
-    root: str
-    split: str                   # the split `data.source` reads
-    counts: Tuple[int, int]      # scenes of (train, test)
-    size: int
-
-    def count(self, split: str) -> int:
-        return self.counts[0 if split == "train" else 1]
+class ScenesSpec(GeneratedSpec):
+    """A parsed `scenes` source (see parse_source)."""
 
 
 def parse_source(source: str) -> Optional[ScenesSpec]:
     """'fashion-mnist-scenes:ROOT[#tokens]' -> ScenesSpec; anything else -> None."""
-    source = str(source).strip()
-    if not source.startswith(PREFIX):
-        return None
-    root, _, rest = source[len(PREFIX):].partition("#")
-    if not root:
-        raise DataError(f"{source!r}: give the folder of the Fashion-MNIST idx files, e.g. "
-                        f"{PREFIX}/usr/share/datasets/fashion-mnist")
-    split, counts, size = "train", dict(DEFAULT_COUNT), DEFAULT_SIZE
-    for tok in (t.strip() for t in rest.split(",") if t.strip()):
-        key, eq, val = tok.partition("=")
-        if not eq and key in fashion_mnist.SPLITS:
-            split = key
-            continue
-        if eq and key in ("train", "test", "size"):
-            try:
-                v = int(val)
-            except ValueError:
-                v = None
-            lo, hi = (32, 512) if key == "size" else (1, 1_000_000)
-            if v is None or not lo <= v <= hi:
-                raise DataError(f"{source!r}: {key}={val!r} must be an integer in {lo}..{hi}")
-            if key == "size":
-                size = v
-            else:
-                counts[key] = v
-            continue
-        raise DataError(f"{source!r}: unknown token {tok!r} after '#'; use train or test (the split), "
-                        "train=N, test=N (scenes per split), size=S (side in px)")
-    return ScenesSpec(os.path.abspath(os.path.expanduser(root)), split, (counts["train"], counts["test"]), size)
+    return parse_spec(source, PREFIX, ScenesSpec, DEFAULT_COUNT, DEFAULT_SIZE, "scenes")
 
 
 # --- drawing ---------------------------------------------------------------------------------
@@ -194,9 +159,7 @@ def scene_label(cls_mask: np.ndarray) -> int:
 # --- the data set on disk --------------------------------------------------------------------
 
 def scenes_dir(cache_dir: str, spec: ScenesSpec, split: str) -> str:
-    return os.path.join(os.path.abspath(os.path.expanduser(cache_dir)),
-                        f"fashion-mnist-scenes-v{VERSION}-{split}-{spec.count(split)}-{spec.size}-"
-                        f"{fashion_mnist.digest(spec.root, split)}")
+    return set_dir(cache_dir, PREFIX[:-1], VERSION, spec, split)
 
 
 def _set_sha256(folder: str, meta: dict) -> str:
@@ -272,9 +235,3 @@ def ensure_scenes(spec: ScenesSpec, split: str, cache_dir: str) -> str:
     safe when processes race."""
     final = scenes_dir(cache_dir, spec, split)
     return _verified(build_once(final, lambda tmp: generate(tmp, spec, split), "scene set", cache_dir))
-
-
-def read_labels(folder: str) -> dict:
-    """The labels.json of a generated scene set (see the module docstring for its fields)."""
-    with open(os.path.join(folder, "labels.json")) as f:
-        return json.load(f)

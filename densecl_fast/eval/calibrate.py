@@ -22,26 +22,17 @@ import os
 import sys
 import time
 
-from ..data import DataError
 from ..data import mosaics
 from . import supervised
+from .supervised import Parser, UsageError, run_cli
 from .__main__ import main as eval_main
 
 MARGIN = 20.0
 KNN_K = 20
 
 
-class UsageError(ValueError):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m densecl_fast.eval.calibrate", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m densecl_fast.eval.calibrate", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="fashion-mnist-mosaics:ROOT[#train=N,test=N,size=S]")
     p.add_argument("--out", required=True, help="results folder")
     p.add_argument("--arch", default="resnet18")
@@ -157,15 +148,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    try:
-        run(parser().parse_args(argv))
-    except (UsageError, DataError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}".replace("error: : ", "error: "), file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: run(parser().parse_args(argv)))[0]
 
 
 if __name__ == "__main__":

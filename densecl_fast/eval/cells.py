@@ -17,16 +17,11 @@ the recall per class; and `chance`, the share of the commonest class, what a con
 """
 from __future__ import annotations
 
-import math
-import sys
-
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from ..data.mosaics import CELL_CLASSES, cell_labels
-from .linear import standardise
+from .linear import fit_linear, standardise
 
 CELL_EPOCHS = 20
 CELL_LR = 0.1
@@ -62,33 +57,17 @@ def train_cells(train_maps, train_quadrants, val_maps, val_quadrants, *, num_cla
                 batch_size: int = CELL_BATCH, min_steps: int = CELL_MIN_STEPS, seed: int = 0,
                 progress: bool = False) -> dict:
     """`epochs`, raised to at least `min_steps` steps (small sets: else the head barely leaves its init)."""
-    from tqdm import tqdm
     tx, ty = cells_of(train_maps, train_quadrants)
     vx, vy = cells_of(val_maps, val_quadrants)
     tx, vx = (torch.as_tensor(a) for a in standardise(tx, vx))
     ty_t = torch.as_tensor(ty)
-    g = torch.Generator().manual_seed(seed)
-    head = nn.Linear(tx.shape[1], num_classes)
-    with torch.no_grad():
-        head.weight.normal_(0, 0.01, generator=g)
-        head.bias.zero_()
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(tx) / batch_size)
-    epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
-    for _ in tqdm(range(epochs), desc="cells probe", disable=not progress, file=sys.stderr):
-        perm = torch.randperm(len(tx), generator=g)
-        for s in range(0, len(tx), batch_size):
-            b = perm[s:s + batch_size]
-            loss = F.cross_entropy(head(tx[b]), ty_t[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    head, epochs, final_loss = fit_linear(tx, ty_t, num_classes, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                                          batch_size=batch_size, min_steps=min_steps, seed=seed, desc="cells probe",
+                                          progress=progress)
     with torch.no_grad():
         pred = head(vx).argmax(1).numpy()
         train_acc = float(100.0 * (head(tx).argmax(1) == ty_t).float().mean())
     r = scores(pred, vy, num_classes)
     r.update(grid=int(np.asarray(val_maps).shape[-1]), train_cells=len(tx), eval_cells=len(vx), train_acc=train_acc,
-             epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, final_loss=float(loss.item()))
+             epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, final_loss=final_loss)
     return r

@@ -36,14 +36,12 @@ def standardise(train_x: np.ndarray, *others):
     return [(x - mean) / std for x in (train_x,) + others]
 
 
-def train_quick(train_x, train_y, test_x, test_y, num_classes: int, *, epochs: int = QUICK_EPOCHS,
-                lr: float = QUICK_LR, weight_decay: float = QUICK_WD, batch_size: int = QUICK_BATCH,
-                seed: int = 0, progress: bool = False) -> dict:
-    """-> {"top1": % on test, "train_top1": %, "epochs": ...}."""
+def fit_linear(tx: torch.Tensor, ty: torch.Tensor, num_classes: int, *, epochs: int, lr: float, weight_decay: float,
+               batch_size: int, min_steps: int, seed: int, desc: str, progress: bool = False):
+    """A seeded linear head on standardised features [N, C] -> (head, epochs run, last batch's loss).
+    SGD, momentum 0.9, cosine lr; `epochs` raised to at least `min_steps` steps (small sets: else the
+    head barely leaves its init)."""
     from tqdm import tqdm
-    tx, vx = (torch.as_tensor(a, dtype=torch.float32) for a in standardise(np.asarray(train_x, np.float32),
-                                                                           np.asarray(test_x, np.float32)))
-    ty, vy = torch.as_tensor(train_y, dtype=torch.long), torch.as_tensor(test_y, dtype=torch.long)
     g = torch.Generator().manual_seed(seed)
     head = nn.Linear(tx.shape[1], num_classes)
     with torch.no_grad():
@@ -51,9 +49,9 @@ def train_quick(train_x, train_y, test_x, test_y, num_classes: int, *, epochs: i
         head.bias.zero_()
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(tx) / batch_size)
-    epochs = max(epochs, math.ceil(QUICK_MIN_STEPS / steps_per_epoch))
+    epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
-    for _ in tqdm(range(epochs), desc="linear", disable=not progress, file=sys.stderr):
+    for _ in tqdm(range(epochs), desc=desc, disable=not progress, file=sys.stderr):
         perm = torch.randperm(len(tx), generator=g)
         for s in range(0, len(tx), batch_size):
             b = perm[s:s + batch_size]
@@ -62,11 +60,24 @@ def train_quick(train_x, train_y, test_x, test_y, num_classes: int, *, epochs: i
             loss.backward()
             opt.step()
             sched.step()
+    return head, epochs, float(loss.item())
+
+
+def train_quick(train_x, train_y, test_x, test_y, num_classes: int, *, epochs: int = QUICK_EPOCHS,
+                lr: float = QUICK_LR, weight_decay: float = QUICK_WD, batch_size: int = QUICK_BATCH,
+                seed: int = 0, progress: bool = False) -> dict:
+    """-> {"top1": % on test, "train_top1": %, "epochs": ...}."""
+    tx, vx = (torch.as_tensor(a, dtype=torch.float32) for a in standardise(np.asarray(train_x, np.float32),
+                                                                           np.asarray(test_x, np.float32)))
+    ty, vy = torch.as_tensor(train_y, dtype=torch.long), torch.as_tensor(test_y, dtype=torch.long)
+    head, epochs, final_loss = fit_linear(tx, ty, num_classes, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                                          batch_size=batch_size, min_steps=QUICK_MIN_STEPS, seed=seed, desc="linear",
+                                          progress=progress)
     with torch.no_grad():
         top1 = float(100.0 * (head(vx).argmax(1) == vy).float().mean())
         train_top1 = float(100.0 * (head(tx).argmax(1) == ty).float().mean())
     return {"top1": top1, "train_top1": train_top1, "epochs": epochs, "lr": lr, "weight_decay": weight_decay,
-            "batch_size": batch_size, "final_loss": float(loss.item())}
+            "batch_size": batch_size, "final_loss": final_loss}
 
 
 def train_imagenet_preset(trunk, train_split, test_x, test_y, num_classes: int, *, image_size: int,

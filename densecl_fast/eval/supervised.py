@@ -41,9 +41,21 @@ class UsageError(ValueError):
     pass
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """Raises UsageError instead of printing usage: `run_cli` turns it into one line, exit status 2."""
     def error(self, message):
         raise UsageError(message)
+
+
+def run_cli(call):
+    """-> (exit status, call()'s result): bad input (usage, data, a file) is one line on stderr, status 2."""
+    try:
+        return 0, call()
+    except (UsageError, DataError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}".replace("error: : ", "error: "), file=sys.stderr)
+    return 2, None
 
 
 def images_of(split, image_size: int) -> torch.Tensor:
@@ -103,7 +115,7 @@ def train_supervised(split, *, arch: str = "resnet18", image_size: int, steps: i
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m densecl_fast.eval.supervised", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m densecl_fast.eval.supervised", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="fashion-mnist-mosaics:ROOT[#train=N,size=S]")
     p.add_argument("--out", required=True, help="the trunk's file (torchvision state dict, .pth)")
     p.add_argument("--arch", default="resnet18", choices=ARCHS)
@@ -136,15 +148,12 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    try:
-        args = parser().parse_args(argv)
-        info = run(args)
-    except (UsageError, DataError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}".replace("error: : ", "error: "), file=sys.stderr)
-        return 2
+    rc, args = run_cli(lambda: parser().parse_args(argv))
+    if rc:
+        return rc
+    rc, info = run_cli(lambda: run(args))
+    if rc:
+        return rc
     print(f"label-trained {info['arch']} on {args.data}: {info['steps']} steps of {info['batch_size']}, C5 grid "
           f"{info['grid']}x{info['grid']}, loss {info['first_loss']:.3f} -> {info['final_loss']:.3f}, running train "
           f"cell acc {info['train_cell_acc_running']:.1f}% ({info['seconds']:.0f} s); wrote {args.out}")
