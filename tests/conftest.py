@@ -61,3 +61,27 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def data_cache(tmp_path_factory):
     """Where a test module's built-in data set is generated (once per module)."""
     return str(tmp_path_factory.mktemp("data_cache"))
+
+
+# What an in-process one-rank run (FSDP, DCP, DeepSpeed: distributed.ensure_process_group) leaves in
+# os.environ for the rest of the session. Children that later tests start inherit it: MASTER_PORT
+# names the port this process's group still listens on (a child's own group then fails with
+# EADDRINUSE), and RANK makes a child believe it runs under torchrun.
+_LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_SESSION_LAUNCH_ENV = {k: os.environ.get(k) for k in _LAUNCH_ENV}
+
+
+def _restore_launch_env():
+    for k, v in _SESSION_LAUNCH_ENV.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def _launch_env_as_the_session_began():
+    """Before each test (module-scoped fixtures may have run a one-rank group since) and after it."""
+    _restore_launch_env()
+    yield
+    _restore_launch_env()
