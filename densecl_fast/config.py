@@ -156,6 +156,12 @@ class ConfigError(ValueError):
     pass
 
 
+def scaled_lr(optim: OptimConfig, batch: Optional[int] = None) -> float:
+    """The learning rate of a global batch of `batch` images (default optim.batch_size): optim.lr is
+    per 256 images, scaled linearly with the batch."""
+    return optim.lr * (optim.batch_size if batch is None else batch) / 256
+
+
 def list_presets() -> List[str]:
     return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
 

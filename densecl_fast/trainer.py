@@ -25,7 +25,7 @@ from tqdm import tqdm
 from . import kernels
 
 from . import checkpoint as ckpt_io
-from .config import Config, ConfigError, check_environment, config_to_dict, to_yaml
+from .config import Config, ConfigError, check_environment, config_to_dict, scaled_lr, to_yaml
 from .data import DataError, build_loader, resolve_backend
 from .distributed import DistInfo, all_reduce_max, cleanup, gather_objects, init_distributed
 from .engines import Engine, build_engine, train_step
@@ -106,7 +106,7 @@ def _train(cfg: Config, held: ExitStack) -> dict:
 
     # ---- model, engine set-up (compile, wrapping, optimizer) --------------------------------------
     model = build_model(cfg, dist_info, device, init_from, say)
-    base_lr = cfg.optim.lr * cfg.optim.batch_size / 256  # linear scaling with the global batch
+    base_lr = scaled_lr(cfg.optim)
     plan, compile_cache = set_up_engine(cfg, engine, model, device, precision, per_rank_batch, base_lr,
                                         dist_info.is_main, say)
     model.train()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from densecl_fast import kernels
-from densecl_fast.config import load_config
+from densecl_fast.config import load_config, scaled_lr
 from densecl_fast.data import dali_available
 from densecl_fast.model import DenseCL
 from densecl_fast.engines import train_step
@@ -52,7 +52,7 @@ def step_case(preset, overrides, device, batch, precision, channels_last):
     cfg = load_config(preset, [f"optim.batch_size={batch}", *overrides])
     model, engine = build_model(cfg, device, precision, channels_last)
     x, y = SyntheticSource(batch, cfg.data.image_size, device, channels_last, seed=0).next()
-    return lambda: train_step(model, engine, x, y, cfg.optim.lr * batch / 256, cfg.model.loss_lambda)
+    return lambda: train_step(model, engine, x, y, scaled_lr(cfg.optim, batch), cfg.model.loss_lambda)
 
 
 def test_step_tiny_cpu(benchmark, backend):

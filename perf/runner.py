@@ -30,7 +30,7 @@ import traceback
 import torch
 
 from densecl_fast import stages
-from densecl_fast.config import load_config, validate
+from densecl_fast.config import load_config, scaled_lr, validate
 from densecl_fast.data import build_loader, dali_available
 from densecl_fast.engines.compiling import CompilePlan
 from densecl_fast.engines.single import SingleEngine
@@ -302,7 +302,7 @@ class Suite:
         rec["phase"] = "data set-up"
         source = self.make_source(s, rec["notes"])
         rec["input_dtype"] = str(self.input_dtype(s)).replace("torch.", "")
-        lr, lam = self.cfg.optim.lr * s["batch"] / 256, self.cfg.model.loss_lambda
+        lr, lam = scaled_lr(self.cfg.optim, s["batch"]), self.cfg.model.loss_lambda
         clock, host_wait, out = StageClock(self.marks), [], None
 
         def one_step(measure):
@@ -449,7 +449,7 @@ def build_model(cfg, device, precision, channels_last, compile=None, seed=0):
     torch.manual_seed(seed)
     model = DenseCL(cfg.model).to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     engine = SingleEngine(device, precision)
-    engine.setup(model, cfg.optim, cfg.optim.lr * cfg.optim.batch_size / 256, compile=compile)
+    engine.setup(model, cfg.optim, scaled_lr(cfg.optim), compile=compile)
     return model.train(), engine
 
 
