@@ -148,8 +148,10 @@ JITTER_STRENGTH_MIN = 1e-6          # data.jitter_strength's floor (see validate
 # key-shuffle generator's seed) stays inside the 64 bits torch's generators take; non-negative, as
 # numpy's SeedSequence (the low-shot draws) needs.
 MAX_SEED = 2 ** 53 - 1
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")    # model.arch: torchvision's ResNets
+ENGINES = ("single", "ddp", "fsdp", "deepspeed")               # train.engine, besides auto (engines/)
 COMPILE_SCOPES = ("blocks", "encoders")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")   # torch.compile's
 
 
 class ConfigError(ValueError):
@@ -325,15 +327,14 @@ def validate(cfg: Config) -> None:
         if not cond:
             raise ConfigError(msg)
 
-    need(m.arch in ("resnet18", "resnet34", "resnet50", "resnet101"), f"model.arch={m.arch!r}: use resnet18/34/50/101")
+    need(m.arch in ARCHS, f"model.arch={m.arch!r}: use resnet18/34/50/101")
     need(0.0 <= m.momentum < 1.0, f"model.momentum={m.momentum} must be in [0, 1)")
     need(m.temperature > 0, f"model.temperature={m.temperature} must be > 0")
     need(0.0 <= m.loss_lambda <= 1.0, f"model.loss_lambda={m.loss_lambda} must be in [0, 1]")
     need(m.queue_len > 0 and m.out_dim > 0 and m.hid_dim > 0, "model.queue_len, out_dim, hid_dim must be > 0")
     need(m.dense_warmup_iters >= 0 and m.bn_group_size >= 0, "model.dense_warmup_iters and bn_group_size must be >= 0")
     need(m.bn in ("shuffle", "sync", "group"), f"model.bn={m.bn!r}: use shuffle, sync or group")
-    need(t.engine in ("auto", "single", "ddp", "fsdp", "deepspeed"),
-         f"train.engine={t.engine!r}: use auto, single, ddp, fsdp or deepspeed")
+    need(t.engine in ("auto", *ENGINES), f"train.engine={t.engine!r}: use auto, {', '.join(ENGINES[:-1])} or {ENGINES[-1]}")
     need(cfg.deepspeed.zero_stage in (None, 0, 1, 2),
          f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: use 0, 1 or 2 (ZeRO-3 shards parameters, which the "
          f"momentum encoder's update does not support)")

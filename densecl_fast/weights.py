@@ -35,6 +35,7 @@ import torchvision
 from . import safe_pickle
 from .checkpoint import (CheckpointError, atomic_save, checkpoint_kind, first_line, load_checkpoint,
                          read_checkpoint_meta)
+from .config import ARCHS
 from .engines import folder_model_state
 
 
@@ -42,7 +43,6 @@ class WeightsError(ValueError):
     """A weights file that cannot be used: missing, unreadable, unsafe, or not what it claims."""
 
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 FORMATS = ("torchvision", "detectron2", "mmdet", "timm")
 _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # pickled magic of old torch.save

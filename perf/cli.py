@@ -27,6 +27,8 @@ import os
 import sys
 import time
 
+from densecl_fast.config import COMPILE_MODES, COMPILE_SCOPES
+
 
 def _ints(sep, least, what):
     def parse(text):
@@ -51,9 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--skip", default=None, help="comma-separated variants to leave out")
     add("--baseline-batch", type=int, default=32,
         help="per-GPU batch of the mmselfsup-style variant (default 32, the seed's 8x32)")
-    add("--compile-mode", default="default",
-        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
-    add("--compile-scope", default="blocks", choices=["blocks", "encoders"],
+    add("--compile-mode", default="default", choices=COMPILE_MODES)
+    add("--compile-scope", default="blocks", choices=COMPILE_SCOPES,
         help="what the compiled variants compile: each residual block and neck (default, as train.compile) or "
              "each whole encoder (train.compile_scope=encoders)")
     add("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,

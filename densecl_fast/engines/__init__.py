@@ -18,8 +18,6 @@ from ..checkpoint import CheckpointError, checkpoint_kind, dcp_error, dcp_except
 from ..config import Config, ConfigError
 from .base import Engine, autocast_for, make_optimizer, train_step
 
-ENGINES = ("single", "ddp", "fsdp", "deepspeed")
-
 
 def started_by_deepspeed() -> bool:
     """The deepspeed launcher (deepspeed.launcher.launch) sets CROSS_RANK/CROSS_SIZE/LOCAL_SIZE;
@@ -59,7 +57,7 @@ def build_engine(cfg: Config, dist_info, device, precision: str) -> Engine:
     return DeepSpeedEngine(device, precision, dist_info, cfg)
 
 
-__all__ = ["ENGINES", "Engine", "autocast_for", "build_engine", "make_optimizer", "resolve_engine",
+__all__ = ["Engine", "autocast_for", "build_engine", "make_optimizer", "resolve_engine",
            "started_by_deepspeed"]
 
 

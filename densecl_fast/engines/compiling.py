@@ -31,16 +31,13 @@ import torch
 import torch.nn as nn
 
 from .. import signing
-
-SCOPES = ("blocks", "encoders")
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
 @dataclass(frozen=True)
 class CompilePlan:
-    scope: str = "blocks"      # SCOPES
-    mode: str = "default"      # MODES
+    scope: str = "blocks"      # config.COMPILE_SCOPES
+    mode: str = "default"      # config.COMPILE_MODES
     backend: str = "inductor"  # tests trace with "eager"/"aot_eager" (Dynamo's guards and graph breaks, no codegen)
 
     @classmethod
