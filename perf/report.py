@@ -5,10 +5,10 @@ import json
 import math
 import os
 
+from densecl_fast.recipe import ASSUMED_SCALING, IMAGENET_TRAIN_IMAGES, RECIPE_EPOCHS
+
 from .measure import STAGES
 
-IMAGENET_TRAIN_IMAGES = 1_281_167
-RECIPE_EPOCHS = 200
 GOAL = {"images_per_s": 4000.0, "vs_compiled": 1.4, "vs_mmselfsup": 4.5,
         "variant": "e2e_dali", "compiled": "compiled", "mmselfsup": "mmselfsup_fp32_b32"}
 
@@ -17,14 +17,14 @@ def _ips(v):
     return v["images_per_s"]["median"] if v and v.get("status") == "ok" and v.get("images_per_s") else None
 
 
-def recipe_hours(images_per_s, gpus=1, efficiency=0.9, images=IMAGENET_TRAIN_IMAGES, epochs=RECIPE_EPOCHS):
+def recipe_hours(images_per_s, gpus=1, efficiency=ASSUMED_SCALING, images=IMAGENET_TRAIN_IMAGES, epochs=RECIPE_EPOCHS):
     """Hours for `epochs` passes over `images`, each of `gpus` cards at `efficiency` of its single-card rate."""
     if not images_per_s or images_per_s <= 0:
         return math.inf
     return images * epochs / (images_per_s * gpus * (efficiency if gpus > 1 else 1.0)) / 3600.0
 
 
-def projection(variants, gpus=(1, 8), efficiency=0.9, images=IMAGENET_TRAIN_IMAGES, epochs=RECIPE_EPOCHS):
+def projection(variants, gpus=(1, 8), efficiency=ASSUMED_SCALING, images=IMAGENET_TRAIN_IMAGES, epochs=RECIPE_EPOCHS):
     """Wall clock of the recipe from the headline variant: DALI end to end, else torchvision end to end,
     else the fastest model-only variant (flagged: data loading not included)."""
     ok = {v["name"]: v for v in variants if _ips(v)}

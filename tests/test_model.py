@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from densecl_fast import recipe
 from densecl_fast.bn import GroupBatchNorm2d
 from densecl_fast.config import ConfigError, ModelConfig, load_config
 from densecl_fast.model import DenseCL, DenseCLNeck
@@ -119,6 +120,7 @@ def test_default_lambda_and_temperature_follow_the_paper():
     preset = load_config("densecl_r50_200e_in1k", ["data.source=/x"])
     assert preset.optim.lr == 0.03 and preset.optim.batch_size == 256 and preset.optim.epochs == 200
     assert preset.optim.momentum == 0.9 and preset.optim.weight_decay == 1e-4 and preset.model.arch == "resnet50"
+    assert preset.optim.epochs == recipe.RECIPE_EPOCHS  # what the reproduction and perf/ project
 
 
 def test_gradients_reach_only_the_query_side():

@@ -9,8 +9,8 @@ import pytest
 
 from densecl_fast.reproduce import main, probe as probe_mod
 from densecl_fast.reproduce.errors import UsageError
-from densecl_fast.reproduce.plan import (ASSUMED_SCALING, IMAGENET_TRAIN_IMAGES, RECIPE_EPOCHS, make_plan, parse_budget,
-                                         plan_lines)
+from densecl_fast.recipe import ASSUMED_SCALING, IMAGENET_TRAIN_IMAGES, RECIPE_EPOCHS
+from densecl_fast.reproduce.plan import make_plan, parse_budget, plan_lines
 from densecl_fast.reproduce.runs import EXPORT_FORMATS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

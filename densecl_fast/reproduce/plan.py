@@ -6,11 +6,8 @@ import math
 import re
 import time
 
+from ..recipe import ASSUMED_SCALING, IMAGENET_TRAIN_IMAGES, RECIPE_EPOCHS
 from .errors import UsageError
-
-RECIPE_EPOCHS = 200                # the seed recipe's schedule length (what is projected)
-IMAGENET_TRAIN_IMAGES = 1_281_167
-ASSUMED_SCALING = 0.9              # multi-device efficiency when it was not measured (perf/ uses the same)
 
 _TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 

@@ -13,7 +13,8 @@ import subprocess
 import time
 
 from .errors import RunFailed, Stopped, UsageError
-from .plan import RECIPE_EPOCHS, fmt_duration, make_plan, parse_budget
+from ..recipe import RECIPE_EPOCHS
+from .plan import fmt_duration, make_plan, parse_budget
 from ..metrics import read_metrics, read_metrics_so_far
 from .runs import child_env, load_cfg, pretrain_command, run_cfg_overrides
 from .state import State

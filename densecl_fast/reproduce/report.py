@@ -9,7 +9,8 @@ import os
 import statistics
 import time
 
-from .plan import IMAGENET_TRAIN_IMAGES, fmt_duration, plan_lines
+from ..recipe import IMAGENET_TRAIN_IMAGES
+from .plan import fmt_duration, plan_lines
 from ..metrics import read_metrics
 from .runs import method_of
 
