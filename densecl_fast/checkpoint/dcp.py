@@ -35,24 +35,40 @@ def _dcp_global_allowed(module: str, name: str) -> bool:
     return (module, name) in _DCP_GLOBALS or (module == "torch" and isinstance(torch.__dict__.get(name), torch.dtype))
 
 
+def _checked_read(path: str, what: str, read, refused: type, detail, unreadable):
+    """read()'s value; what it raises is one CheckpointError line: `refused` (the unpickler met an
+    object that could run code, described by detail(e)) a refusal of the checkpoint `path`, any other
+    error unreadable(e); a CheckpointError as it is."""
+    try:
+        return read()
+    except CheckpointError:
+        raise
+    except refused as e:
+        raise CheckpointError(f"refusing checkpoint {path}: its {what} holds objects that could run code "
+                              f"when loaded ({detail(e)})") from None
+    except Exception as e:
+        raise CheckpointError(unreadable(e)) from None
+
+
 def read_dcp_metadata(path: str):
     """The DCP Metadata of the folder `path`, unpickled through the allow-list, after checking that
     every shard file it names is in the folder with at least the bytes it points into.
     Every problem is a one-line CheckpointError naming the folder and the file."""
     from torch.distributed.checkpoint.metadata import Metadata
     md_path = os.path.join(path, DCP_METADATA)
-    try:
-        with open(md_path, "rb") as f:
-            md = safe_pickle.load(f, _dcp_global_allowed, "torch.distributed.checkpoint metadata classes")
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} is incomplete: it has no {DCP_METADATA} (the write was "
-                              f"interrupted, or it is not a torch.distributed.checkpoint folder)") from None
-    except safe_pickle.RefusedGlobal as e:
-        raise CheckpointError(f"refusing checkpoint {path}: its {DCP_METADATA} holds objects that could run code "
-                              f"when loaded ({e})") from None
-    except Exception as e:
-        raise CheckpointError(f"cannot read {md_path}: {io_error_text(e)} (truncated, or not "
-                              f"torch.distributed.checkpoint metadata)") from None
+
+    def read():
+        try:
+            f = open(md_path, "rb")
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint {path} is incomplete: it has no {DCP_METADATA} (the write was "
+                                  f"interrupted, or it is not a torch.distributed.checkpoint folder)") from None
+        with f:
+            return safe_pickle.load(f, _dcp_global_allowed, "torch.distributed.checkpoint metadata classes")
+
+    md = _checked_read(path, DCP_METADATA, read, safe_pickle.RefusedGlobal, str,
+                       lambda e: f"cannot read {md_path}: {io_error_text(e)} (truncated, or not "
+                                 f"torch.distributed.checkpoint metadata)")
     if not (isinstance(md, Metadata) and isinstance(getattr(md, "state_dict_metadata", None), dict)
             and isinstance(getattr(md, "storage_data", None), dict)):
         raise CheckpointError(f"{md_path} is not torch.distributed.checkpoint metadata")
@@ -115,14 +131,9 @@ def _dcp_loader_classes():
 
         def load_bytes(self, read_item, value):
             raw, fqn = value.read(), read_item.dest_index.fqn
-            try:
-                torch.load(io.BytesIO(raw), weights_only=True)
-            except pickle.UnpicklingError as e:
-                raise CheckpointError(f"refusing checkpoint {self._path}: its value {fqn} holds objects that could "
-                                      f"run code when loaded ({refusal_detail(str(e))})") from None
-            except Exception as e:
-                raise CheckpointError(f"cannot read checkpoint {self._path}: its value {fqn}: "
-                                      f"{first_line(e, True)}") from None
+            _checked_read(self._path, f"value {fqn}", lambda: torch.load(io.BytesIO(raw), weights_only=True),
+                          pickle.UnpicklingError, lambda e: refusal_detail(str(e)),
+                          lambda e: f"cannot read checkpoint {self._path}: its value {fqn}: {first_line(e, True)}")
             super().load_bytes(read_item, io.BytesIO(raw))
 
     return CheckedReader, CheckedPlanner
