@@ -10,21 +10,12 @@ A bad argument, input or output is one line on stderr, `error: ...`, and exit st
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 from .checkpoint import checkpoint_kind
+from .usage import Parser, UsageError
 from .weights import ARCHS, FORMATS, WeightsError, export_backbone, read_weights
-
-
-class UsageError(ValueError):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's own exit code, without the usage block)
-        raise UsageError(message)
 
 
 def _same(a: str, b: str) -> bool:
@@ -70,7 +61,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    p = _Parser(prog="python -m densecl_fast.export", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m densecl_fast.export", description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", help="training checkpoint (checkpoints/ckpt_*.pt) or any supported weights file")
     p.add_argument("--format", required=True, choices=FORMATS, help="layout to write")
     p.add_argument("--out", required=True, help="file to write (detectron2: .pkl); FILE.json is written next to it")

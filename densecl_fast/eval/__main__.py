@@ -12,22 +12,13 @@ import sys
 import time
 
 
-from ..data import DataError
+from ..data import DataError, mosaics
+from ..usage import Parser, UsageError, run_cli
 from ..weights import WeightsError
-from ..data import mosaics
 from . import cells, dense, features, knn, linear, report, svm
 from .datasets import EvalSplit, load_eval_data
 
 MODES = ("knn", "linear", "svm", "lowshot", "dense", "cells")
-
-
-class UsageError(ValueError):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's own exit code, without the usage block)
-        raise UsageError(message)
 
 
 def _ints(s: str, what: str):
@@ -41,7 +32,7 @@ def _ints(s: str, what: str):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m densecl_fast.eval", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m densecl_fast.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("mode", help=" | ".join(MODES))
     p.add_argument("--checkpoint", required=True, help="training checkpoint / exported trunk / any file densecl_fast.weights reads, or 'random'")
     p.add_argument("--arch", help="resnet18/34/50/101 (required with random; else a check)")
@@ -243,16 +234,15 @@ def run(args) -> tuple[dict, list, str]:
 
 
 def main(argv=None) -> int:
-    try:
+    def evaluate():
         args = parser().parse_args(argv)
         res, rows, line = run(args)
-        jpath, mpath = report.write(args.out, args.mode, res, rows)
-    except (UsageError, DataError, WeightsError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}".replace("error: : ", "error: "), file=sys.stderr)
-        return 2
+        return args, res, line, report.write(args.out, args.mode, res, rows)
+
+    rc, done = run_cli(evaluate, (DataError, WeightsError))
+    if rc:
+        return rc
+    args, res, line, (jpath, mpath) = done
     feats = res["features"]
     print(f"{args.mode} {res['checkpoint']} ({res['arch']}) on {res['data']} [{res['eval_split']}, {res['num_eval']} images]: "
           f"{line} (features {feats['train']}/{feats['eval']}; wrote {jpath}, {mpath})")

@@ -22,9 +22,9 @@ import os
 import sys
 import time
 
-from ..data import mosaics
+from ..data import DataError, mosaics
+from ..usage import Parser, UsageError, run_cli
 from . import supervised
-from .supervised import Parser, UsageError, run_cli
 from .__main__ import main as eval_main
 
 MARGIN = 20.0
@@ -148,7 +148,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    return run_cli(lambda: run(parser().parse_args(argv)))[0]
+    return run_cli(lambda: run(parser().parse_args(argv)), (DataError,))[0]
 
 
 if __name__ == "__main__":

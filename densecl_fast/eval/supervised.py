@@ -27,6 +27,7 @@ from ..data import DataError
 from ..data.mosaics import CELL_CLASSES, cell_labels
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..model import ResNetTrunk
+from ..usage import Parser, UsageError, run_cli
 from ..weights import ARCHS
 from .datasets import load_eval_data
 from .features import stages
@@ -35,27 +36,6 @@ STEPS = 300
 BATCH = 64
 LR = 2e-3
 BN_IMAGES = 512
-
-
-class UsageError(ValueError):
-    pass
-
-
-class Parser(argparse.ArgumentParser):
-    """Raises UsageError instead of printing usage: `run_cli` turns it into one line, exit status 2."""
-    def error(self, message):
-        raise UsageError(message)
-
-
-def run_cli(call):
-    """-> (exit status, call()'s result): bad input (usage, data, a file) is one line on stderr, status 2."""
-    try:
-        return 0, call()
-    except (UsageError, DataError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}".replace("error: : ", "error: "), file=sys.stderr)
-    return 2, None
 
 
 def images_of(split, image_size: int) -> torch.Tensor:
@@ -151,7 +131,7 @@ def main(argv=None) -> int:
     rc, args = run_cli(lambda: parser().parse_args(argv))
     if rc:
         return rc
-    rc, info = run_cli(lambda: run(args))
+    rc, info = run_cli(lambda: run(args), (DataError,))
     if rc:
         return rc
     print(f"label-trained {info['arch']} on {args.data}: {info['steps']} steps of {info['batch_size']}, C5 grid "

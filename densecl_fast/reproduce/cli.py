@@ -28,6 +28,7 @@ import sys
 import time
 
 from ..config import MAX_SEED, ConfigError
+from ..usage import Parser, error_line
 from .errors import RunFailed, Stopped, UsageError
 from .plan import fmt_duration, parse_budget, plan_lines
 from .probe import MIN_TIME_BUDGET, PROBE_SHARE, PROBE_WARMUP, probe
@@ -40,15 +41,10 @@ from .state import State
 MAX_SEEDS = 100  # --seeds: each is a pretraining run per method (and a random trunk)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
 # ---- arguments ----------------------------------------------------------------------------------------
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python launch/reproduce.py", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="python launch/reproduce.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="pretraining images: ImageNet train folder, .txt list, synthetic, fashion-mnist:ROOT, "
                                   "fashion-mnist-scenes:ROOT")
@@ -175,7 +171,7 @@ def main(argv=None) -> int:
     try:
         return _main(argv)
     except (UsageError, ConfigError) as e:  # ConfigError: e.g. the run lock's, from inside train()
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     except Stopped as e:
         print(f"{e}; continue with: python launch/reproduce.py --out {os.path.abspath(_out_of(argv))} --resume",

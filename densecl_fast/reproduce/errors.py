@@ -1,8 +1,5 @@
 """The reproduction's three ways to stop: bad input (exit 2), a failed run (exit 1), a signal (--resume)."""
-
-
-class UsageError(ValueError):
-    """Bad input: one line on stderr, exit status 2."""
+from ..usage import UsageError  # noqa: F401  (bad input, as every command of the package reports it)
 
 
 class RunFailed(RuntimeError):
