@@ -27,7 +27,8 @@ from typing import Optional
 import torch
 import torchvision.transforms as T
 
-from .data import DataError, fashion_mnist, mosaics, scenes
+from .data import DataError
+from .data.sources import parse_builtin
 from .distributed import all_reduce_max, barrier
 from .eval import features, knn
 from .eval.datasets import EvalSplit, load_eval_data
@@ -62,8 +63,7 @@ def check_val(data: str, val: str) -> None:
     if not val:
         return
     try:
-        own = (data == "synthetic" or fashion_mnist.parse_source(data) is not None
-               or scenes.parse_source(data) is not None or mosaics.parse_source(data) is not None)
+        own = parse_builtin(data) is not None
     except DataError:
         return  # a malformed spelling: load_eval_data names it
     if own:

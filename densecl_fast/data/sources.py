@@ -37,6 +37,27 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 _SHOW = 5  # offending entries quoted in an error message
 
 
+class BuiltIn(NamedTuple):
+    """A source string that names a generated or installed set rather than a path."""
+    kind: str                 # synthetic | fashion-mnist | scenes | mosaics
+    spec: object              # fashion-mnist: (root, split); scenes, mosaics: their spec; synthetic: None
+
+
+def parse_builtin(source: str) -> Optional[BuiltIn]:
+    """The built-in set that `source` spells (its tokens checked: a malformed one is a DataError), or
+    None for anything else (a folder, a list, shards). The one reader of these spellings for
+    pretraining, evaluation and the kNN monitor."""
+    source = str(source).strip()
+    if source == "synthetic":
+        return BuiltIn("synthetic", None)
+    for kind, parse in (("fashion-mnist", fashion_mnist.parse_source), ("scenes", scenes.parse_source),
+                        ("mosaics", mosaics.parse_source)):
+        spec = parse(source)
+        if spec is not None:
+            return BuiltIn(kind, spec)
+    return None
+
+
 class Sample(NamedTuple):
     path: str                 # absolute
     label: Optional[str]      # class folder name or the file list's label; None when unknown
@@ -124,26 +145,26 @@ def resolve_source(data_cfg) -> Listing:
     if not source:
         raise DataError("data.source is empty: point it at an image folder, a .txt file list, or 'synthetic' "
                         "(e.g. data.source=/data/imagenet/train)")
-    fmnist = fashion_mnist.parse_source(source)
-    if fmnist is not None:
+    builtin = parse_builtin(source)
+    kind, spec = builtin if builtin is not None else (None, None)
+    if kind == "fashion-mnist":
+        fmnist = spec
         folder = fashion_mnist.ensure_image_folder(*fmnist, data_cfg.cache_dir)
         meta = fashion_mnist.read_labels(folder)
         # idx order (not the folder's sorted order), so "the first N images" means what it says
         samples = [Sample(os.path.join(folder, rel), fashion_mnist.CLASSES[lab])
                    for rel, lab in zip(meta["images"], meta["labels"])]
         return Listing(samples, [], f"Fashion-MNIST {fmnist[1]} split ({fmnist[0]})")
-    spec = scenes.parse_source(source)
-    if spec is not None:
+    if kind == "scenes":
         folder = scenes.ensure_scenes(spec, spec.split, data_cfg.cache_dir)
         meta = scenes.read_labels(folder)
         samples = [Sample(os.path.join(folder, e["image"]), scenes.CLASSES[e["label"]]) for e in meta["images"]]
         return Listing(samples, [], f"Fashion-MNIST scenes, {spec.split} split ({folder})")
-    mspec = mosaics.parse_source(source)
-    if mspec is not None:
-        folder, meta = mosaics.ensure_mosaics(mspec, mspec.split, data_cfg.cache_dir)
+    if kind == "mosaics":
+        folder, meta = mosaics.ensure_mosaics(spec, spec.split, data_cfg.cache_dir)
         samples = [Sample(os.path.join(folder, e["image"]), mosaics.CLASSES[e["label"]]) for e in meta["images"]]
-        return Listing(samples, [], f"Fashion-MNIST mosaics, {mspec.split} split ({folder})")
-    if source == "synthetic":
+        return Listing(samples, [], f"Fashion-MNIST mosaics, {spec.split} split ({folder})")
+    if kind == "synthetic":
         from .synthetic import ensure_synthetic
         folder = ensure_synthetic(data_cfg.cache_dir, data_cfg.synthetic_images, data_cfg.synthetic_resolution)
         return Listing(list_folder(os.path.join(folder, "images")), [], f"the built-in data set at {folder}")

@@ -26,7 +26,7 @@ from PIL import Image
 
 from ..data import DataError
 from ..data import fashion_mnist, mosaics, scenes
-from ..data.sources import list_folder, load_rgb, read_file_list, to_rgb
+from ..data.sources import list_folder, load_rgb, parse_builtin, read_file_list, to_rgb
 
 VAL_EVERY = 5            # deterministic split of sets without one: image i is val when i % 5 == 0
 IGNORE_INDEX = 255       # mask value ignored in the dense loss and mIoU (VOC's object borders)
@@ -215,33 +215,32 @@ def load_eval_data(data: str, *, task: str, val: str = "", root: str = "", max_t
     data = str(data).strip()
     if not data:
         raise DataError("--data is empty")
-    mspec = mosaics.parse_source(data)
-    if mspec is not None:
+    builtin = parse_builtin(data)
+    kind, spec = builtin if builtin is not None else (None, None)
+    if kind == "mosaics":
         if task == "seg":
             raise DataError("the Fashion-MNIST mosaics have no masks: their dense probe is the cells mode "
                             "(a label per grid cell)")
-        if mspec.split != "train":
+        if spec.split != "train":
             raise DataError(f"--data {data}: drop the split token; evaluation uses the training mosaics as the "
                             "training split and the test mosaics as the evaluation split")
-        train, test = _mosaics(mspec, data_cache_dir)
+        train, test = _mosaics(spec, data_cache_dir)
         return _take(train, max_train), _take(test, max_val)
     if task == "cells":
         raise DataError(f"--data {data}: the cells probe needs a label per grid cell: fashion-mnist-mosaics:ROOT")
-    fm = fashion_mnist.parse_source(data)
-    if fm is not None:
+    if kind == "fashion-mnist":
         if task == "seg":
             raise DataError("Fashion-MNIST has no masks: the dense probe needs fashion-mnist-scenes:ROOT, "
                             "'synthetic' or Pascal VOC")
-        train, test = _fashion(fm[0], max_train, max_val)
+        train, test = _fashion(spec[0], max_train, max_val)
         return train, test
-    spec = scenes.parse_source(data)
-    if spec is not None:
+    if kind == "scenes":
         if spec.split != "train":
             raise DataError(f"--data {data}: drop the split token; evaluation uses the training scenes as the "
                             "training split and the test scenes as the evaluation split")
         train, test = _scenes(spec, task, data_cache_dir)
         return _take(train, max_train), _take(test, max_val)
-    if data == "synthetic":
+    if kind == "synthetic":
         from ..data.synthetic import ensure_synthetic, read_labels
         folder = ensure_synthetic(data_cache_dir, synthetic_images, synthetic_resolution)
         meta = read_labels(folder)
