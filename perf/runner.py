@@ -29,12 +29,12 @@ import traceback
 
 import torch
 
-from densecl_fast import stages
+from densecl_fast import stages, trainer
 from densecl_fast.config import load_config, scaled_lr, validate
 from densecl_fast.data import build_loader, dali_available
+from densecl_fast.distributed import DistInfo
 from densecl_fast.engines.compiling import CompilePlan
 from densecl_fast.engines.single import SingleEngine
-from densecl_fast.model import DenseCL
 from densecl_fast.engines import train_step
 
 from . import report
@@ -443,11 +443,12 @@ class Suite:
 
 
 def build_model(cfg, device, precision, channels_last, compile=None, seed=0):
-    """DenseCL and the trainer's one-process engine (optimizer, autocast, step body) as a training run has them;
-    `compile`: a CompilePlan (as train.compile builds it) or None."""
+    """DenseCL (the trainer's `build_model`, from `seed`) and the trainer's one-process engine (optimizer,
+    autocast, step body) as a training run has them; `compile`: a CompilePlan (as train.compile builds it) or None."""
     validate(cfg)
-    torch.manual_seed(seed)
-    model = DenseCL(cfg.model).to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    cfg = copy.deepcopy(cfg)
+    cfg.train.seed, cfg.train.channels_last = seed, channels_last
+    model = trainer.build_model(cfg, DistInfo(), device, None, print)
     engine = SingleEngine(device, precision)
     engine.setup(model, cfg.optim, scaled_lr(cfg.optim), compile=compile)
     return model.train(), engine
