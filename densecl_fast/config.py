@@ -48,10 +48,6 @@ class DaliConfig:
     shuffle_buffer: int = 1024               # webdataset shards: samples in the reader's shuffle buffer
 
 
-# Flat keys of the DALI section before it was nested: data.dali_<key> is now data.dali.<key>.
-FLAT_DALI_KEYS = tuple("dali_" + k for k in DaliConfig.__dataclass_fields__)
-
-
 @dataclass
 class DataConfig:
     source: str = "synthetic"         # "synthetic" | image folder | .txt file list | fashion-mnist:ROOT[#test]
@@ -191,13 +187,7 @@ def load_config(preset_or_path: Optional[str] = "smoke", overrides: Optional[Lis
             raise ConfigError(f"overrides must look like key=value, got {bad}")
         layers.append(OmegaConf.from_dotlist(list(overrides)))
     for layer in layers[1:]:
-        if OmegaConf.select(layer, "model.sync_bn") is not None:
-            raise ConfigError("model.sync_bn was replaced by model.bn=shuffle|sync|group (shuffle: the recipe's "
-                              "cross-rank shuffle-BN, the default; sync: SyncBatchNorm); remove model.sync_bn")
-        data = OmegaConf.select(layer, "data")
-        for key in FLAT_DALI_KEYS:
-            if OmegaConf.is_dict(data) and key in data:
-                raise ConfigError(f"data.{key} was replaced by data.dali.{key[5:]} (the DALI keys are one section)")
+        check_renamed_keys(layer)
     try:
         merged = OmegaConf.merge(*layers)
     except Exception as e:  # omegaconf raises several types; all mean a bad key or value
@@ -206,6 +196,19 @@ def load_config(preset_or_path: Optional[str] = "smoke", overrides: Optional[Lis
     validate(cfg)
     check_environment(cfg)
     return cfg
+
+
+def check_renamed_keys(layer) -> None:
+    """A key renamed before 0.1 (in a YAML file, an override or a checkpoint's saved config) is a
+    ConfigError naming its new key, not OmegaConf's bare "not in ModelConfig"."""
+    layer = OmegaConf.create(layer) if isinstance(layer, dict) else layer
+    if OmegaConf.select(layer, "model.sync_bn") is not None:
+        raise ConfigError("model.sync_bn was replaced by model.bn=shuffle|sync|group (shuffle: the recipe's "
+                          "cross-rank shuffle-BN, the default; sync: SyncBatchNorm); remove model.sync_bn")
+    data = OmegaConf.select(layer, "data")
+    for key in DaliConfig.__dataclass_fields__:
+        if OmegaConf.is_dict(data) and "dali_" + key in data:
+            raise ConfigError(f"data.dali_{key} was replaced by data.dali.{key} (the DALI keys are one section)")
 
 
 def one_line(e: BaseException) -> str:
@@ -272,15 +275,8 @@ def to_yaml(cfg: Config) -> str:
 
 
 def config_from_dict(d: dict) -> Config:
-    """A saved config (checkpoint). Checkpoints written before model.bn existed hold model.sync_bn:
-    dropped (BN mode shapes no tensor; the resumed run uses this run's model.bn). Those written
-    before the DALI section was nested hold data.dali_<key>: moved to data.dali.<key>."""
-    if isinstance(d, dict) and isinstance(d.get("model"), dict) and "sync_bn" in d["model"]:
-        d = {**d, "model": {k: v for k, v in d["model"].items() if k != "sync_bn"}}
-    if isinstance(d, dict) and isinstance(d.get("data"), dict) and any(k in d["data"] for k in FLAT_DALI_KEYS):
-        data = {k: v for k, v in d["data"].items() if k not in FLAT_DALI_KEYS}
-        data["dali"] = {**{k[5:]: v for k, v in d["data"].items() if k in FLAT_DALI_KEYS}, **(data.get("dali") or {})}
-        d = {**d, "data": data}
+    """A saved config (checkpoint), validated."""
+    check_renamed_keys(d)
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))
     validate(cfg)
     return cfg

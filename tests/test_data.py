@@ -187,7 +187,7 @@ def test_augmentation_keys_default_to_the_recipe_and_are_checked(tmp_path):
 
 
 def test_a_jitter_strength_torchvision_rounds_away_is_refused():
-    """Issue 25 item 8: at a strength <= 2^-54 / 0.4 torchvision's ColorJitter turns 1 +- 0.4 k into
+    """At a strength <= 2^-54 / 0.4 torchvision's ColorJitter turns 1 +- 0.4 k into
     (1, 1), drops brightness, contrast and saturation and their three draws, and every later draw of
     the view (grayscale, blur, flip, the next view's crop) moved; the DALI draws would not. Strengths
     below data.jitter_strength's floor are refused, on every path (config, a DataConfig built in code,
@@ -364,12 +364,11 @@ def test_dali_keys_are_one_section_and_old_flat_keys_say_where_they_went(tmp_pat
     old_yaml.write_text("data:\n  dali_shuffle_buffer: 64\n")
     with pytest.raises(ConfigError, match=r"data\.dali_shuffle_buffer was replaced by data\.dali\.shuffle_buffer"):
         load_config(str(old_yaml))
-    # A checkpoint's saved config from before the section: the flat keys move into it.
+    # A checkpoint's saved config with a flat key: refused the same way (nothing to migrate from before 1.0).
     d = config_to_dict(load_config("smoke"))
-    del d["data"]["dali"]
-    d["data"].update(dali_decoder="cpu", dali_hw_decoder_load=0.5)
-    restored = config_from_dict(d).data.dali
-    assert (restored.decoder, restored.hw_decoder_load, restored.prefetch) == ("cpu", 0.5, 2)
+    d["data"].update(dali_hw_decoder_load=0.5)
+    with pytest.raises(ConfigError, match=r"^data\.dali_hw_decoder_load was replaced by data\.dali\.hw_decoder_load "):
+        config_from_dict(d)
 
 
 def test_data_errors_are_helpful(tmp_path):

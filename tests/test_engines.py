@@ -1,4 +1,4 @@
-"""Engines (issue 8): single, ddp, fsdp, deepspeed behind one interface; cross-rank shuffle-BN.
+"""Engines: single, ddp, fsdp, deepspeed behind one interface; cross-rank shuffle-BN.
 
 The 2-process tests run on the CPU with gloo. Tolerances: the 2-rank runs reduce gradients across
 ranks (a different fp32 summation order than one process's autograd), nothing else differs; after
@@ -58,13 +58,18 @@ def test_auto_picks_deepspeed_under_its_launcher_ddp_under_torchrun(monkeypatch)
     assert resolve_engine("auto", 2) == "ddp"
 
 
-def test_old_sync_bn_key_is_rejected_in_configs_and_dropped_from_checkpoints():
+def test_old_sync_bn_key_is_rejected_in_configs_and_in_checkpoints():
     with pytest.raises(ConfigError, match="model.sync_bn was replaced by model.bn"):
         load_config("smoke", ["model.sync_bn=true"])
+    from densecl_fast.checkpoint import CheckpointError, saved_config
     from densecl_fast.config import config_from_dict, config_to_dict
     d = config_to_dict(load_config("smoke"))
-    d["model"]["sync_bn"] = True  # a checkpoint written before model.bn
-    assert config_from_dict(d).model.bn == "shuffle"
+    d["model"]["sync_bn"] = True  # a checkpoint's saved config with the old key: an error naming the new one
+    with pytest.raises(ConfigError, match="^model.sync_bn was replaced by model.bn"):
+        config_from_dict(d)
+    with pytest.raises(CheckpointError, match="^checkpoint old.pt holds a config this version cannot use: "
+                                              "model.sync_bn was replaced by model.bn"):
+        saved_config({"config": d}, "old.pt")
 
 
 # ---- bad input: one line, exit 2 -------------------------------------------------------------------
