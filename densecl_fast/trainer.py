@@ -293,10 +293,9 @@ def resume(run: Run, ck: dict, path: str, say) -> None:
                        dist_info.world_size, run.cfg.optim.batch_size, warn if dist_info.is_main else (lambda m: None))
     run.engine.load(path, ck)  # model (both encoders, queues, pointer), optimizer, scaler
     try:
-        # Every rank's own RNG states when the run had as many ranks (checkpoints before "rngs":
-        # rank 0's for all).
-        rngs = ck.get("rngs")
-        own = rngs[dist_info.rank] if isinstance(rngs, list) and len(rngs) == dist_info.world_size else ck["rng"]
+        # Every rank's own RNG states when the run had as many ranks, else rank 0's for all.
+        rngs = ck["rngs"]
+        own = rngs[dist_info.rank] if len(rngs) == dist_info.world_size else rngs[0]
         ckpt_io.set_rng_state(own)
         run.model.shuffle_generator(run.device).set_state(ck["shuffle_rng"][dist_info.rank % len(ck["shuffle_rng"])])
     except (KeyError, ValueError, TypeError, IndexError, RuntimeError, ZeroDivisionError) as e:
@@ -445,7 +444,7 @@ def save_checkpoint(run: Run, reason: str) -> str | None:
     step, spe = run.step, run.steps_per_epoch
     rngs = gather_objects(ckpt_io.rng_state())
     extra = {"step": step, "epoch": step // spe, "step_in_epoch": step % spe,
-             "rng": rngs[0], "rngs": rngs, "shuffle_rng": gather_shuffle_states(run.model, run.device),
+             "rngs": rngs, "shuffle_rng": gather_shuffle_states(run.model, run.device),
              "config": config_to_dict(run.cfg), "data_skipped": run.skipped(), "reason": reason,
              "steps_per_epoch": spe, "world_size": run.dist_info.world_size,
              "batch_size": run.cfg.optim.batch_size, "num_samples": getattr(run.loader, "num_samples", None),

@@ -225,10 +225,7 @@ def _is_tensor_dict(d) -> bool:
 # (layout, query trunk, query neck, key trunk, key neck, aliases (second names of tensors listed
 # already: skipped), unused (read, deliberately not loaded: reported)); a name ending in "." is a prefix.
 _FULL_LAYOUTS = (
-    # `_run_q.`/`_run_k.`: checkpoints of format 1 name every encoder tensor a second time under
-    # these aliases (model.py registered them as submodules until it was fixed); they are skipped.
-    ("densecl_fast", "encoder_q.backbone.", "encoder_q.neck.", "encoder_k.backbone.", "encoder_k.neck.",
-     ("_run_q.", "_run_k."), ()),
+    ("densecl_fast", "encoder_q.backbone.", "encoder_q.neck.", "encoder_k.backbone.", "encoder_k.neck.", (), ()),
     # OpenSelfSup/mmselfsup 0.x also register the query trunk a second time as `backbone.`.
     ("openselfsup/mmselfsup-0.x", "encoder_q.0.", "encoder_q.1.", "encoder_k.0.", "encoder_k.1.",
      ("backbone.",), ("queue2_ptr",)),

@@ -89,8 +89,9 @@ def test_a_run_with_the_monitor_equals_one_without(tmp_path, data_cache):
     assert all(0 <= r["knn_top1"] <= 100 and r["knn_seconds"] > 0 for r in b if "knn_top1" in r)
     ca, cb = (ckpt_io.load_checkpoint(ckpt_io.list_checkpoints(d)[-1]) for d in (off, on))
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
-    assert torch.equal(ca["rng"]["torch"], cb["rng"]["torch"])          # the monitor's draws were undone
-    assert torch.equal(ca["rng"]["numpy_keys"], cb["rng"]["numpy_keys"]) and ca["rng"]["python"] == cb["rng"]["python"]
+    ra, rb = ca["rngs"][0], cb["rngs"][0]
+    assert torch.equal(ra["torch"], rb["torch"])          # the monitor's draws were undone
+    assert torch.equal(ra["numpy_keys"], rb["numpy_keys"]) and ra["python"] == rb["python"]
 
 
 def test_monitor_off_by_steps_logs_only_where_due(tmp_path, data_cache):
@@ -108,7 +109,7 @@ def test_bad_knn_data_stops_before_the_model(tmp_path, data_cache):
 
 
 def test_a_knn_val_that_cannot_be_honoured_is_an_error_naming_it(tmp_path, data_cache):
-    """Issue 25 item 4: train.knn_val was silently ignored with the sets that bring their own evaluation
+    """train.knn_val was silently ignored with the sets that bring their own evaluation
     split (the monitor used that split), and a missing folder was reported as '--val'."""
     from tests.test_scenes import fake_garments, write_idx
     root = str(tmp_path / "fmnist")

@@ -1,4 +1,4 @@
-"""Reliability (issue 13): signals to the process group and under torchrun, one run per directory,
+"""Reliability: signals to the process group and under torchrun, one run per directory,
 one clear line (exit 2) for every bad input, checkpoints with checksums, odd file names.
 
 One tiny trained run (`trained`, 8 steps, checkpoints at 4 and 8) is shared by the checkpoint
@@ -277,6 +277,10 @@ def test_structurally_odd_checkpoints_are_one_line(tmp_path, data_cache, trained
         "unknown config key": (lambda ck: ck["config"]["train"].update(no_such_key=1), "no_such_key"),
         "no optimizer": (lambda ck: ck.pop("optimizer"), "no 'optimizer' entry"),
         "no config": (lambda ck: ck.pop("config"), "no 'config' entry"),
+        # before 1.0 there is nothing to migrate: an older format or a renamed key is refused
+        "format 1": (lambda ck: ck.update(format_version=1), "has checkpoint format 1, this version reads format 2"),
+        "renamed key": (lambda ck: ck["config"]["model"].update(sync_bn=True), "holds a config this version cannot "
+                        "use: model.sync_bn was replaced by model.bn"),
     }
     for i, (name, (edit, want)) in enumerate(variants.items()):
         path = _rewrite(src, tmp_path / f"v{i}.pt", edit)

@@ -61,7 +61,7 @@ def save_training_ckpt(model, out_dir, arch="resnet18"):
     cfg = load_config("smoke", TINY + [f"model.arch={arch}"])
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1, momentum=0.9)
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": {}, "step": 5, "epoch": 0,
-             "rng": rng_state(), "shuffle_rng": torch.Generator().get_state(), "config": config_to_dict(cfg)}
+             "rngs": [rng_state()], "shuffle_rng": torch.Generator().get_state(), "config": config_to_dict(cfg)}
     return save_checkpoint(state, str(out_dir), 5, keep_last=1)
 
 

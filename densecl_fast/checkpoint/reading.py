@@ -16,11 +16,10 @@ import warnings
 import torch
 
 from .dcp import read_dcp_metadata
-from .files import CheckpointError, META_NAME, checkpoint_kind, checksum, io_error_text, refusal_detail
+from .files import CheckpointError, FORMAT_VERSION, META_NAME, checkpoint_kind, checksum, io_error_text, refusal_detail
 
-READABLE_FORMATS = (1, 2)  # 1: before checksums (loaded without verification)
-REQUIRED_KEYS = ("model", "optimizer", "scaler", "step", "rng", "shuffle_rng", "config")
-META_REQUIRED_KEYS = ("step", "rng", "shuffle_rng", "config")
+REQUIRED_KEYS = ("model", "optimizer", "scaler", "step", "rngs", "shuffle_rng", "config")
+META_REQUIRED_KEYS = ("step", "rngs", "shuffle_rng", "config")
 KINDS = {"pt": "train.engine=single or ddp", "dcp": "train.engine=fsdp", "ds": "train.engine=deepspeed"}
 
 
@@ -49,7 +48,7 @@ def read_checkpoint_meta(path: str) -> dict:
             meta = torch.load(meta_path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {meta_path}: {io_error_text(e)}") from None
-    if not isinstance(meta, dict) or meta.get("format_version") not in READABLE_FORMATS:
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{meta_path} is not a densecl_fast checkpoint's meta.pt")
     missing = [k for k in META_REQUIRED_KEYS if k not in meta]
     if missing:
@@ -89,9 +88,9 @@ def load_checkpoint(path: str, verify: bool = True) -> dict:
                               f"(truncated or not a checkpoint)") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a densecl_fast checkpoint (no 'model' entry)")
-    if ckpt.get("format_version") not in READABLE_FORMATS:
+    if ckpt.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {ckpt.get('format_version')}, "
-                              f"this version reads formats {', '.join(map(str, READABLE_FORMATS))}")
+                              f"this version reads format {FORMAT_VERSION}")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: it has no {', '.join(repr(k) for k in missing)} "
@@ -99,10 +98,10 @@ def load_checkpoint(path: str, verify: bool = True) -> dict:
     if not isinstance(ckpt["step"], int) or ckpt["step"] < 0 or not isinstance(ckpt["config"], dict):
         raise CheckpointError(f"checkpoint {path} is malformed: 'step' must be a non-negative int and "
                               f"'config' a mapping")
-    if verify and ckpt["format_version"] >= 2:
+    if verify:
         stored = ckpt.get("checksum")
         if not isinstance(stored, str):
-            raise CheckpointError(f"checkpoint {path} has no checksum (format {ckpt['format_version']} requires one)")
+            raise CheckpointError(f"checkpoint {path} has no checksum (format {FORMAT_VERSION} requires one)")
         if checksum(ckpt) != stored:
             raise CheckpointError(
                 f"checkpoint {path} is corrupt: its content does not match the checksum stored when it was "
