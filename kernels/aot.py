@@ -90,7 +90,7 @@ def recorded_match_layouts() -> dict:
     """What reaches kernels.dense_positive_logits in a real forward on the CPU, per memory format
     of the model (train.channels_last): the dimension order (outermost first) of q_b, k_b, q_grid,
     k_grid. A ResNet-18 DenseCL at 64 px (C5 2 x 2) in training mode; the order does not depend
-    on the sizes, and the AOT cases lay the production shapes out in it (issue 20: tables built
+    on the sizes, and the AOT cases lay the production shapes out in it (tables built
     on other strides than the model's hid the spills of the real ones)."""
     from densecl_fast import kernels
     from densecl_fast.config import load_config

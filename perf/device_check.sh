@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The first prepared GPU check (issues 18 and 27), one device call on a fresh machine (H100/H200,
+# The first prepared GPU check, one device call on a fresh machine (H100/H200,
 # Python 3.12, torch 2.11, Triton 3.6, pytest with xdist and timeout; no omegaconf, DALI or
 # DeepSpeed there). Step limits sum to 300 s; call it with timeout_s 310. Under $OUT (the device
 # tool's folder; default perf/results/device-check), 4 files (a call returns at most 8):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The second prepared GPU check (issues 18 and 27), right after perf/device_check.sh on the same
+# The second prepared GPU check, right after perf/device_check.sh on the same
 # warm machine. Step limits sum to 250 s; call it with timeout_s 255. Under $OUT (default
 # perf/results/device-check-dali), 6 files (a call returns at most 8):
 #   compile.{md,json}          cold and warm compile of the training step, per-block regions

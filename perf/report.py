@@ -81,7 +81,7 @@ def goal_verdict(variants, device_name, batch, image_size):
     return out
 
 
-# Same-run baselines (issue 18): what the grouped BN and our kernels cost or gain against what a user
+# Same-run baselines: what the grouped BN and our kernels cost or gain against what a user
 # writes instead (ordinary BatchNorm over the whole batch), eager and compiled.
 RATIOS = (("grouping_cost", "eager_bf16_cl_fused", "eager_plain_bn", 0.95),
           ("compiled", "compiled_fused", "compiled_plain_bn", 1.0),

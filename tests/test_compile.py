@@ -1,4 +1,4 @@
-"""train.compile (issue 18): regional compile of the encoders, its guards, and the warm-start cache.
+"""train.compile: regional compile of the encoders, its guards, and the warm-start cache.
 
 Dynamo's behaviour (graphs, graph breaks, recompiles) is checked with the "eager" backend (tracing
 and guards without code generation: seconds); the artifact round trip needs inductor and runs on

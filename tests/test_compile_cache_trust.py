@@ -1,4 +1,4 @@
-"""Issue 25 item 2: a compile artifact is code, so only this user's own signed artifacts are loaded.
+"""A compile artifact is code, so only this user's own signed artifacts are loaded.
 
 The crafted artifacts are built with torch's own cache-artifact format (CacheArtifactFactory +
 AppendingByteSerializer, what torch.compiler.save_cache_artifacts writes): (a) an `autotune` entry

@@ -1,5 +1,5 @@
-"""FSDP checkpoint folders (torch.distributed.checkpoint, `ckpt_<step>.dcp/`) read by every command
-(issue 20, items 5 and 6): a missing, empty, truncated or out-of-folder shard is one line naming the
+"""FSDP checkpoint folders (torch.distributed.checkpoint, `ckpt_<step>.dcp/`) read by every command:
+a missing, empty, truncated or out-of-folder shard is one line naming the
 folder and the file; a `.metadata` or a stored value that would run code when unpickled is refused
 before anything runs; a genuine checkpoint still resumes, exports, evaluates and initialises a run.
 

@@ -1,4 +1,4 @@
-"""A failed run ends, and its lock dies with it (issue 25, items 1 and 5).
+"""A failed run ends, and its lock dies with it.
 
 A failure anywhere in the loop (the step, a data worker, a checkpoint write, the kNN monitor) ends
 the trainer with status 1 within seconds and leaves no DataLoader worker behind (the workers ignore

@@ -1,4 +1,4 @@
-"""Inputs that were accepted but could not be honoured (issue 25): BN groups of one value per channel,
+"""Inputs that were accepted but could not be honoured: BN groups of one value per channel,
 and a colour-jitter strength too small to change a pixel."""
 import pytest
 import torch

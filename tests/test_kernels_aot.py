@@ -2,7 +2,7 @@
 with no register spill and within shared memory (kernels/aot.py; the tables are perf/AOT_SM90.md),
 for the strides and shapes the model really hands the kernels (recorded from a forward), under
 each Triton the project runs on: the installed one (CI's, 3.8) and 3.6.0, the lent GPU machines'
-(torch 2.11), whose register allocation differs (issue 27: three sm_90 matching tiles spilled
+(torch 2.11), whose register allocation differs (three sm_90 matching tiles spilled
 under 3.6 only).
 
 Runs `python -m densecl_fast.kernels.aot --json` in a subprocess: the compiler needs TRITON_INTERPRET unset,
@@ -121,7 +121,7 @@ def test_the_table_covers_every_kernel_dtype_and_architecture(rows):
 
 def test_dense_matching_cases_use_the_strides_of_a_real_forward():
     """The layouts the table compiles the matching kernel for are recorded from a forward of the
-    model on the CPU (issue 20: a table on other strides than the model's hid its spills):
+    model on the CPU (a table on other strides than the model's hid its spills):
     channels-last C5 maps and grids flatten to (C·S², 1, C), contiguous ones to (C·S², S², 1)."""
     from densecl_fast.kernels import aot
     layouts = aot.recorded_match_layouts()

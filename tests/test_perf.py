@@ -291,7 +291,7 @@ def test_device_check_scripts_parse_and_list_runnable_steps(tmp_path):
     assert " -n 8 " in tests_step and "tests/test_kernels.py tests/test_group_bn.py" in tests_step   # xdist, both files
 
 
-# Issue 27.3: the lent machine's budget. One session: 900 s of device time, the machine's start
+# The lent machine's budget. One session: 900 s of device time, the machine's start
 # included (docs/profiling.md, "The device session": up to ~180 s); one call at most 600 s.
 SESSION_S, START_S, CALL_S, DALI_PART_CALLS_S = 900, 180, 600, 4 * 15
 
@@ -372,7 +372,7 @@ def run_compile_suite(monkeypatch, tmp_path, first_step_s):
 
 
 def test_a_compile_longer_than_the_cap_still_gets_steady_steps_and_an_honest_compile_time(tmp_path, monkeypatch):
-    """Issue 27.1: a compile longer than the variant's cap used to leave no time for a steady step;
+    """A compile longer than the variant's cap used to leave no time for a steady step;
     the first step then stood for the steady one, compile_s read 0.0 and the variant was skipped."""
     v, took = run_compile_suite(monkeypatch, tmp_path, 100.0)
     c = v["compiled_plain_bn"]
@@ -442,7 +442,7 @@ def test_the_caps_set_aside_the_triton_jit_of_a_fused_variant(tmp_path):
 
 
 def test_bench_kernels_prints_each_row_as_it_is_measured(capsys):
-    """Issue 27.3: a device call cut by its time limit lost the whole kernel table, printed only at the end."""
+    """A device call cut by its time limit lost the whole kernel table, printed only at the end."""
     from perf import bench_kernels
     rows = []
     bench_kernels.attempt(rows, "queue InfoNCE dense", "fused", lambda: (0.881, 31.0))

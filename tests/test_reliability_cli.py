@@ -1,4 +1,4 @@
-"""Reliability of the command-line surfaces (issue 20): an export never writes over its own input,
+"""Reliability of the command-line surfaces: an export never writes over its own input,
 a refused reproduction can be corrected in the same --out, the reproduction's throughput probe keeps
 to its share of the budget and a probe that dies is one line, odd state.json contents are one line,
 and the launcher, eval and trainer report bad input before any work (once per machine under torchrun).
@@ -204,7 +204,7 @@ def test_a_refused_budget_or_data_set_leaves_nothing_that_blocks_the_corrected_c
 
 
 def test_unbounded_seeds_are_refused_before_anything_is_recorded(tmp_path, data_cache, capsys, planned):
-    """Issue 25 item 6: --seeds 1000000000000 built its seed list after state.json was written (a
+    """--seeds 1000000000000 built its seed list after state.json was written (a
     MemoryError); a train.seed past what the generators take was a traceback in the run."""
     from densecl_fast.config import MAX_SEED
     out = str(tmp_path / "repro")

@@ -206,7 +206,7 @@ def test_a_signal_during_the_probe_stops_the_reproduction_without_a_plan(tmp_pat
 
 
 def test_a_locked_run_directory_under_resume_is_one_line_exit_2(tmp_path, data_cache, capsys):
-    """Issue 25 item 5: the run lock's refusal (a ConfigError raised inside train()) was a traceback."""
+    """The run lock's refusal (a ConfigError raised inside train()) was a traceback."""
     import fcntl
     out = tmp_path / "repro"
     (out / "densecl").mkdir(parents=True)
@@ -230,7 +230,7 @@ def test_a_locked_run_directory_under_resume_is_one_line_exit_2(tmp_path, data_c
 
 @pytest.mark.slow
 def test_a_reproduction_with_a_sharded_checkpoint_engine(tmp_path, data_cache, capsys):
-    """Issue 25 item 9: the probe and the pretraining stage found the step of the last checkpoint with a
+    """The probe and the pretraining stage found the step of the last checkpoint with a
     regex for ckpt_<step>.pt, so train.engine=fsdp (ckpt_<step>.dcp/ folders) raised."""
     out = str(tmp_path / "repro")
     rc = main(["--data", "synthetic", "--budget", "1ep", "--no-random", "--out", out, *tiny(data_cache),
@@ -248,7 +248,7 @@ def test_a_reproduction_with_a_sharded_checkpoint_engine(tmp_path, data_cache, c
     assert rep["runs"]["densecl"]["steps"] == 5 and 0 <= rep["eval"]["densecl"]["knn_k20"] <= 100
 
 
-# ---- the seeded experiment on the Fashion-MNIST scenes, shrunk (issue 19) -----------------------------
+# ---- the seeded experiment on the Fashion-MNIST scenes, shrunk -------------------------------------
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 

@@ -97,7 +97,7 @@ def _edit_labels(folder, edit):
 
 
 def test_labels_are_inside_the_checksum_and_damage_is_one_line_exit_2(fake_root, tmp_path, capsys):
-    """Issue 25 item 3: labels.json's labels were outside the checksum (an edited label was accepted, a
+    """labels.json's labels were outside the checksum (an edited label was accepted, a
     truncated file or a label of 99 was a traceback, -1 read as the last class)."""
     src = f"fashion-mnist-scenes:{fake_root}#train=4,test=3,size=40"
     spec = scenes.parse_source(src)
@@ -144,7 +144,7 @@ def test_labels_are_inside_the_checksum_and_damage_is_one_line_exit_2(fake_root,
 
 
 def test_a_killed_generation_leaves_no_temp_folder_behind(tmp_path):
-    """Issue 25 item 3: a generation killed midway left its temp folder forever. The next generation in
+    """A generation killed midway left its temp folder forever. The next generation in
     the same cache removes the temp folders of dead processes, never those of a running one."""
     import subprocess
     import sys

@@ -207,7 +207,7 @@ def test_trainer_runs_on_the_dali_backend_on_cpu(tmp_path, data_cache):
 
 
 def test_default_command_finishes_the_smoke_run(tmp_path):
-    """`python launch/pretrain.py` with no arguments: the README's first run (issue: < 3 min on 2 cores).
+    """`python launch/pretrain.py` with no arguments: the README's first run (the goal: < 3 min on 2 cores).
     It must not warn against its own preset (the smoke queue was once 4 epochs long) and, once the
     queue holds real keys (after K / B steps), its loss must fall."""
     env = {**os.environ, "HOME": str(tmp_path)}  # the built-in data set goes to ~/.cache
