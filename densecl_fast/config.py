@@ -199,8 +199,9 @@ def load_config(preset_or_path: Optional[str] = "smoke", overrides: Optional[Lis
 
 
 def check_renamed_keys(layer) -> None:
-    """A key renamed before 0.1 (in a YAML file, an override or a checkpoint's saved config) is a
-    ConfigError naming its new key, not OmegaConf's bare "not in ModelConfig"."""
+    """A renamed key (in a YAML file, an override or a checkpoint's saved config) is a ConfigError
+    naming its new key, not OmegaConf's bare "not in ModelConfig". Nothing is migrated: before 1.0
+    a config or checkpoint of an earlier checkout is redone, not converted."""
     layer = OmegaConf.create(layer) if isinstance(layer, dict) else layer
     if OmegaConf.select(layer, "model.sync_bn") is not None:
         raise ConfigError("model.sync_bn was replaced by model.bn=shuffle|sync|group (shuffle: the recipe's "
