@@ -148,13 +148,12 @@ def resolve_source(data_cfg) -> Listing:
     builtin = parse_builtin(source)
     kind, spec = builtin if builtin is not None else (None, None)
     if kind == "fashion-mnist":
-        fmnist = spec
-        folder = fashion_mnist.ensure_image_folder(*fmnist, data_cfg.cache_dir)
+        folder = fashion_mnist.ensure_image_folder(*spec, data_cfg.cache_dir)
         meta = fashion_mnist.read_labels(folder)
         # idx order (not the folder's sorted order), so "the first N images" means what it says
         samples = [Sample(os.path.join(folder, rel), fashion_mnist.CLASSES[lab])
                    for rel, lab in zip(meta["images"], meta["labels"])]
-        return Listing(samples, [], f"Fashion-MNIST {fmnist[1]} split ({fmnist[0]})")
+        return Listing(samples, [], f"Fashion-MNIST {spec[1]} split ({spec[0]})")
     if kind == "scenes":
         folder = scenes.ensure_scenes(spec, spec.split, data_cfg.cache_dir)
         meta = scenes.read_labels(folder)
