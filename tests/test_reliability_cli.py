@@ -172,7 +172,7 @@ def planned(monkeypatch):
     (Stopped: exit 0) before any training: the arguments a command got past its checks with."""
     seen = []
 
-    def fake_probe(args, state, t_start):
+    def fake_probe(args, t_start):
         seen.append(dict(vars(args)))
         raise Stopped("stopped by the test")
 
@@ -232,7 +232,7 @@ def test_a_plan_refused_after_the_probe_can_be_replaced_or_resumed_with_other_ar
     out = str(tmp_path / "repro")
     t = repro_tiny(data_cache)
 
-    def refusing_probe(args, state, t_start):  # what a budget that fits no epoch, or a killed probe, ends in
+    def refusing_probe(args, t_start):  # what a budget that fits no epoch, or a killed probe, ends in
         raise UsageError("--budget 1m: no full epoch fits")
 
     monkeypatch.setattr(repro_cli, "probe", refusing_probe)
@@ -243,7 +243,7 @@ def test_a_plan_refused_after_the_probe_can_be_replaced_or_resumed_with_other_ar
 
     seen = []
 
-    def stopping_probe(args, state, t_start):
+    def stopping_probe(args, t_start):
         seen.append(args.budget)
         raise Stopped("stopped by the test")
 

@@ -213,7 +213,7 @@ def _main(argv) -> int:
         plan = state.data["plan"]
         print("skip plan (done): " + plan_lines(plan)[0], flush=True)
     else:
-        plan = probe(args, state, t_start)
+        plan = probe(args, t_start)
         state.data["plan"] = plan
         state.mark("plan")
     for line in plan_lines(plan):

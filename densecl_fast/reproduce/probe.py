@@ -16,14 +16,13 @@ from .errors import RunFailed, Stopped, UsageError
 from .plan import RECIPE_EPOCHS, fmt_duration, make_plan, parse_budget
 from ..metrics import read_metrics, read_metrics_so_far
 from .runs import child_env, load_cfg, pretrain_command, run_cfg_overrides
-from .state import State
 
 PROBE_WARMUP = 3                   # first steps of the probe not timed (allocator, workers, compile)
 PROBE_SHARE = 0.25                 # of a time budget, the most the throughput probe(s) may take
 MIN_TIME_BUDGET = 60.0             # seconds: less cannot hold a probe in its share and an epoch after it
 
 
-def probe(args, state: State, t_start: float) -> dict:
+def probe(args, t_start: float) -> dict:
     """A short timed run with the run's exact settings; -> the plan (also printed)."""
     from ..checkpoint import (checkpoint_kind, checkpoint_step, list_checkpoints, load_checkpoint, read_checkpoint_meta,
                               remove_path)

@@ -99,7 +99,7 @@ def _signed(v):
     return "–" if v is None else f"{v:+.2f}"
 
 
-def metric_rows(ev: dict, ks_knn=("20",)) -> list[tuple[str, str, float | None]]:
+def metric_rows(ev: dict) -> list[tuple[str, str, float | None]]:
     """(key, label, published 200-epoch value or None) of the metrics present in any trunk."""
     have = set().union(*[set(v) for v in ev.values()]) if ev else set()
     rows = []
