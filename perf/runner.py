@@ -37,7 +37,7 @@ from densecl_fast.engines.single import SingleEngine
 from densecl_fast.model import DenseCL
 from densecl_fast.engines import train_step
 
-from . import report
+from . import results
 from .environment import environment, process_peak_rss_bytes
 from .jpegs import ensure_jpeg_folder
 from .measure import StageClock, count_step_flops, marks_for, measure_matmul_tflops
@@ -108,19 +108,19 @@ class Suite:
     def save(self, plots=False):
         r, a = self.results, self.args
         r["variants"] = self.records
-        r["projection"] = report.projection(self.records, a.gpus, a.scaling_efficiency, a.dataset_images, a.epochs)
-        r["ratios"] = report.baseline_ratios(self.records)
-        r["goal"] = report.goal_verdict(self.records, r["environment"].get("device_name", ""), self.batch, self.image_size)
+        r["projection"] = results.projection(self.records, a.gpus, a.scaling_efficiency, a.dataset_images, a.epochs)
+        r["ratios"] = results.baseline_ratios(self.records)
+        r["goal"] = results.goal_verdict(self.records, r["environment"].get("device_name", ""), self.batch, self.image_size)
         r["meta"]["seconds"] = self.spent()
         if plots and not a.no_plots:
             try:
-                r["plots"] = report.write_plots(r, a.out)
+                r["plots"] = results.write_plots(r, a.out)
             except Exception as e:  # noqa: BLE001 -- plots are a convenience; the JSON is the record
                 r["plots_error"] = f"{type(e).__name__}: {e}"
                 self.say(f"plots failed: {r['plots_error']}")
-        report.write_json(os.path.join(a.out, "results.json"), r)
+        results.write_json(os.path.join(a.out, "results.json"), r)
         with open(os.path.join(a.out, "results.md"), "w") as f:
-            f.write(report.markdown(r))
+            f.write(results.markdown(r))
 
     def measure_setup(self):
         r, a = self.results, self.args
@@ -136,7 +136,7 @@ class Suite:
         except Exception as e:  # noqa: BLE001 -- TFLOP/s and MFU are then left out
             r["flops"] = {"per_image": None, "error": f"{type(e).__name__}: {e}"}
         self.say(f"{r['environment']['device_name']} | {self.cfg_name} ({self.cfg.model.arch}, batch {self.batch}, "
-                 f"{self.image_size} px) | ceiling {report.tflops_text(r['peak']['tflops'])} TFLOP/s | budget "
+                 f"{self.image_size} px) | ceiling {results.tflops_text(r['peak']['tflops'])} TFLOP/s | budget "
                  f"{a.budget_seconds or 'unlimited'} s | out {a.out}")
 
     # -- the model, reused while the key stays the same (a compiled one keeps its graphs)
@@ -264,7 +264,7 @@ class Suite:
             need = own + 2 * self.per_image_s * s["batch"]
             if left <= 0 or cap < need:
                 raise Skip(f"budget (needs ~{need:.0f} s, a cap of {max(0.0, cap):.0f} s of {max(0.0, left):.0f} s left)")
-            self.say(f"{tag}: {report.settings_text(rec)} | cap {cap:.0f} s of {left:.0f} s left"
+            self.say(f"{tag}: {results.settings_text(rec)} | cap {cap:.0f} s of {left:.0f} s left"
                      + (f" ({own:.0f} s of it for compile/JIT, apart from the steady steps)" if own else ""))
             with kernels_backend(s["fused"], self.device) as active:
                 rec["kernels_active"] = active
@@ -436,7 +436,7 @@ class Suite:
         self.drop_model()
         self.save(plots=True)
         if not self.args.quiet:
-            print("\n" + report.markdown(self.results), flush=True)
+            print("\n" + results.markdown(self.results), flush=True)
             print(f"[perf] wrote {self.args.out}/results.json, results.md"
                   + ("" if self.args.no_plots else ", throughput.png, stages.png") + f" in {self.spent():.0f} s")
         return 130 if interrupted else 0 if any(r["status"] == "ok" for r in self.records) else 1

@@ -154,7 +154,7 @@ def test_two_ranks_rank0_measures_the_others_wait(tmp_path, data_cache):
 
 
 def test_reproduction_report_plots_the_curve_when_present(tmp_path):
-    from densecl_fast.reproduce.report import plot_all
+    from densecl_fast.reproduce.plots import plot_all
     os.makedirs(tmp_path / "densecl")
     recs = [{"step": s, "epoch": s / 4, "loss": 7.0, "loss_single": 7.0, "loss_dense": 7.0, "img_per_s": 10.0}
             for s in range(1, 9)]

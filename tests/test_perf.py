@@ -11,7 +11,7 @@ from densecl_fast.data import dali_available
 from perf import runner
 from perf.cli import main
 from perf.measure import STAGES, count_step_flops
-from perf.report import goal_verdict, projection, recipe_hours
+from perf.results import goal_verdict, projection, recipe_hours
 from perf.variants import fit_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -237,7 +237,7 @@ def test_same_run_baselines_are_variants_with_plain_bn_and_never_inherited(tmp_p
 
 
 def test_baseline_ratios():
-    from perf.report import baseline_ratios, markdown
+    from perf.results import baseline_ratios, markdown
     rec = lambda name, ips: {"name": name, "status": "ok", "images_per_s": {"median": ips}}   # noqa: E731
     r = baseline_ratios([rec("eager_plain_bn", 2000), rec("eager_bf16_cl_fused", 1940), rec("compiled_plain_bn", 3000),
                          rec("compiled_fused", 2900), rec("eager_bf16_cl", 1800)])

@@ -15,7 +15,7 @@ import time
 from ..data import DataError
 from ..weights import WeightsError
 from ..data import mosaics
-from . import cells, dense, features, knn, linear, report, svm
+from . import cells, dense, features, knn, linear, result_files, svm
 from .datasets import EvalSplit, load_eval_data
 
 MODES = ("knn", "linear", "svm", "lowshot", "dense", "cells")
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     try:
         args = parser().parse_args(argv)
         res, rows, line = run(args)
-        jpath, mpath = report.write(args.out, args.mode, res, rows)
+        jpath, mpath = result_files.write(args.out, args.mode, res, rows)
     except (UsageError, DataError, WeightsError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
