@@ -2,16 +2,7 @@
 
 Every variant runs the trainer's own `train_step` on a `DenseCL` built from the config, so what is
 timed is what `launch/pretrain.py` runs. Variants fail soft: an exception is recorded with its
-message and the suite moves on. Budget: before a variant starts it gets one cap, what is left
-divided among it and the variants still to run, after the compile estimate of every model still to
-be compiled (and of the Triton JIT of each fused kernel setting still to run) is set aside for the
-variant that pays it. A variant's cap is that one-off allowance plus its share for steady steps;
-the share starts when the first step (compile, JIT, autotuning) has ended, however long it took, so
-an underestimated compile costs the variants after it, not this one's measurement. A variant
-with one-off work always takes MIN_STEADY steady steps after it, any other variant one: its
-compile time is the first step minus a steady one, never minus itself, and its timed steps are
-sized on steady ones. Warm-up, timed repeats and the trace stop at the
-variant's deadline; a variant whose cap cannot hold its one-off work and two steps is "skipped: budget".
+message and the suite moves on. The caps, and the timed steps that fit them, are budget.py's.
 """
 from __future__ import annotations
 
@@ -38,28 +29,18 @@ from densecl_fast.model import DenseCL
 from densecl_fast.engines import train_step
 
 from . import results
+from .budget import MIN_STEADY, Budget, fit_timed_steps
 from .environment import environment, process_peak_rss_bytes
 from .jpegs import ensure_jpeg_folder
 from .measure import StageClock, count_step_flops, marks_for, measure_matmul_tflops
 from .sources import LoaderSource, Skip, SyntheticSource, fused_kernels_status, kernels_backend
-from .variants import default_variants, fit_plan
-
-OUTPUT_RESERVE_S = 5.0   # kept back from the budget for writing the JSON, markdown and plots
-# Triton JIT (and autotuning) of the fused kernels in the first step of a fused variant, before one
-# was measured: 15.8 s for the loss kernels on an H200 (perf/RESULTS.md), before the grouped-BN
-# kernels added one specialisation per BN layer shape.
-JIT_ESTIMATE_S = 30.0
-# Steady steps after a first step with one-off work: the compile time is the first step minus
-# their median, and the timed plan is sized on them.
-MIN_STEADY = 2
+from .variants import default_variants
 
 
 class Suite:
     def __init__(self, args, argv, t0):
         a = self.args = args
         self.say = (lambda *x: None) if a.quiet else (lambda *x: print("[perf]", *x, flush=True))
-        self.t0 = t0
-        self.budget_s = a.budget_seconds if a.budget_seconds > 0 else math.inf
         if a.device == "cuda" and not torch.cuda.is_available():
             raise SystemExit("error: --device cuda but no CUDA device is visible")
         self.device = torch.device(a.device if a.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
@@ -74,10 +55,9 @@ class Suite:
         self.model = None            # (key, model, engine), reused by the next variant with the same key
         self.jpegs = None
         self.compile_failed = {}     # model key -> (variant, error): a failed compile is not retried
-        self.compile_s = a.compile_estimate_s if a.compile_estimate_s is not None else (120.0 if self.cuda else 90.0)
-        self.jit_s = JIT_ESTIMATE_S
+        self.budget = Budget(a.budget_seconds, t0, a.compile_estimate_s if a.compile_estimate_s is not None
+                             else (120.0 if self.cuda else 90.0))
         self.jitted = set()          # jit_key of the fused settings whose kernels were built in this process
-        self.per_image_s = 0.0       # slowest seconds per image seen (bf16-equivalent), for the skip check
         os.makedirs(a.out, exist_ok=True)
         m = self.cfg.model
         self.results = {"meta": {
@@ -93,12 +73,6 @@ class Suite:
             "environment": {}, "peak": None, "flops": None, "variants": [], "projection": None, "ratios": None,
             "goal": None}
 
-    def spent(self):
-        return time.monotonic() - self.t0
-
-    def left(self):
-        return self.budget_s - self.spent() - OUTPUT_RESERVE_S
-
     def now(self):
         """The wall clock after the device has caught up."""
         if self.cuda:
@@ -111,7 +85,7 @@ class Suite:
         r["projection"] = results.projection(self.records, a.gpus, a.scaling_efficiency, a.dataset_images, a.epochs)
         r["ratios"] = results.baseline_ratios(self.records)
         r["goal"] = results.goal_verdict(self.records, r["environment"].get("device_name", ""), self.batch, self.image_size)
-        r["meta"]["seconds"] = self.spent()
+        r["meta"]["seconds"] = self.budget.spent()
         if plots and not a.no_plots:
             try:
                 r["plots"] = results.write_plots(r, a.out)
@@ -128,7 +102,7 @@ class Suite:
         try:
             r["peak"] = ({"tflops": a.peak_tflops, "source": "given (--peak-tflops)", "what": "bf16 matmul",
                           "method": None} if a.peak_tflops
-                         else measure_matmul_tflops(self.device, min(15.0, max(1.0, self.left() / 20))))
+                         else measure_matmul_tflops(self.device, min(15.0, max(1.0, self.budget.left() / 20))))
         except Exception as e:  # noqa: BLE001 -- the variants still run; MFU is then left out
             r["peak"] = {"tflops": None, "source": "failed", "what": "", "method": f"{type(e).__name__}: {e}"}
         try:
@@ -195,7 +169,7 @@ class Suite:
 
     def one_off_s(self, s):
         """Expected seconds of one-off work (compile, Triton JIT) in the variant's first step."""
-        return (self.compile_s if self.compiles(s) else 0.0) + (self.jit_s if self.jits(s) else 0.0)
+        return self.budget.one_off_s(self.compiles(s), self.jits(s))
 
     def plan(self, s):
         """(warm-up steps, timed steps per repeat, repeats): torchvision workers deliver in bursts (one
@@ -209,17 +183,11 @@ class Suite:
         return (max(warm, 2) if s["compile"] else warm), steps, repeats
 
     def time_cap(self, index, s):
-        left = self.left()
-        if not math.isfinite(left):
-            return math.inf
-        own = self.one_off_s(s)
         rest = [self.settings_for(v) for v in self.variants[index + 1:]
                 if (self.cuda or not v.cuda_only) and (v.data != "dali" or dali_available())]
         later = {self.model_key(r) for r in rest if r["compile"] and self.compiles(r)} - {self.model_key(s)}
         later_jit = {self.jit_key(r) for r in rest if self.jits(r)} - ({self.jit_key(s)} if s["fused"] else set())
-        reserve = self.compile_s * len(later) + self.jit_s * len(later_jit)
-        reserve = reserve if own + reserve <= left else 0.0
-        return own + max(0.0, left - own - reserve) / (1 + len(rest))
+        return self.budget.cap(self.one_off_s(s), len(later), len(later_jit), len(rest))
 
     def input_dtype(self, s):
         """What the trainer feeds: DALI emits bf16 on CUDA for a bf16 run (and is the default loader on
@@ -260,8 +228,8 @@ class Suite:
                 raise Skip(f"not retried: compiling this model failed in {failed[0]} ({failed[1][:200]})")
             if s["data"] == "dali" and not dali_available():
                 raise Skip("NVIDIA DALI is not installed (pip install -e .[dali])")
-            cap, left, own = self.time_cap(index, s), self.left(), self.one_off_s(s)
-            need = own + 2 * self.per_image_s * s["batch"]
+            cap, left, own = self.time_cap(index, s), self.budget.left(), self.one_off_s(s)
+            need = self.budget.need_s(own, s["batch"])
             if left <= 0 or cap < need:
                 raise Skip(f"budget (needs ~{need:.0f} s, a cap of {max(0.0, cap):.0f} s of {max(0.0, left):.0f} s left)")
             self.say(f"{tag}: {results.settings_text(rec)} | cap {cap:.0f} s of {left:.0f} s left"
@@ -329,9 +297,7 @@ class Suite:
                 rec["phase"] = "first step" if compiling else "warm-up"   # a failure in "first step" is the compile's
                 first = rec["first_step_s"] = timed_step()
                 rec["phase"] = "warm-up"
-                # The steady share holds from now, whatever the first step took; the suite's budget still ends it.
-                now = time.perf_counter()
-                deadline = min(max(deadline, now + steady_share), now + max(0.0, self.left()))
+                deadline = self.budget.steady_deadline(deadline, steady_share)
                 # At least one steady step (two after a compile/JIT): the first step never stands for a steady one.
                 min_steady = MIN_STEADY if one_off else 1
                 times = []
@@ -342,16 +308,11 @@ class Suite:
                 if rec["warmup_steps"] < warm:
                     rec["notes"].append(f"warm-up cut to {rec['warmup_steps']} steps (budget)")
                 if compiling or jitting:
-                    extra = max(0.0, first - step_s)
-                    rec["compile_s" if compiling else "jit_s"] = extra
-                    if compiling:   # with fused kernels new to this process, their JIT is in it too
-                        self.compile_s = max(1.0, extra)
-                    else:
-                        self.jit_s = max(1.0, extra)
+                    rec["compile_s" if compiling else "jit_s"] = self.budget.one_off_measured(first, step_s, compiling)
                 if s["fused"]:
                     self.jitted.add(self.jit_key(s))
-                self.per_image_s = max(self.per_image_s, step_s / s["batch"] / (2 if s["precision"] == "fp32" else 1))
-                fit = fit_plan(step_s, deadline - time.perf_counter(), steps, repeats)
+                self.budget.step_measured(step_s, s["batch"], s["precision"] == "fp32")
+                fit = fit_timed_steps(step_s, deadline - time.perf_counter(), steps, repeats)
                 if fit is None:
                     raise Skip(f"budget (a step takes {step_s:.1f} s, beyond this variant's cap; first step {first:.1f} s"
                                + (f", {first - step_s:.1f} s of it compile/JIT, recorded" if compiling or jitting else "")
@@ -438,7 +399,7 @@ class Suite:
         if not self.args.quiet:
             print("\n" + results.markdown(self.results), flush=True)
             print(f"[perf] wrote {self.args.out}/results.json, results.md"
-                  + ("" if self.args.no_plots else ", throughput.png, stages.png") + f" in {self.spent():.0f} s")
+                  + ("" if self.args.no_plots else ", throughput.png, stages.png") + f" in {self.budget.spent():.0f} s")
         return 130 if interrupted else 0 if any(r["status"] == "ok" for r in self.records) else 1
 
 
