@@ -29,7 +29,7 @@ from .config import Config, ConfigError, check_environment, config_to_dict, to_y
 from .data import DataError, build_loader, resolve_backend
 from .distributed import DistInfo, all_reduce_max, cleanup, gather_objects, init_distributed
 from .engines import Engine, build_engine, train_step
-from .engines.compiling import CompileCache, CompilePlan
+from .engines.compiling import CompileCache, CompileSettings
 from .metrics import MetricsLog, warn
 from .model import DenseCL
 from .monitor import KnnMonitor
@@ -107,11 +107,11 @@ def _train(cfg: Config, held: ExitStack) -> dict:
     # ---- model, engine set-up (compile, wrapping, optimizer) --------------------------------------
     model = build_model(cfg, dist_info, device, init_from, say)
     base_lr = cfg.optim.lr * cfg.optim.batch_size / 256  # linear scaling with the global batch
-    plan, compile_cache = set_up_engine(cfg, engine, model, device, precision, per_rank_batch, base_lr,
+    compile_settings, compile_cache = set_up_engine(cfg, engine, model, device, precision, per_rank_batch, base_lr,
                                         dist_info.is_main, say)
     model.train()
     run = Run(cfg=cfg, dist_info=dist_info, device=device, precision=precision, engine=engine, loader=loader,
-              model=model, monitor=monitor, plan=plan, compile_cache=compile_cache,
+              model=model, monitor=monitor, compile_settings=compile_settings, compile_cache=compile_cache,
               steps_per_epoch=steps_per_epoch, total_steps=cfg.optim.epochs * steps_per_epoch, base_lr=base_lr,
               warmup_steps=int(cfg.optim.warmup_epochs * steps_per_epoch))
 
@@ -216,20 +216,20 @@ def build_model(cfg: Config, dist_info: DistInfo, device: torch.device, init_fro
 
 def set_up_engine(cfg: Config, engine: Engine, model: DenseCL, device: torch.device, precision: str,
                   per_rank_batch: int, base_lr: float, main: bool,
-                  say) -> tuple[CompilePlan | None, CompileCache | None]:
+                  say) -> tuple[CompileSettings | None, CompileCache | None]:
     """In place: torch.compile (per block), then the engine's DDP/FSDP/DeepSpeed wrapping; builds the
-    optimizer. Returns the compile plan (None: eager) and the compile cache (None: none kept)."""
+    optimizer. Returns the compile settings (None: eager) and the compile cache (None: none kept)."""
     t_cfg = cfg.train
-    plan = CompilePlan.from_config(t_cfg)
-    engine.setup(model, cfg.optim, base_lr, compile=plan)
+    compile_settings = CompileSettings.from_config(t_cfg)
+    engine.setup(model, cfg.optim, base_lr, compile=compile_settings)
     compile_cache = None
-    if plan is not None and t_cfg.compile_cache:  # warm start: the artifacts of an earlier run of this key
-        compile_cache = CompileCache.for_run(cfg, device, precision, per_rank_batch, plan,
+    if compile_settings is not None and t_cfg.compile_cache:  # warm start: the artifacts of an earlier run of this key
+        compile_cache = CompileCache.for_run(cfg, device, precision, per_rank_batch, compile_settings,
                                              kernels.active_backend(device), ckpt_io.checkpoint_dir(t_cfg.out_dir),
                                              main, warn if main else (lambda m: None))
         if compile_cache.load() is not None:
             say(f"compile cache: loaded {compile_cache.loaded_from}")
-    return plan, compile_cache
+    return compile_settings, compile_cache
 
 
 @dataclass
@@ -243,7 +243,7 @@ class Run:
     loader: Any
     model: DenseCL
     monitor: KnnMonitor | None
-    plan: CompilePlan | None
+    compile_settings: CompileSettings | None
     compile_cache: CompileCache | None
     steps_per_epoch: int
     total_steps: int
@@ -263,11 +263,11 @@ class Run:
 
     def describe(self) -> str:
         """The run's one-line banner."""
-        cfg, dist_info, plan, device = self.cfg, self.dist_info, self.plan, self.device
+        cfg, dist_info, compiled, device = self.cfg, self.dist_info, self.compile_settings, self.device
         return (f"DenseCL {cfg.model.arch} | {cfg.name} | engine {self.engine.name} | device {device} "
                 f"x{dist_info.world_size} | {self.precision} | bn {cfg.model.bn if dist_info.enabled else 'group'} | "
                 f"data {resolve_backend(cfg.data, device)} | kernels {kernels.active_backend(device)} | "
-                f"compile {f'{plan.scope} ({plan.mode})' if plan else False} | "
+                f"compile {f'{compiled.scope} ({compiled.mode})' if compiled else False} | "
                 f"batch {cfg.optim.batch_size} | lr {self.base_lr:g} | {self.steps_per_epoch} steps/epoch, "
                 f"{self.total_steps} total")
 

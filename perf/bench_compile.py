@@ -33,7 +33,7 @@ def child(a) -> dict:
     from torch._dynamo.utils import counters
 
     from densecl_fast.config import load_config
-    from densecl_fast.engines.compiling import CompileCache, CompilePlan
+    from densecl_fast.engines.compiling import CompileCache, CompileSettings
     from perf.runner import build_model
     from perf.sources import SyntheticSource, kernels_backend
     from densecl_fast.engines import train_step
@@ -42,11 +42,11 @@ def child(a) -> dict:
     cfg = load_config("smoke", [f"model.arch={a.arch}", f"data.image_size={a.image_size}",
                                 f"optim.batch_size={a.batch}", f"model.bn_group_size={a.bn_group_size}",
                                 f"model.queue_len={max(a.batch, 1024 // a.batch * a.batch)}"])
-    plan = CompilePlan(a.scope, a.mode)
+    settings = CompileSettings(a.scope, a.mode)
     cache = CompileCache("bench", [a.artifacts])
     info = cache.load() if a.phase == "warm" else None
     t0 = time.perf_counter()
-    model, engine = build_model(cfg, device, a.precision, True, plan)
+    model, engine = build_model(cfg, device, a.precision, True, settings)
     build_s = time.perf_counter() - t0
     src = SyntheticSource(a.batch, a.image_size, device, True, 0)
 

@@ -23,7 +23,7 @@ import torch
 from densecl_fast import stages
 from densecl_fast.config import load_config, validate
 from densecl_fast.data import build_loader, dali_available
-from densecl_fast.engines.compiling import CompilePlan
+from densecl_fast.engines.compiling import CompileSettings
 from densecl_fast.engines.single import SingleEngine
 from densecl_fast.model import DenseCL
 from densecl_fast.engines import train_step
@@ -133,7 +133,7 @@ class Suite:
         self.drop_model()
         cfg = copy.deepcopy(self.cfg)
         cfg.optim.batch_size, cfg.model.bn_group_size = s["batch"], s["bn_group_size"]
-        plan = CompilePlan(self.args.compile_scope, s["compile_mode"]) if s["compile"] else None
+        plan = CompileSettings(self.args.compile_scope, s["compile_mode"]) if s["compile"] else None
         self.model = (key, *build_model(cfg, self.device, s["precision"], s["channels_last"], plan, self.args.seed))
         return self.model[1:], False
 
@@ -405,7 +405,7 @@ class Suite:
 
 def build_model(cfg, device, precision, channels_last, compile=None, seed=0):
     """DenseCL and the trainer's one-process engine (optimizer, autocast, step body) as a training run has them;
-    `compile`: a CompilePlan (as train.compile builds it) or None."""
+    `compile`: a CompileSettings (as train.compile builds it) or None."""
     validate(cfg)
     torch.manual_seed(seed)
     model = DenseCL(cfg.model).to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)

@@ -19,7 +19,7 @@ from .. import checkpoint as ckpt_io
 from ..config import ConfigError
 from ..distributed import barrier
 from .. import stages
-from .compiling import CompilePlan, compile_encoders
+from .compiling import CompileSettings, compile_encoders
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -64,11 +64,11 @@ class Engine:
     # ---- set-up ------------------------------------------------------------------------------------
     def setup(self, model, optim_cfg, base_lr: float, compile=None) -> None:
         """Compile (in place, before any wrapping, as torchtitan does), wrap, build the optimizer.
-        `compile`: a compiling.CompilePlan, True (the default plan: per block) or None/False."""
+        `compile`: a compiling.CompileSettings, True (the default settings: per block) or None/False."""
         self.model = model
-        plan = CompilePlan.of(compile)
-        if plan is not None:
-            compile_encoders(model, plan)
+        settings = CompileSettings.of(compile)
+        if settings is not None:
+            compile_encoders(model, settings)
         self.wrap(model)
         self.optimizer = make_optimizer(model, optim_cfg, self.device, base_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
