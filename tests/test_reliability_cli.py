@@ -15,7 +15,7 @@ import torchvision
 from densecl_fast import export
 from densecl_fast.reproduce import cli as repro_cli, main, probe as probe_mod
 from densecl_fast.reproduce.errors import Stopped, UsageError
-from densecl_fast.reproduce.plan import make_plan, parse_budget
+from densecl_fast.reproduce.plan import plan_for_budget, parse_budget
 from helpers import PRETRAIN, load_script
 
 # ---- export: never over its own input ----------------------------------------------------------------
@@ -257,8 +257,8 @@ def test_a_plan_refused_after_the_probe_can_be_replaced_or_resumed_with_other_ar
     assert seen == ["3ep", "2ep"]
     # once a stage has finished, the record binds: the old refusals stand
     state = json.load(open(os.path.join(out, "state.json")))
-    p = make_plan(parse_budget("2ep"), step_s=0.1, steps_per_epoch=5, num_images=40, global_batch=8,
-                     startup_s=1.0, runs=1, spent_s=1.0, nproc=1, device="cpu")
+    p = plan_for_budget(parse_budget("2ep"), step_s=0.1, steps_per_epoch=5, num_images=40, global_batch=8,
+                          startup_s=1.0, runs=1, spent_s=1.0, nproc=1, device="cpu")
     state.update(plan={**p, "probe": {"timed_steps": 2}, "config": {"preset": "smoke"}},
                  stages={"plan": {"finished": 1}})
     json.dump(state, open(os.path.join(out, "state.json"), "w"))

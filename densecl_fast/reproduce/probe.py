@@ -13,7 +13,7 @@ import subprocess
 import time
 
 from .errors import RunFailed, Stopped, UsageError
-from .plan import RECIPE_EPOCHS, fmt_duration, make_plan, parse_budget
+from .plan import RECIPE_EPOCHS, fmt_duration, plan_for_budget, parse_budget
 from ..metrics import read_metrics, read_metrics_so_far
 from .runs import child_env, load_cfg, pretrain_command, run_cfg_overrides
 
@@ -91,9 +91,10 @@ def probe(args, t_start: float) -> dict:
         single_ips = per / one["step_s"]
     device = "cuda" if _cuda_used(base) else "cpu"
     num_images = main["num_images"] or main["steps_per_epoch"] * base.optim.batch_size
-    plan = make_plan(budget, step_s=main["step_s"], steps_per_epoch=main["steps_per_epoch"], num_images=num_images,
-                     global_batch=base.optim.batch_size, startup_s=main["startup_s"], runs=runs,
-                     spent_s=time.time() - t_start, nproc=args.nproc, device=device, single_ips=single_ips)
+    plan = plan_for_budget(budget, step_s=main["step_s"], steps_per_epoch=main["steps_per_epoch"],
+                           num_images=num_images, global_batch=base.optim.batch_size, startup_s=main["startup_s"],
+                           runs=runs, spent_s=time.time() - t_start, nproc=args.nproc, device=device,
+                           single_ips=single_ips)
     plan["probe"] = main
     plan["seeds"] = args.seeds
     plan["config"] = {"preset": args.config, "arch": base.model.arch, "image_size": base.data.image_size,
