@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from densecl_fast import checkpoint as ckpt_io
+from densecl_fast import checkpoint
 from densecl_fast.config import ConfigError, load_config
 from densecl_fast.data import DataError
 from densecl_fast.distributed import DistInfo
@@ -87,7 +87,7 @@ def test_a_run_with_the_monitor_equals_one_without(tmp_path, data_cache):
         assert (x["loss"], x["loss_single"], x["loss_dense"]) == (y["loss"], y["loss_single"], y["loss_dense"])
     assert [r["step"] for r in b if "knn_top1" in r] == [3, 4, 6, 8]   # every 3 steps and every epoch (4 steps)
     assert all(0 <= r["knn_top1"] <= 100 and r["knn_seconds"] > 0 for r in b if "knn_top1" in r)
-    ca, cb = (ckpt_io.load_checkpoint(ckpt_io.list_checkpoints(d)[-1]) for d in (off, on))
+    ca, cb = (checkpoint.load_checkpoint(checkpoint.list_checkpoints(d)[-1]) for d in (off, on))
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
     assert torch.equal(ca["rng"]["torch"], cb["rng"]["torch"])          # the monitor's draws were undone
     assert torch.equal(ca["rng"]["numpy_keys"], cb["rng"]["numpy_keys"]) and ca["rng"]["python"] == cb["rng"]["python"]

@@ -74,11 +74,11 @@ def probe(args, t_start: float) -> dict:
         steps_total = sum(batch / r["img_per_s"] for r in recs)
         # a file checkpoint whole (unverified: the probe's own, just written); a folder's meta.pt holds the same
         last = ckpts[-1]
-        ck = load_checkpoint(last, verify=False) if checkpoint_kind(last) == "pt" else read_checkpoint_meta(last)
+        meta = load_checkpoint(last, verify=False) if checkpoint_kind(last) == "pt" else read_checkpoint_meta(last)
         info = {"step_s": step_s, "startup_s": max(0.0, wall - steps_total), "wall_s": wall, "batch": batch,
-                "steps_per_epoch": int(ck["steps_per_epoch"]), "num_images": int(ck.get("num_samples") or 0),
+                "steps_per_epoch": int(meta["steps_per_epoch"]), "num_images": int(meta.get("num_samples") or 0),
                 "timed_steps": len(timed_recs)}
-        del ck
+        del meta
         for p in ckpts:  # full model + queues: not needed any more
             remove_path(p)
         return info
