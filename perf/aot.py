@@ -287,15 +287,15 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, action="append", choices=sorted(SMEM_LIMIT),
                    help="compute capability x10 (repeatable; default: 90 and 80)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
-    a = p.parse_args(argv)
+    args = p.parse_args(argv)
     from densecl_fast.kernels._common import INTERPRET
     if INTERPRET:
         print("perf.aot: TRITON_INTERPRET is set; unset it (the interpreter replaces the kernels)",
               file=sys.stderr)
         return 2
     import triton
-    rows = table(tuple(a.arch or (90, 80)))
-    if a.json:
+    rows = table(tuple(args.arch or (90, 80)))
+    if args.json:
         print(json.dumps({"triton": triton.__version__, "rows": rows}))
     else:
         print(f"Triton {triton.__version__}; production shapes D = {PRODUCT_D}, C = {PRODUCT_C}, "

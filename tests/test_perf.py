@@ -336,8 +336,8 @@ def fake_suite(monkeypatch, tmp_path, first_step_s, step_s=1.0, *extra, eager_fi
     clock = FakeClock()
     monkeypatch.setattr(runner, "time", clock)
     monkeypatch.setattr(budget, "time", clock)
-    monkeypatch.setattr(runner, "build_model", lambda cfg, device, precision, channels_last, plan, seed:
-                        (torch.nn.Module(), {"compiled": plan is not None}))
+    monkeypatch.setattr(runner, "build_model", lambda cfg, device, precision, channels_last, compiled, seed:
+                        (torch.nn.Module(), {"compiled": compiled is not None}))
 
     def train_step(model, engine, im_q, im_k, lr, lam):
         first = not engine.get("stepped")
