@@ -29,7 +29,6 @@ PUBLISHED_200EP = {
 PAPER_DENSECL_VS_MOCO = {"VOC det AP": (58.7, 57.0), "VOC seg mIoU": (69.4, 67.5)}
 
 
-
 def _load(path):
     try:
         with open(path) as f:
