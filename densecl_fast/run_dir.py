@@ -237,10 +237,10 @@ def read_resume_point(cfg: Config, engine: Engine) -> tuple[str | None, dict | N
     if not resume_path:
         return None, None
     check_kind(resume_path, engine.ckpt_kind, f"train.engine={engine.name}")
-    ck = read_checkpoint_meta(resume_path)  # structure and checksum
-    check_compatible(saved_config(ck, resume_path), cfg, resume_path)
-    engine.check_resume(resume_path, ck)
-    return resume_path, ck
+    meta = read_checkpoint_meta(resume_path)  # structure and checksum
+    check_compatible(saved_config(meta, resume_path), cfg, resume_path)
+    engine.check_resume(resume_path, meta)
+    return resume_path, meta
 
 
 def check_compatible(saved: Config, cfg: Config, path: str) -> None:
@@ -276,14 +276,14 @@ def lock_run_dir(out_dir: str, resume_path: str | None, dist_info: DistInfo, dev
             lock.release()
 
 
-def check_resume_point(ck: dict, path: str, steps_per_epoch: int, total_steps: int, num_samples,
+def check_resume_point(meta: dict, path: str, steps_per_epoch: int, total_steps: int, num_samples,
                        world_size: int, batch_size: int, warn) -> None:
     """A checkpoint's step means (epoch, step in epoch) only for the steps per epoch it was written
     with: a different count (data set size, global batch) is an error, not a silent reinterpretation."""
-    step = ck["step"]
-    saved_spe = ck.get("steps_per_epoch")
-    if saved_spe is None and ck.get("epoch"):  # written before steps_per_epoch was stored
-        saved_spe = (step - ck.get("step_in_epoch", 0)) // ck["epoch"]
+    step = meta["step"]
+    saved_spe = meta.get("steps_per_epoch")
+    if saved_spe is None and meta.get("epoch"):  # written before steps_per_epoch was stored
+        saved_spe = (step - meta.get("step_in_epoch", 0)) // meta["epoch"]
     if saved_spe is not None and saved_spe != steps_per_epoch:
         raise CheckpointError(
             f"checkpoint {path} was written with {saved_spe} steps per epoch (at epoch {step // saved_spe}, "
@@ -294,11 +294,11 @@ def check_resume_point(ck: dict, path: str, steps_per_epoch: int, total_steps: i
         raise CheckpointError(
             f"checkpoint {path} is at step {step}, past the end of this run ({total_steps} steps); "
             f"raise optim.epochs, or start a new run in another train.out_dir")
-    saved_n = ck.get("num_samples")
+    saved_n = meta.get("num_samples")
     if saved_n is not None and num_samples is not None and saved_n != num_samples:
         warn(f"checkpoint {path} was written with {saved_n} images, the data set now has {num_samples}: same "
              f"steps per epoch, but the order of the rest of the epoch differs from the interrupted run")
-    saved_world = ck.get("world_size", len(ck["shuffle_rng"]))
+    saved_world = meta.get("world_size", len(meta["shuffle_rng"]))
     if saved_world != world_size:
         warn(f"checkpoint {path} was written by {saved_world} process(es), resuming on {world_size}: the "
              f"data shards and key-shuffle streams differ, so the run continues correctly but does not "

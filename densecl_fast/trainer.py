@@ -24,12 +24,12 @@ from tqdm import tqdm
 
 from . import kernels
 
-from . import checkpoint as ckpt_io
+from . import checkpoint
 from .config import Config, ConfigError, check_environment, config_to_dict, scaled_lr, to_yaml
 from .data import DataError, build_loader, resolve_backend
 from .distributed import DistInfo, all_reduce_max, cleanup, gather_objects, init_distributed
 from .engines import Engine, build_engine, train_step
-from .engines.compiling import CompileCache, CompilePlan
+from .engines.compiling import CompileCache, CompileSettings
 from .metrics import MetricsLog, warn
 from .model import DenseCL
 from .monitor import KnnMonitor
@@ -91,7 +91,7 @@ def _train(cfg: Config, held: ExitStack) -> dict:
     say(f"engine {engine.describe()}")
 
     # ---- run directory and resume point: checked, locked and read before any data or model ----
-    resume_path, ck = read_resume_point(cfg, engine)
+    resume_path, meta = read_resume_point(cfg, engine)
     held.enter_context(lock_run_dir(t_cfg.out_dir, resume_path, dist_info, device, say))
     per_rank_batch = per_rank_batch_size(cfg.optim.batch_size, dist_info.world_size)
     apply_global_settings(t_cfg, device)
@@ -107,20 +107,20 @@ def _train(cfg: Config, held: ExitStack) -> dict:
     # ---- model, engine set-up (compile, wrapping, optimizer) --------------------------------------
     model = build_model(cfg, dist_info, device, init_from, say)
     base_lr = scaled_lr(cfg.optim)
-    plan, compile_cache = set_up_engine(cfg, engine, model, device, precision, per_rank_batch, base_lr,
+    compile_settings, compile_cache = set_up_engine(cfg, engine, model, device, precision, per_rank_batch, base_lr,
                                         dist_info.is_main, say)
     model.train()
     run = Run(cfg=cfg, dist_info=dist_info, device=device, precision=precision, engine=engine, loader=loader,
-              model=model, monitor=monitor, plan=plan, compile_cache=compile_cache,
+              model=model, monitor=monitor, compile_settings=compile_settings, compile_cache=compile_cache,
               steps_per_epoch=steps_per_epoch, total_steps=cfg.optim.epochs * steps_per_epoch, base_lr=base_lr,
               warmup_steps=int(cfg.optim.warmup_epochs * steps_per_epoch))
 
     # ---- resume ------------------------------------------------------------------------------------
     if resume_path:
-        resume(run, ck, resume_path, say)
+        resume(run, meta, resume_path, say)
     else:
         if t_cfg.resume == "auto":
-            say(f"--resume auto: no checkpoint in {ckpt_io.checkpoint_dir(t_cfg.out_dir)}, starting fresh")
+            say(f"--resume auto: no checkpoint in {checkpoint.checkpoint_dir(t_cfg.out_dir)}, starting fresh")
         # From here on every rank draws its own random numbers (the model was initialised identically).
         torch.manual_seed(t_cfg.seed + dist_info.rank)
 
@@ -172,7 +172,7 @@ def check_init_from(path: str, arch: str) -> None:
     try:
         read_weights(path, arch)
     except WeightsError as e:
-        raise ckpt_io.CheckpointError(f"train.init_from: {e}") from e
+        raise checkpoint.CheckpointError(f"train.init_from: {e}") from e
 
 
 # ---- data and model -------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def build_model(cfg: Config, dist_info: DistInfo, device: torch.device, init_fro
         try:  # before the engine shards or wraps anything: plain tensors, every rank the same
             report = load_into_model(model, init_from)
         except WeightsError as e:
-            raise ckpt_io.CheckpointError(f"train.init_from: {e}") from e
+            raise checkpoint.CheckpointError(f"train.init_from: {e}") from e
         say(f"initialised from {report}")
     model.to(device)
     if cfg.train.channels_last:
@@ -216,20 +216,20 @@ def build_model(cfg: Config, dist_info: DistInfo, device: torch.device, init_fro
 
 def set_up_engine(cfg: Config, engine: Engine, model: DenseCL, device: torch.device, precision: str,
                   per_rank_batch: int, base_lr: float, main: bool,
-                  say) -> tuple[CompilePlan | None, CompileCache | None]:
+                  say) -> tuple[CompileSettings | None, CompileCache | None]:
     """In place: torch.compile (per block), then the engine's DDP/FSDP/DeepSpeed wrapping; builds the
-    optimizer. Returns the compile plan (None: eager) and the compile cache (None: none kept)."""
+    optimizer. Returns the compile settings (None: eager) and the compile cache (None: none kept)."""
     t_cfg = cfg.train
-    plan = CompilePlan.from_config(t_cfg)
-    engine.setup(model, cfg.optim, base_lr, compile=plan)
+    compile_settings = CompileSettings.from_config(t_cfg)
+    engine.setup(model, cfg.optim, base_lr, compile=compile_settings)
     compile_cache = None
-    if plan is not None and t_cfg.compile_cache:  # warm start: the artifacts of an earlier run of this key
-        compile_cache = CompileCache.for_run(cfg, device, precision, per_rank_batch, plan,
-                                             kernels.active_backend(device), ckpt_io.checkpoint_dir(t_cfg.out_dir),
+    if compile_settings is not None and t_cfg.compile_cache:  # warm start: the artifacts of an earlier run of this key
+        compile_cache = CompileCache.for_run(cfg, device, precision, per_rank_batch, compile_settings,
+                                             kernels.active_backend(device), checkpoint.checkpoint_dir(t_cfg.out_dir),
                                              main, warn if main else (lambda m: None))
         if compile_cache.load() is not None:
             say(f"compile cache: loaded {compile_cache.loaded_from}")
-    return plan, compile_cache
+    return compile_settings, compile_cache
 
 
 @dataclass
@@ -243,7 +243,7 @@ class Run:
     loader: Any
     model: DenseCL
     monitor: KnnMonitor | None
-    plan: CompilePlan | None
+    compile_settings: CompileSettings | None
     compile_cache: CompileCache | None
     steps_per_epoch: int
     total_steps: int
@@ -263,11 +263,11 @@ class Run:
 
     def describe(self) -> str:
         """The run's one-line banner."""
-        cfg, dist_info, plan, device = self.cfg, self.dist_info, self.plan, self.device
+        cfg, dist_info, compiled, device = self.cfg, self.dist_info, self.compile_settings, self.device
         return (f"DenseCL {cfg.model.arch} | {cfg.name} | engine {self.engine.name} | device {device} "
                 f"x{dist_info.world_size} | {self.precision} | bn {cfg.model.bn if dist_info.enabled else 'group'} | "
                 f"data {resolve_backend(cfg.data, device)} | kernels {kernels.active_backend(device)} | "
-                f"compile {f'{plan.scope} ({plan.mode})' if plan else False} | "
+                f"compile {f'{compiled.scope} ({compiled.mode})' if compiled else False} | "
                 f"batch {cfg.optim.batch_size} | lr {self.base_lr:g} | {self.steps_per_epoch} steps/epoch, "
                 f"{self.total_steps} total")
 
@@ -285,23 +285,23 @@ def stale_key_share(queue_len: int, global_batch: int, steps_per_epoch: int) -> 
 
 # ---- resume ---------------------------------------------------------------------------------------
 
-def resume(run: Run, ck: dict, path: str, say) -> None:
-    """Load checkpoint `path` (metadata `ck`, read at the start) into the set-up model and engine and
+def resume(run: Run, meta: dict, path: str, say) -> None:
+    """Load checkpoint `path` (metadata `meta`, read at the start) into the set-up model and engine and
     continue its RNG streams; sets run.step and run.skipped_before."""
     dist_info = run.dist_info
-    check_resume_point(ck, path, run.steps_per_epoch, run.total_steps, getattr(run.loader, "num_samples", None),
+    check_resume_point(meta, path, run.steps_per_epoch, run.total_steps, getattr(run.loader, "num_samples", None),
                        dist_info.world_size, run.cfg.optim.batch_size, warn if dist_info.is_main else (lambda m: None))
-    run.engine.load(path, ck)  # model (both encoders, queues, pointer), optimizer, scaler
+    run.engine.load(path, meta)  # model (both encoders, queues, pointer), optimizer, scaler
     try:
         # Every rank's own RNG states when the run had as many ranks, else rank 0's for all.
-        rngs = ck["rngs"]
+        rngs = meta["rngs"]
         own = rngs[dist_info.rank] if len(rngs) == dist_info.world_size else rngs[0]
-        ckpt_io.set_rng_state(own)
-        run.model.shuffle_generator(run.device).set_state(ck["shuffle_rng"][dist_info.rank % len(ck["shuffle_rng"])])
+        checkpoint.set_rng_state(own)
+        run.model.shuffle_generator(run.device).set_state(meta["shuffle_rng"][dist_info.rank % len(meta["shuffle_rng"])])
     except (KeyError, ValueError, TypeError, IndexError, RuntimeError, ZeroDivisionError) as e:
-        raise ckpt_io.CheckpointError(f"checkpoint {path} has a malformed RNG "
-                                      f"state: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    run.step, run.skipped_before = ck["step"], ck.get("data_skipped", 0)
+        raise checkpoint.CheckpointError(f"checkpoint {path} has a malformed RNG state: "
+                                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    run.step, run.skipped_before = meta["step"], meta.get("data_skipped", 0)
     spe = run.steps_per_epoch
     say(f"resumed from {path} at step {run.step} (epoch {run.step // spe}, step {run.step % spe} of {spe})")
 
@@ -426,7 +426,7 @@ class LossWindow:
         losses = torch.stack(self.losses)
         if not torch.isfinite(losses).all():
             bad = step - len(self.losses) + int((~torch.isfinite(losses).all(1)).nonzero()[0]) + 1
-            last = ckpt_io.list_checkpoints(run.cfg.train.out_dir)
+            last = checkpoint.list_checkpoints(run.cfg.train.out_dir)
             raise NonFiniteLossError(
                 f"loss became non-finite at step {bad} (lr {run.lr(bad - 1):g}); stopping. The last good "
                 f"checkpoint is {last[-1] if last else 'none (no checkpoint was written yet)'}. "
@@ -442,7 +442,7 @@ class LossWindow:
 def save_checkpoint(run: Run, reason: str) -> str | None:
     """A checkpoint at run.step (every rank takes part: RNG states are gathered); its path on rank 0."""
     step, spe = run.step, run.steps_per_epoch
-    rngs = gather_objects(ckpt_io.rng_state())
+    rngs = gather_objects(checkpoint.rng_state())
     extra = {"step": step, "epoch": step // spe, "step_in_epoch": step % spe,
              "rngs": rngs, "shuffle_rng": gather_shuffle_states(run.model, run.device),
              "config": config_to_dict(run.cfg), "data_skipped": run.skipped(), "reason": reason,

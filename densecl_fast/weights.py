@@ -300,15 +300,15 @@ def read_weights(path: str, arch: Optional[str] = None) -> Weights:
     obj = read_file(path)
     if isinstance(obj, dict) and "format_version" in obj and "model" in obj:  # our training checkpoint
         try:
-            ck = load_checkpoint(path)
+            saved = load_checkpoint(path)
         except CheckpointError as e:
             raise WeightsError(_first_line(e)) from None
-        cfg = ck.get("config") or {}
-        w = _parse_state(ck["model"], path, "densecl_fast", arch)
+        cfg = saved.get("config") or {}
+        w = _parse_state(saved["model"], path, "densecl_fast", arch)
         want = (cfg.get("model") or {}).get("arch")
         if want and want != w.arch:
             raise WeightsError(f"{path}: its config says {want} but the weights are a {w.arch}")
-        w.step, w.config = ck.get("step"), cfg
+        w.step, w.config = saved.get("step"), cfg
         return w
     meta = {}
     if isinstance(obj, dict) and _is_tensor_dict(obj.get("model")):  # detectron2 .pkl/.pth, timm/DeiT style

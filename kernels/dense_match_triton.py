@@ -45,7 +45,7 @@ _MAX_BLOCK_K = 16 if INTERPRET else 64
 # (BLOCK_Q, BLOCK_C, num_warps, num_stages) the autotuner may try, per (GPU family, width of
 # the C5 features). Every entry compiles at C = 2048, S^2 = 49 with no register spill and fits
 # shared memory, for the strides a real forward hands over in both model memory formats
-# (kernels/aot.py records them: channels-last C5 maps flatten to strides (C·S², 1, C), contiguous
+# (perf/aot.py records them: channels-last C5 maps flatten to strides (C·S², 1, C), contiguous
 # ones to (C·S², S², 1); perf/AOT_SM90.md, tests/test_kernels_aot.py), under both Tritons the
 # project runs on (3.8, CI's, and 3.6, the lent GPU machines'). The model hands over bf16
 # C5 maps under autocast; fp32 features compare through three-pass TF32 (tf32x3), whose split

@@ -26,29 +26,29 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def child(a) -> dict:
+def child(args) -> dict:
     import statistics
 
     import torch
     from torch._dynamo.utils import counters
 
     from densecl_fast.config import load_config
-    from densecl_fast.engines.compiling import CompileCache, CompilePlan
+    from densecl_fast.engines.compiling import CompileCache, CompileSettings
     from perf.runner import build_model
     from perf.sources import SyntheticSource, kernels_backend
     from densecl_fast.engines import train_step
 
-    device = torch.device(a.device)
-    cfg = load_config("smoke", [f"model.arch={a.arch}", f"data.image_size={a.image_size}",
-                                f"optim.batch_size={a.batch}", f"model.bn_group_size={a.bn_group_size}",
-                                f"model.queue_len={max(a.batch, 1024 // a.batch * a.batch)}"])
-    plan = CompilePlan(a.scope, a.mode)
-    cache = CompileCache("bench", [a.artifacts])
-    info = cache.load() if a.phase == "warm" else None
+    device = torch.device(args.device)
+    cfg = load_config("smoke", [f"model.arch={args.arch}", f"data.image_size={args.image_size}",
+                                f"optim.batch_size={args.batch}", f"model.bn_group_size={args.bn_group_size}",
+                                f"model.queue_len={max(args.batch, 1024 // args.batch * args.batch)}"])
+    settings = CompileSettings(args.scope, args.mode)
+    cache = CompileCache("bench", [args.artifacts])
+    info = cache.load() if args.phase == "warm" else None
     t0 = time.perf_counter()
-    model, engine = build_model(cfg, device, a.precision, True, plan)
+    model, engine = build_model(cfg, device, args.precision, True, settings)
     build_s = time.perf_counter() - t0
-    src = SyntheticSource(a.batch, a.image_size, device, True, 0)
+    src = SyntheticSource(args.batch, args.image_size, device, True, 0)
 
     def cpu_s():   # this process and its finished children (inductor's compile workers)
         r, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -65,10 +65,10 @@ def child(a) -> dict:
 
     with kernels_backend(False, device):
         first, first_cpu = step()
-        steady, steady_cpu = zip(*[step() for _ in range(a.steady)])
-    if a.phase == "cold":
+        steady, steady_cpu = zip(*[step() for _ in range(args.steady)])
+    if args.phase == "cold":
         cache.save()
-    return {"scope": a.scope, "mode": a.mode, "phase": a.phase, "build_s": build_s, "first_step_s": first,
+    return {"scope": args.scope, "mode": args.mode, "phase": args.phase, "build_s": build_s, "first_step_s": first,
             "steady_step_s": statistics.median(steady), "compile_s": first - statistics.median(steady),
             "compile_cpu_s": first_cpu - statistics.median(steady_cpu),
             "graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
@@ -77,15 +77,15 @@ def child(a) -> dict:
             "aot_autograd_cache": {k: v for k, v in counters["aot_autograd"].items() if "cache" in k}}
 
 
-def run_one(a, scope, phase, artifacts) -> dict:
+def run_one(args, scope, phase, artifacts) -> dict:
     with tempfile.TemporaryDirectory(prefix="inductor-") as cache_dir:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "PYTHONPATH": ROOT}
         cmd = [sys.executable, "-m", "perf.bench_compile", "--child", "--scope", scope, "--phase", phase,
-               "--artifacts", artifacts, "--device", a.device, "--arch", a.arch, "--image-size", str(a.image_size),
-               "--batch", str(a.batch), "--bn-group-size", str(a.bn_group_size), "--precision", a.precision,
-               "--mode", a.mode, "--steady", str(a.steady)]
+               "--artifacts", artifacts, "--device", args.device, "--arch", args.arch,
+               "--image-size", str(args.image_size), "--batch", str(args.batch), "--bn-group-size", str(args.bn_group_size),
+               "--precision", args.precision, "--mode", args.mode, "--steady", str(args.steady)]
         t = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=a.timeout)
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=args.timeout)
         wall = time.perf_counter() - t
     if r.returncode != 0:
         return {"scope": scope, "phase": phase, "error": (r.stderr.strip().splitlines() or ["?"])[-1][:300],
@@ -112,24 +112,24 @@ def main(argv=None) -> int:
     p.add_argument("--scope", default="blocks", help=argparse.SUPPRESS)
     p.add_argument("--phase", default="cold", help=argparse.SUPPRESS)
     p.add_argument("--artifacts", default=None, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    a.precision = a.precision or ("bf16" if a.device == "cuda" else "fp32")
-    if a.child:
-        print(json.dumps(child(a)))
+    args = p.parse_args(argv)
+    args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
+    if args.child:
+        print(json.dumps(child(args)))
         return 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="compile-artifacts-") as art_root:
-        for scope in [s.strip() for s in a.scopes.split(",") if s.strip()]:
+        for scope in [s.strip() for s in args.scopes.split(",") if s.strip()]:
             art = os.path.join(art_root, scope)
-            for phase in ("cold",) + (() if a.no_warm else ("warm",)):
-                rows.append(run_one(a, scope, phase, art))
+            for phase in ("cold",) + (() if args.no_warm else ("warm",)):
+                rows.append(run_one(args, scope, phase, art))
                 print(f"[bench_compile] {scope} {phase}: " + json.dumps(rows[-1]), file=sys.stderr, flush=True)
-                if a.out:   # row by row: a run cut by a time limit keeps what it measured
-                    os.makedirs(a.out, exist_ok=True)
-                    with open(os.path.join(a.out, "compile.json"), "w") as f:
+                if args.out:   # row by row: a run cut by a time limit keeps what it measured
+                    os.makedirs(args.out, exist_ok=True)
+                    with open(os.path.join(args.out, "compile.json"), "w") as f:
                         json.dump({"rows": rows}, f, indent=2)
-    shapes = (f"{a.arch}, {a.image_size} px, batch {a.batch}, bn_group_size {a.bn_group_size}, {a.precision}, "
-              f"channels-last, {a.device}, mode {a.mode}")
+    shapes = (f"{args.arch}, {args.image_size} px, batch {args.batch}, bn_group_size {args.bn_group_size}, "
+              f"{args.precision}, channels-last, {args.device}, mode {args.mode}")
     lines = [f"Compile time of one training step ({shapes}); compile = first step - median steady step", "",
              "| scope | start | compile s (wall) | compile CPU s | first step s | steady step s | process s | graphs | "
              "cache hits (inductor / AOT) |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -142,11 +142,11 @@ def main(argv=None) -> int:
         lines.append(f"| {r['scope']} | {r['phase']} | {r['compile_s']:.1f} | {cpu} | {r['first_step_s']:.1f} | "
                      f"{r['steady_step_s']:.2f} | {r['process_s']:.1f} | {r['graphs']} | {hits} |")
     print("\n".join(lines))
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "compile.json"), "w") as f:
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "compile.json"), "w") as f:
             json.dump({"shapes": shapes, "rows": rows}, f, indent=2)
-        with open(os.path.join(a.out, "compile.md"), "w") as f:
+        with open(os.path.join(args.out, "compile.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
     return 0 if all("error" not in r for r in rows) else 1
 

@@ -2,16 +2,7 @@
 
 Every variant runs the trainer's own `train_step` on a `DenseCL` built from the config, so what is
 timed is what `launch/pretrain.py` runs. Variants fail soft: an exception is recorded with its
-message and the suite moves on. Budget: before a variant starts it gets one cap, what is left
-divided among it and the variants still to run, after the compile estimate of every model still to
-be compiled (and of the Triton JIT of each fused kernel setting still to run) is set aside for the
-variant that pays it. A variant's cap is that one-off allowance plus its share for steady steps;
-the share starts when the first step (compile, JIT, autotuning) has ended, however long it took, so
-an underestimated compile costs the variants after it, not this one's measurement. A variant
-with one-off work always takes MIN_STEADY steady steps after it, any other variant one: its
-compile time is the first step minus a steady one, never minus itself, and its timed steps are
-sized on steady ones. Warm-up, timed repeats and the trace stop at the
-variant's deadline; a variant whose cap cannot hold its one-off work and two steps is "skipped: budget".
+message and the suite moves on. The caps, and the timed steps that fit them, are budget.py's.
 """
 from __future__ import annotations
 
@@ -33,52 +24,42 @@ from densecl_fast import stages, trainer
 from densecl_fast.config import load_config, scaled_lr, validate
 from densecl_fast.data import build_loader, dali_available
 from densecl_fast.distributed import DistInfo
-from densecl_fast.engines.compiling import CompilePlan
+from densecl_fast.engines.compiling import CompileSettings
 from densecl_fast.engines.single import SingleEngine
 from densecl_fast.engines import train_step
 
-from . import report
+from . import results
+from .budget import MIN_STEADY, Budget, fit_timed_steps
 from .environment import environment, process_peak_rss_bytes
 from .jpegs import ensure_jpeg_folder
 from .measure import StageClock, count_step_flops, marks_for, measure_matmul_tflops
 from .sources import LoaderSource, Skip, SyntheticSource, fused_kernels_status, kernels_backend
-from .variants import default_variants, fit_plan
-
-OUTPUT_RESERVE_S = 5.0   # kept back from the budget for writing the JSON, markdown and plots
-# Triton JIT (and autotuning) of the fused kernels in the first step of a fused variant, before one
-# was measured: 15.8 s for the loss kernels on an H200 (perf/RESULTS.md), before the grouped-BN
-# kernels added one specialisation per BN layer shape.
-JIT_ESTIMATE_S = 30.0
-# Steady steps after a first step with one-off work: the compile time is the first step minus
-# their median, and the timed plan is sized on them.
-MIN_STEADY = 2
+from .variants import default_variants
 
 
 class Suite:
     def __init__(self, args, argv, t0):
-        a = self.args = args
-        self.say = (lambda *x: None) if a.quiet else (lambda *x: print("[perf]", *x, flush=True))
-        self.t0 = t0
-        self.budget_s = a.budget_seconds if a.budget_seconds > 0 else math.inf
-        if a.device == "cuda" and not torch.cuda.is_available():
+        self.args = args
+        self.say = (lambda *x: None) if args.quiet else (lambda *x: print("[perf]", *x, flush=True))
+        if args.device == "cuda" and not torch.cuda.is_available():
             raise SystemExit("error: --device cuda but no CUDA device is visible")
-        self.device = torch.device(a.device if a.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(args.device if args.device != "auto"
+                                   else "cuda" if torch.cuda.is_available() else "cpu")
         self.cuda = self.device.type == "cuda"
-        self.cfg_name = a.config or ("densecl_r50_200e_in1k" if self.cuda else "smoke")
-        self.cfg = load_config(self.cfg_name, list(a.overrides))
+        self.cfg_name = args.config or ("densecl_r50_200e_in1k" if self.cuda else "smoke")
+        self.cfg = load_config(self.cfg_name, list(args.overrides))
         self.batch, self.image_size = self.cfg.optim.batch_size, self.cfg.data.image_size
         self.marks = marks_for(self.device)
-        self.workers = a.workers if a.workers is not None else min(16, os.cpu_count() or 1)
-        self.variants = select_variants(a)
+        self.workers = args.workers if args.workers is not None else min(16, os.cpu_count() or 1)
+        self.variants = select_variants(args)
         self.records = []
         self.model = None            # (key, model, engine), reused by the next variant with the same key
         self.jpegs = None
         self.compile_failed = {}     # model key -> (variant, error): a failed compile is not retried
-        self.compile_s = a.compile_estimate_s if a.compile_estimate_s is not None else (120.0 if self.cuda else 90.0)
-        self.jit_s = JIT_ESTIMATE_S
+        self.budget = Budget(args.budget_seconds, t0, args.compile_estimate_s if args.compile_estimate_s is not None
+                             else (120.0 if self.cuda else 90.0))
         self.jitted = set()          # jit_key of the fused settings whose kernels were built in this process
-        self.per_image_s = 0.0       # slowest seconds per image seen (bf16-equivalent), for the skip check
-        os.makedirs(a.out, exist_ok=True)
+        os.makedirs(args.out, exist_ok=True)
         m = self.cfg.model
         self.results = {"meta": {
             "tool": "python -m perf",
@@ -86,18 +67,12 @@ class Suite:
             "command": "python -m perf " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "config": self.cfg_name, "arch": m.arch, "batch": self.batch, "image_size": self.image_size,
             "queue_len": m.queue_len, "bn_group_size": m.bn_group_size, "timing": self.marks.kind,
-            "warmup": a.warmup, "steps": a.steps, "repeats": a.repeats, "budget_seconds": a.budget_seconds,
+            "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats, "budget_seconds": args.budget_seconds,
             "workers": self.workers, "fused_kernels": fused_kernels_status(self.device), "data": None,
-            "cuda": self.cuda, "compile_scope": a.compile_scope, "cudnn_benchmark": bool(a.cudnn_benchmark),
+            "cuda": self.cuda, "compile_scope": args.compile_scope, "cudnn_benchmark": bool(args.cudnn_benchmark),
             "note": None if self.cuda else "CPU run: small shapes, CUDA-only variants skipped; not a GPU speed claim"},
             "environment": {}, "peak": None, "flops": None, "variants": [], "projection": None, "ratios": None,
             "goal": None}
-
-    def spent(self):
-        return time.monotonic() - self.t0
-
-    def left(self):
-        return self.budget_s - self.spent() - OUTPUT_RESERVE_S
 
     def now(self):
         """The wall clock after the device has caught up."""
@@ -106,43 +81,45 @@ class Suite:
         return time.perf_counter()
 
     def save(self, plots=False):
-        r, a = self.results, self.args
-        r["variants"] = self.records
-        r["projection"] = report.projection(self.records, a.gpus, a.scaling_efficiency, a.dataset_images, a.epochs)
-        r["ratios"] = report.baseline_ratios(self.records)
-        r["goal"] = report.goal_verdict(self.records, r["environment"].get("device_name", ""), self.batch, self.image_size)
-        r["meta"]["seconds"] = self.spent()
-        if plots and not a.no_plots:
+        res, args = self.results, self.args
+        res["variants"] = self.records
+        res["projection"] = results.projection(self.records, args.gpus, args.scaling_efficiency, args.dataset_images,
+                                               args.epochs)
+        res["ratios"] = results.baseline_ratios(self.records)
+        res["goal"] = results.goal_verdict(self.records, res["environment"].get("device_name", ""), self.batch,
+                                           self.image_size)
+        res["meta"]["seconds"] = self.budget.spent()
+        if plots and not args.no_plots:
             try:
-                r["plots"] = report.write_plots(r, a.out)
+                res["plots"] = results.write_plots(res, args.out)
             except Exception as e:  # noqa: BLE001 -- plots are a convenience; the JSON is the record
-                r["plots_error"] = f"{type(e).__name__}: {e}"
-                self.say(f"plots failed: {r['plots_error']}")
-        report.write_json(os.path.join(a.out, "results.json"), r)
-        with open(os.path.join(a.out, "results.md"), "w") as f:
-            f.write(report.markdown(r))
+                res["plots_error"] = f"{type(e).__name__}: {e}"
+                self.say(f"plots failed: {res['plots_error']}")
+        results.write_json(os.path.join(args.out, "results.json"), res)
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(results.markdown(res))
 
     def measure_setup(self):
-        r, a = self.results, self.args
-        r["environment"] = environment(self.device)
+        res, args = self.results, self.args
+        res["environment"] = environment(self.device)
         try:
-            r["peak"] = ({"tflops": a.peak_tflops, "source": "given (--peak-tflops)", "what": "bf16 matmul",
-                          "method": None} if a.peak_tflops
-                         else measure_matmul_tflops(self.device, min(15.0, max(1.0, self.left() / 20))))
+            res["peak"] = ({"tflops": args.peak_tflops, "source": "given (--peak-tflops)", "what": "bf16 matmul",
+                            "method": None} if args.peak_tflops
+                           else measure_matmul_tflops(self.device, min(15.0, max(1.0, self.budget.left() / 20))))
         except Exception as e:  # noqa: BLE001 -- the variants still run; MFU is then left out
-            r["peak"] = {"tflops": None, "source": "failed", "what": "", "method": f"{type(e).__name__}: {e}"}
+            res["peak"] = {"tflops": None, "source": "failed", "what": "", "method": f"{type(e).__name__}: {e}"}
         try:
-            r["flops"] = count_step_flops(self.cfg.model, self.batch, self.image_size)
+            res["flops"] = count_step_flops(self.cfg.model, self.batch, self.image_size)
         except Exception as e:  # noqa: BLE001 -- TFLOP/s and MFU are then left out
-            r["flops"] = {"per_image": None, "error": f"{type(e).__name__}: {e}"}
-        self.say(f"{r['environment']['device_name']} | {self.cfg_name} ({self.cfg.model.arch}, batch {self.batch}, "
-                 f"{self.image_size} px) | ceiling {report.tflops_text(r['peak']['tflops'])} TFLOP/s | budget "
-                 f"{a.budget_seconds or 'unlimited'} s | out {a.out}")
+            res["flops"] = {"per_image": None, "error": f"{type(e).__name__}: {e}"}
+        self.say(f"{res['environment']['device_name']} | {self.cfg_name} ({self.cfg.model.arch}, batch {self.batch}, "
+                 f"{self.image_size} px) | ceiling {results.tflops_text(res['peak']['tflops'])} TFLOP/s | budget "
+                 f"{args.budget_seconds or 'unlimited'} s | out {args.out}")
 
     # -- the model, reused while the key stays the same (a compiled one keeps its graphs)
-    def model_key(self, s):
-        return (s["batch"], s["bn_group_size"], s["precision"], s["channels_last"], s["compile"], s["compile_mode"],
-                self.args.compile_scope)
+    def model_key(self, settings):
+        return (*(settings[k] for k in ("batch", "bn_group_size", "precision", "channels_last", "compile",
+                                        "compile_mode")), self.args.compile_scope)
 
     def drop_model(self):
         if self.model is not None and self.model[0][4]:
@@ -152,23 +129,24 @@ class Suite:
         if self.cuda:
             torch.cuda.empty_cache()
 
-    def get_model(self, s):
-        key = self.model_key(s)
+    def get_model(self, settings):
+        key = self.model_key(settings)
         if self.model is not None and self.model[0] == key:
             return self.model[1:], True
         self.drop_model()
         cfg = copy.deepcopy(self.cfg)
-        cfg.optim.batch_size, cfg.model.bn_group_size = s["batch"], s["bn_group_size"]
-        plan = CompilePlan(self.args.compile_scope, s["compile_mode"]) if s["compile"] else None
-        self.model = (key, *build_model(cfg, self.device, s["precision"], s["channels_last"], plan, self.args.seed))
+        cfg.optim.batch_size, cfg.model.bn_group_size = settings["batch"], settings["bn_group_size"]
+        compiled = CompileSettings(self.args.compile_scope, settings["compile_mode"]) if settings["compile"] else None
+        self.model = (key, *build_model(cfg, self.device, settings["precision"], settings["channels_last"], compiled,
+                                        self.args.seed))
         return self.model[1:], False
 
-    # -- settings, plan, cap
+    # -- settings, step counts, cap
     def settings_for(self, v):
-        s = {"batch": v.batch or self.batch,
-             "bn_group_size": self.cfg.model.bn_group_size if v.bn_group_size is None else v.bn_group_size,
-             "precision": v.precision, "channels_last": v.channels_last, "compile": v.compile, "fused": v.fused,
-             "data": v.data, "compile_mode": v.compile_mode or self.args.compile_mode}
+        settings = {"batch": v.batch or self.batch,
+                    "bn_group_size": self.cfg.model.bn_group_size if v.bn_group_size is None else v.bn_group_size,
+                    "precision": v.precision, "channels_last": v.channels_last, "compile": v.compile,
+                    "fused": v.fused, "data": v.data, "compile_mode": v.compile_mode or self.args.compile_mode}
         if v.inherit:
             # The recipe's BN only: a plain-BN baseline may be faster but is not what training runs.
             done = [r for r in self.records if r["status"] == "ok" and r["settings"]["data"] == "synthetic"
@@ -176,99 +154,99 @@ class Suite:
                     and r["settings"]["bn_group_size"] == self.cfg.model.bn_group_size]
             if done:
                 best = max(done, key=lambda r: r["images_per_s"]["median"])
-                s.update({k: best["settings"][k] for k in ("precision", "channels_last", "compile", "fused",
-                                                          "bn_group_size", "compile_mode")}, settings_from=best["name"])
+                settings.update({k: best["settings"][k] for k in ("precision", "channels_last", "compile", "fused",
+                                                                 "bn_group_size", "compile_mode")},
+                                settings_from=best["name"])
             else:
-                s.update(precision="bf16", channels_last=True, compile=True, fused=self.cuda,
-                         settings_from="default full stack (no model-only variant at this batch succeeded in this run)")
-        return s
+                settings.update(precision="bf16", channels_last=True, compile=True, fused=self.cuda,
+                                settings_from="default full stack (no model-only variant at this batch succeeded "
+                                              "in this run)")
+        return settings
 
-    def compiles(self, s):
-        return s["compile"] and not (self.model is not None and self.model[0] == self.model_key(s))
+    def compiles(self, settings):
+        return settings["compile"] and not (self.model is not None and self.model[0] == self.model_key(settings))
 
-    def jit_key(self, s):
+    def jit_key(self, settings):
         """What the fused kernels specialise on: dtype, memory format, BN groups and batch (shapes)."""
-        return s["batch"], s["bn_group_size"], s["precision"], s["channels_last"]
+        return settings["batch"], settings["bn_group_size"], settings["precision"], settings["channels_last"]
 
-    def jits(self, s):
-        return bool(s["fused"]) and self.cuda and self.jit_key(s) not in self.jitted
+    def jits(self, settings):
+        return bool(settings["fused"]) and self.cuda and self.jit_key(settings) not in self.jitted
 
-    def one_off_s(self, s):
+    def one_off_s(self, settings):
         """Expected seconds of one-off work (compile, Triton JIT) in the variant's first step."""
-        return (self.compile_s if self.compiles(s) else 0.0) + (self.jit_s if self.jits(s) else 0.0)
+        return self.budget.one_off_s(self.compiles(settings), self.jits(settings))
 
-    def plan(self, s):
+    def step_counts(self, settings):
         """(warm-up steps, timed steps per repeat, repeats): torchvision workers deliver in bursts (one
         round to fill, two per repeat); DALI and compile need a few steps to settle."""
-        a = self.args
-        warm, steps, repeats = a.warmup, a.steps, a.repeats
-        if s["data"] == "torch":
+        args = self.args
+        warm, steps, repeats = args.warmup, args.steps, args.repeats
+        if settings["data"] == "torch":
             warm, steps, repeats = max(warm, self.workers + 1), max(steps, 2 * self.workers), min(repeats, 3)
-        elif s["data"] == "dali":
+        elif settings["data"] == "dali":
             warm = max(warm, 3)
-        return (max(warm, 2) if s["compile"] else warm), steps, repeats
+        return (max(warm, 2) if settings["compile"] else warm), steps, repeats
 
-    def time_cap(self, index, s):
-        left = self.left()
-        if not math.isfinite(left):
-            return math.inf
-        own = self.one_off_s(s)
+    def time_cap(self, index, settings):
         rest = [self.settings_for(v) for v in self.variants[index + 1:]
                 if (self.cuda or not v.cuda_only) and (v.data != "dali" or dali_available())]
-        later = {self.model_key(r) for r in rest if r["compile"] and self.compiles(r)} - {self.model_key(s)}
-        later_jit = {self.jit_key(r) for r in rest if self.jits(r)} - ({self.jit_key(s)} if s["fused"] else set())
-        reserve = self.compile_s * len(later) + self.jit_s * len(later_jit)
-        reserve = reserve if own + reserve <= left else 0.0
-        return own + max(0.0, left - own - reserve) / (1 + len(rest))
+        later = {self.model_key(r) for r in rest if r["compile"] and self.compiles(r)} - {self.model_key(settings)}
+        later_jit = ({self.jit_key(r) for r in rest if self.jits(r)}
+                     - ({self.jit_key(settings)} if settings["fused"] else set()))
+        return self.budget.cap(self.one_off_s(settings), len(later), len(later_jit), len(rest))
 
-    def input_dtype(self, s):
+    def input_dtype(self, settings):
         """What the trainer feeds: DALI emits bf16 on CUDA for a bf16 run (and is the default loader on
         CUDA when installed); torchvision emits float32."""
-        bf16 = self.cuda and s["precision"] == "bf16" and s["data"] != "torch"
-        return torch.bfloat16 if bf16 and (s["data"] == "dali" or dali_available()) else torch.float32
+        bf16 = self.cuda and settings["precision"] == "bf16" and settings["data"] != "torch"
+        return torch.bfloat16 if bf16 and (settings["data"] == "dali" or dali_available()) else torch.float32
 
-    def make_source(self, s, notes):
-        if s["data"] == "synthetic":
-            return SyntheticSource(s["batch"], self.image_size, self.device, s["channels_last"], self.args.seed,
-                                   self.input_dtype(s))
-        a, folder = self.args, self.args.data_dir
+    def make_source(self, settings, notes):
+        if settings["data"] == "synthetic":
+            return SyntheticSource(settings["batch"], self.image_size, self.device, settings["channels_last"],
+                                   self.args.seed, self.input_dtype(settings))
+        args, folder = self.args, self.args.data_dir
         if not folder:   # one folder for every data variant: enough that the timed steps stay in one epoch
-            need = a.data_images or max((w + n * r + a.trace_steps + 4) * s["batch"] for w, n, r in
-                                        (self.plan({**s, "data": v.data}) for v in self.variants if v.data != "synthetic"))
+            need = args.data_images or max(
+                (w + n * r + args.trace_steps + 4) * settings["batch"] for w, n, r in
+                (self.step_counts({**settings, "data": v.data}) for v in self.variants if v.data != "synthetic"))
             if self.jpegs is None or self.jpegs["count"] < need:
-                self.jpegs = ensure_jpeg_folder(a.data_cache, need, *a.data_resolution, workers=max(1, self.workers))
+                self.jpegs = ensure_jpeg_folder(args.data_cache, need, *args.data_resolution,
+                                                workers=max(1, self.workers))
             folder = self.jpegs["path"]
         self.results["meta"]["data"] = f"{folder}, {self.workers} workers/threads"
         dcfg = copy.deepcopy(self.cfg.data)
-        dcfg.source, dcfg.backend, dcfg.num_workers = folder, s["data"], self.workers
-        loader = build_loader(dcfg, batch_size=s["batch"], rank=0, world_size=1, device=self.device,
-                              seed=a.seed, channels_last=s["channels_last"], dtype=self.input_dtype(s))
+        dcfg.source, dcfg.backend, dcfg.num_workers = folder, settings["data"], self.workers
+        loader = build_loader(dcfg, batch_size=settings["batch"], rank=0, world_size=1, device=self.device,
+                              seed=args.seed, channels_last=settings["channels_last"], dtype=self.input_dtype(settings))
         notes.append(f"{len(loader)} steps per epoch")
         return LoaderSource(loader)
 
     # -- one variant
     def run_variant(self, index, v):
         tag = f"{index + 1}/{len(self.variants)} {v.name}"
-        s = self.settings_for(v)
-        rec = {"name": v.name, "title": v.title, "status": None, "settings": s, "data": s["data"], "notes": []}
+        settings = self.settings_for(v)
+        rec = {"name": v.name, "title": v.title, "status": None, "settings": settings, "data": settings["data"],
+               "notes": []}
         t_start = time.monotonic()
         try:
-            if (v.cuda_only or s["fused"]) and not self.cuda:
+            if (v.cuda_only or settings["fused"]) and not self.cuda:
                 raise Skip("needs CUDA (not run on the CPU)" if v.cuda_only else "fused Triton kernels need CUDA")
-            failed = self.compile_failed.get(self.model_key(s)) if s["compile"] else None
+            failed = self.compile_failed.get(self.model_key(settings)) if settings["compile"] else None
             if failed:
                 raise Skip(f"not retried: compiling this model failed in {failed[0]} ({failed[1][:200]})")
-            if s["data"] == "dali" and not dali_available():
+            if settings["data"] == "dali" and not dali_available():
                 raise Skip("NVIDIA DALI is not installed (pip install -e .[dali])")
-            cap, left, own = self.time_cap(index, s), self.left(), self.one_off_s(s)
-            need = own + 2 * self.per_image_s * s["batch"]
+            cap, left, own = self.time_cap(index, settings), self.budget.left(), self.one_off_s(settings)
+            need = self.budget.need_s(own, settings["batch"])
             if left <= 0 or cap < need:
                 raise Skip(f"budget (needs ~{need:.0f} s, a cap of {max(0.0, cap):.0f} s of {max(0.0, left):.0f} s left)")
-            self.say(f"{tag}: {report.settings_text(rec)} | cap {cap:.0f} s of {left:.0f} s left"
+            self.say(f"{tag}: {results.settings_text(rec)} | cap {cap:.0f} s of {left:.0f} s left"
                      + (f" ({own:.0f} s of it for compile/JIT, apart from the steady steps)" if own else ""))
-            with kernels_backend(s["fused"], self.device) as active:
+            with kernels_backend(settings["fused"], self.device) as active:
                 rec["kernels_active"] = active
-                self.measure(v, s, rec, time.perf_counter() + cap, cap - own, own > 0)
+                self.measure(v, settings, rec, time.perf_counter() + cap, cap - own, own > 0)
             rec["status"] = "ok"
             self.say(f"{tag}: {rec['images_per_s']['median']:,.1f} images/s [{time.monotonic() - t_start:.0f} s]")
         except Skip as e:
@@ -281,28 +259,28 @@ class Suite:
             rec.update(status="failed", error=f"{type(e).__name__}: {e}".strip()[:2000],
                        traceback=traceback.format_exc(limit=12)[-4000:])
             self.say(f"{tag}: FAILED: {rec['error'].splitlines()[0][:300]}")
-            if s["compile"] and rec.get("phase") in ("build", "first step"):
-                self.compile_failed[self.model_key(s)] = (v.name, rec["error"])
+            if settings["compile"] and rec.get("phase") in ("build", "first step"):
+                self.compile_failed[self.model_key(settings)] = (v.name, rec["error"])
             self.drop_model()   # its state may be broken (OOM mid-step, failed compile)
         rec["seconds"] = time.monotonic() - t_start
         return rec
 
-    def measure(self, v, s, rec, deadline, steady_share, one_off):
+    def measure(self, v, settings, rec, deadline, steady_share, one_off):
         """`deadline`: when this variant's cap ends; `steady_share`: the seconds its steady steps get
         at least from the end of its first step (compile, JIT, cuDNN autotuning: a first step longer
         than planned does not eat them); `one_off`: the first step compiles or JITs."""
-        a = self.args
+        args = self.args
         if self.cuda:   # what the previous variant left unreferenced must not count in this one's peak
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
-        compiling, jitting = self.compiles(s), self.jits(s)
+        compiling, jitting = self.compiles(settings), self.jits(settings)
         rec["phase"] = "build"
-        (model, engine), rec["model_reused"] = self.get_model(s)
+        (model, engine), rec["model_reused"] = self.get_model(settings)
         rec["phase"] = "data set-up"
-        source = self.make_source(s, rec["notes"])
-        rec["input_dtype"] = str(self.input_dtype(s)).replace("torch.", "")
-        lr, lam = scaled_lr(self.cfg.optim, s["batch"]), self.cfg.model.loss_lambda
+        source = self.make_source(settings, rec["notes"])
+        rec["input_dtype"] = str(self.input_dtype(settings)).replace("torch.", "")
+        lr, lam = scaled_lr(self.cfg.optim, settings["batch"]), self.cfg.model.loss_lambda
         clock, host_wait, out = StageClock(self.marks), [], None
 
         def one_step(measure):
@@ -325,13 +303,11 @@ class Suite:
 
         try:
             with stages.timed(clock):
-                warm, steps, repeats = self.plan(s)
+                warm, steps, repeats = self.step_counts(settings)
                 rec["phase"] = "first step" if compiling else "warm-up"   # a failure in "first step" is the compile's
                 first = rec["first_step_s"] = timed_step()
                 rec["phase"] = "warm-up"
-                # The steady share holds from now, whatever the first step took; the suite's budget still ends it.
-                now = time.perf_counter()
-                deadline = min(max(deadline, now + steady_share), now + max(0.0, self.left()))
+                deadline = self.budget.steady_deadline(deadline, steady_share)
                 # At least one steady step (two after a compile/JIT): the first step never stands for a steady one.
                 min_steady = MIN_STEADY if one_off else 1
                 times = []
@@ -342,21 +318,16 @@ class Suite:
                 if rec["warmup_steps"] < warm:
                     rec["notes"].append(f"warm-up cut to {rec['warmup_steps']} steps (budget)")
                 if compiling or jitting:
-                    extra = max(0.0, first - step_s)
-                    rec["compile_s" if compiling else "jit_s"] = extra
-                    if compiling:   # with fused kernels new to this process, their JIT is in it too
-                        self.compile_s = max(1.0, extra)
-                    else:
-                        self.jit_s = max(1.0, extra)
-                if s["fused"]:
-                    self.jitted.add(self.jit_key(s))
-                self.per_image_s = max(self.per_image_s, step_s / s["batch"] / (2 if s["precision"] == "fp32" else 1))
-                fit = fit_plan(step_s, deadline - time.perf_counter(), steps, repeats)
+                    rec["compile_s" if compiling else "jit_s"] = self.budget.one_off_measured(first, step_s, compiling)
+                if settings["fused"]:
+                    self.jitted.add(self.jit_key(settings))
+                self.budget.step_measured(step_s, settings["batch"], settings["precision"] == "fp32")
+                fit = fit_timed_steps(step_s, deadline - time.perf_counter(), steps, repeats)
                 if fit is None:
                     raise Skip(f"budget (a step takes {step_s:.1f} s, beyond this variant's cap; first step {first:.1f} s"
                                + (f", {first - step_s:.1f} s of it compile/JIT, recorded" if compiling or jitting else "")
                                + ")")
-                if fit != (a.steps, a.repeats):
+                if fit != (args.steps, args.repeats):
                     rec["notes"].append(f"timed {fit[0]} steps x {fit[1]} repeats, warm-up {warm}"
                                         + (" (budget)" if fit != (steps, repeats) else " (the loader's bursts)"))
                 steps, repeats = fit
@@ -366,27 +337,28 @@ class Suite:
                     t = self.now()
                     for _ in range(steps):
                         one_step(True)
-                    per_repeat.append(steps * s["batch"] / (self.now() - t))
+                    per_repeat.append(steps * settings["batch"] / (self.now() - t))
                 if source.wraps > wraps0:
                     rec["notes"].append(f"the loader crossed {source.wraps - wraps0} epoch boundaries while timed")
                 rec["final_loss"] = loss = float(out["loss"].detach().float())
                 if not math.isfinite(loss):
                     rec["notes"].append(f"loss is {loss} (timing is still valid; the run would have stopped)")
                 summ = clock.summary()
-                if a.trace and a.trace_steps > 0 and (not a.trace_variants or v.name in a.trace_variants.split(",")):
-                    if deadline - time.perf_counter() < step_s * a.trace_steps * 4:
+                if args.trace and args.trace_steps > 0 and (not args.trace_variants
+                                                            or v.name in args.trace_variants.split(",")):
+                    if deadline - time.perf_counter() < step_s * args.trace_steps * 4:
                         rec["notes"].append("trace skipped (budget)")
                     else:
                         self.trace(v, one_step, rec)
         finally:
             source.close()
         rec["steps"] = steps
-        self.record(s, rec, per_repeat, summ, host_wait)
+        self.record(settings, rec, per_repeat, summ, host_wait)
 
-    def record(self, s, rec, per_repeat, summ, host_wait):
+    def record(self, settings, rec, per_repeat, summ, host_wait):
         med = statistics.median(per_repeat)
         lo, hi, n = min(per_repeat), max(per_repeat), len(per_repeat)
-        rec.update(repeats_images_per_s=per_repeat, repeats=n, step_ms=1e3 * s["batch"] / med,
+        rec.update(repeats_images_per_s=per_repeat, repeats=n, step_ms=1e3 * settings["batch"] / med,
                    images_per_s={"median": med, "min": lo, "max": hi, "spread_pct": 50.0 * (hi - lo) / med,
                                  "stdev": statistics.stdev(per_repeat) if n > 1 else 0.0, "repeats": n},
                    stages_ms={k: 1e3 * x for k, x in {**summ["stages"], "other": summ["other"]}.items()},
@@ -436,15 +408,15 @@ class Suite:
         self.drop_model()
         self.save(plots=True)
         if not self.args.quiet:
-            print("\n" + report.markdown(self.results), flush=True)
+            print("\n" + results.markdown(self.results), flush=True)
             print(f"[perf] wrote {self.args.out}/results.json, results.md"
-                  + ("" if self.args.no_plots else ", throughput.png, stages.png") + f" in {self.spent():.0f} s")
+                  + ("" if self.args.no_plots else ", throughput.png, stages.png") + f" in {self.budget.spent():.0f} s")
         return 130 if interrupted else 0 if any(r["status"] == "ok" for r in self.records) else 1
 
 
 def build_model(cfg, device, precision, channels_last, compile=None, seed=0):
     """DenseCL (the trainer's `build_model`, from `seed`) and the trainer's one-process engine (optimizer,
-    autocast, step body) as a training run has them; `compile`: a CompilePlan (as train.compile builds it) or None."""
+    autocast, step body) as a training run has them; `compile`: a CompileSettings (as train.compile builds it) or None."""
     validate(cfg)
     cfg = copy.deepcopy(cfg)
     cfg.train.seed, cfg.train.channels_last = seed, channels_last

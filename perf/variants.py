@@ -1,5 +1,4 @@
-"""The variants `python -m perf` runs, and how timed steps shrink to fit a time cap (no torch import:
---list-variants stays fast)."""
+"""The variants `python -m perf` runs (no torch import: --list-variants stays fast)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,18 +47,3 @@ def default_variants(baseline_batch: int = 32) -> list:
           "(GPU decoding on CUDA; DALI's CPU graph on the CPU)", data="dali", inherit=True),
     ]
 
-
-def fit_plan(step_s: float, avail_s: float, steps: int, repeats: int, min_repeats: int = 2):
-    """Timed (steps, repeats) that fit `avail_s` seconds at `step_s` per step: the request when it fits;
-    else fewer repeats (down to `min_repeats`), then fewer steps per repeat, then a single repeat.
-    None when not even one step fits."""
-    if step_s <= 0 or steps * repeats * step_s <= avail_s:
-        return steps, repeats
-    fits = int(avail_s // step_s)
-    if fits < 1:
-        return None
-    r = min(repeats, max(min_repeats, fits // steps))
-    if steps * r <= fits:
-        return steps, r
-    r = min(r, min_repeats)
-    return (fits // r, r) if fits // r >= 1 else (1, fits)

@@ -19,7 +19,7 @@ import torch.distributed as dist  # noqa: E402
 from densecl_fast.config import load_config  # noqa: E402
 from densecl_fast.distributed import init_distributed  # noqa: E402
 from densecl_fast.engines import build_engine  # noqa: E402
-from densecl_fast.engines.compiling import CompilePlan  # noqa: E402
+from densecl_fast.engines.compiling import CompileSettings  # noqa: E402
 from densecl_fast.model import DenseCL  # noqa: E402
 from densecl_fast.engines import train_step  # noqa: E402
 
@@ -47,7 +47,7 @@ def main(engine_name: str, out_path: str, *overrides: str) -> None:
     torch.manual_seed(0)
     model = DenseCL(cfg.model)
     model.shuffle_seed = 7  # rank 0's stream draws the cross-rank permutation
-    engine.setup(model, cfg.optim, LR, compile=CompilePlan(backend=backend[0]) if backend else None)
+    engine.setup(model, cfg.optim, LR, compile=CompileSettings(backend=backend[0]) if backend else None)
     model.train()
     n = GLOBAL_BATCH // info.world_size
     rows = slice(info.rank * n, (info.rank + 1) * n)

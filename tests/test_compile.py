@@ -15,7 +15,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from densecl_fast.config import ConfigError, load_config
-from densecl_fast.engines.compiling import CompileCache, CompilePlan, cache_key, compile_encoders, regions
+from densecl_fast.engines.compiling import CompileCache, CompileSettings, cache_key, compile_encoders, regions
 from densecl_fast.engines.single import SingleEngine
 from densecl_fast.model import DenseCL
 from densecl_fast.engines import train_step
@@ -26,12 +26,12 @@ TINY = ["model.arch=resnet18", "model.hid_dim=32", "model.out_dim=16", "model.qu
         "model.bn_group_size=2", "optim.batch_size=4", "data.image_size=32"]
 
 
-def tiny_model(plan):
+def tiny_model(settings):
     cfg = load_config("smoke", TINY)
     torch.manual_seed(0)
     model = DenseCL(cfg.model)
     engine = SingleEngine(torch.device("cpu"), "fp32")
-    engine.setup(model, cfg.optim, 0.1, compile=plan)
+    engine.setup(model, cfg.optim, 0.1, compile=settings)
     return model.train(), engine
 
 
@@ -53,7 +53,7 @@ def test_regions_are_every_residual_block_and_the_neck():
 
 
 def test_regional_compile_no_graph_breaks_no_recompiles_across_steps_eval_and_resume(fresh_dynamo):
-    model, engine = tiny_model(CompilePlan(backend="eager"))
+    model, engine = tiny_model(CompileSettings(backend="eager"))
     # Every region of both encoders is compiled in place; the encoders themselves are not.
     assert all(r._compiled_call_impl is not None for enc in (model.encoder_q, model.encoder_k) for r in regions(enc))
     assert model.encoder_q._compiled_call_impl is None
@@ -92,7 +92,7 @@ def test_regional_compile_no_graph_breaks_no_recompiles_across_steps_eval_and_re
 
 def test_identical_blocks_share_one_graph(fresh_dynamo):
     """The point of regional compile: resnet18's two layer1 blocks (same shapes) trace once."""
-    model, engine = tiny_model(CompilePlan(backend="eager"))
+    model, engine = tiny_model(CompileSettings(backend="eager"))
     x = torch.randn(4, 3, 32, 32)
     train_step(model, engine, x, x.flip(0), 0.1, 0.5)
     # per encoder: layer1 (1 graph for 2 blocks), layer2-4 (2 each: the strided first block and the
@@ -103,15 +103,15 @@ def test_identical_blocks_share_one_graph(fresh_dynamo):
 def test_compile_config_keys_are_validated():
     cfg = load_config("smoke", ["train.compile=true", "train.compile_mode=reduce-overhead",
                                 "train.compile_scope=encoders"])
-    assert CompilePlan.from_config(cfg.train) == CompilePlan("encoders", "reduce-overhead")
-    assert CompilePlan.from_config(load_config("smoke").train) is None
-    assert CompilePlan.from_config(load_config("smoke", ["train.compile=true"]).train) == CompilePlan()
+    assert CompileSettings.from_config(cfg.train) == CompileSettings("encoders", "reduce-overhead")
+    assert CompileSettings.from_config(load_config("smoke").train) is None
+    assert CompileSettings.from_config(load_config("smoke", ["train.compile=true"]).train) == CompileSettings()
     with pytest.raises(ConfigError, match="train.compile_mode='fast'"):
         load_config("smoke", ["train.compile_mode=fast"])
     with pytest.raises(ConfigError, match="train.compile_scope='layers'"):
         load_config("smoke", ["train.compile_scope=layers"])
-    assert CompilePlan("blocks", "reduce-overhead").options()["mode"] == "reduce-overhead"
-    assert "mode" not in CompilePlan().options() and CompilePlan().options()["dynamic"] is False
+    assert CompileSettings("blocks", "reduce-overhead").options()["mode"] == "reduce-overhead"
+    assert "mode" not in CompileSettings().options() and CompileSettings().options()["dynamic"] is False
 
 
 def test_cache_key_changes_with_what_changes_the_code():
@@ -119,13 +119,13 @@ def test_cache_key_changes_with_what_changes_the_code():
     cfg = load_config("smoke", TINY)
     cpu = torch.device("cpu")
 
-    def key(cfg=cfg, precision="fp32", batch=4, plan=CompilePlan(), kernels="reference"):
-        return cache_key(key_fields(cfg, cpu, precision, batch, plan, kernels))
+    def key(cfg=cfg, precision="fp32", batch=4, settings=CompileSettings(), kernels="reference"):
+        return cache_key(key_fields(cfg, cpu, precision, batch, settings, kernels))
 
     base = key()
     assert base == key()
-    assert len({base, key(precision="bf16"), key(batch=8), key(plan=CompilePlan("encoders")),
-                key(plan=CompilePlan(mode="max-autotune")), key(kernels="triton"),
+    assert len({base, key(precision="bf16"), key(batch=8), key(settings=CompileSettings("encoders")),
+                key(settings=CompileSettings(mode="max-autotune")), key(kernels="triton"),
                 key(cfg=load_config("smoke", TINY + ["data.image_size=64"])),
                 key(cfg=load_config("smoke", TINY + ["model.arch=resnet34"]))}) == 8
 
@@ -145,10 +145,10 @@ def test_cudnn_benchmark_decision():
 CHILD = r"""
 import json, os, sys, torch, torchvision
 from torch._dynamo.utils import counters
-from densecl_fast.engines.compiling import CompileCache, CompilePlan
+from densecl_fast.engines.compiling import CompileCache, CompileSettings
 torch.manual_seed(0)
 net = torch.nn.Sequential(torchvision.models.resnet.BasicBlock(8, 8), torch.nn.Conv2d(8, 4, 1))
-net.compile(**CompilePlan().options())
+net.compile(**CompileSettings().options())
 cache = CompileCache("test", [sys.argv[2]])
 info = cache.load() if sys.argv[1] == "load" else None
 x = torch.randn(2, 8, 8, 8, requires_grad=True)

@@ -23,7 +23,7 @@ from torch.utils._appending_byte_serializer import AppendingByteSerializer
 
 from densecl_fast import signing
 from densecl_fast.config import load_config
-from densecl_fast.engines.compiling import CompileCache, CompilePlan
+from densecl_fast.engines.compiling import CompileCache, CompileSettings
 from helpers import ROOT
 
 
@@ -72,7 +72,7 @@ def run_cache(tmp_path, warn):
     """The CompileCache a training run builds (CompileCache.for_run): checkpoints/ first, then
     data.cache_dir/compile/."""
     cfg = load_config("smoke", [f"data.cache_dir={tmp_path / 'cache'}"])
-    return CompileCache.for_run(cfg, torch.device("cpu"), "fp32", 4, CompilePlan(), "reference",
+    return CompileCache.for_run(cfg, torch.device("cpu"), "fp32", 4, CompileSettings(), "reference",
                                 str(tmp_path / "run" / "checkpoints"), warn=warn)
 
 

@@ -58,6 +58,17 @@ def test_draws_follow_the_augmentation_keys():
     assert not params.draw_view_params(4, 0, np.arange(n), 0, augmentation=aug, blur_p=0.0)["blur"].any()
 
 
+def test_the_draws_hold_one_area_and_aspect_per_crop_attempt_and_share_no_column():
+    d = params.draw_view_params(0, 0, np.arange(4), 0)
+    assert d["area_u"].shape == d["logr_u"].shape == (4, params.CROP_ATTEMPTS)
+    cols = []
+    for name in dir(params):
+        if name.startswith("_U_"):
+            at = getattr(params, name)
+            cols += list(range(at.start, at.stop)) if isinstance(at, slice) else [at]
+    assert sorted(cols) == list(range(params.N_UNIFORMS))
+
+
 def test_crop_windows_follow_torchvision_rule():
     n, H, W = 6000, 75, 100
     d = draws(n, seed=1)

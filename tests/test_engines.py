@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from densecl_fast import checkpoint as ckpt_io
+from densecl_fast import checkpoint
 from densecl_fast.checkpoint import CheckpointError, list_checkpoints
 from densecl_fast.config import ConfigError, load_config
 from densecl_fast.engines import folder_model_state, resolve_engine
@@ -170,8 +170,8 @@ def test_two_rank_run_with_compiled_blocks_equals_one_process(engine, one_proces
 
 def _state_of(path):
     """The whole model state of a checkpoint of any format (folders: as export reads them)."""
-    if ckpt_io.checkpoint_kind(path) == "pt":
-        return ckpt_io.load_checkpoint(path)["model"]
+    if checkpoint.checkpoint_kind(path) == "pt":
+        return checkpoint.load_checkpoint(path)["model"]
     return folder_model_state(path)
 
 
@@ -198,7 +198,7 @@ def test_resume_on_two_ranks_equals_the_uninterrupted_run(engine, tmp_path, data
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
     kind = {"ddp": "pt", "fsdp": "dcp", "deepspeed": "ds"}[engine]
-    assert ckpt_io.checkpoint_kind(list_checkpoints(split)[-1]) == kind
+    assert checkpoint.checkpoint_kind(list_checkpoints(split)[-1]) == kind
     arch, trunk = load_backbone_state(list_checkpoints(split)[-1])  # export reads every engine's checkpoints
     assert arch == "resnet18" and torch.equal(trunk["conv1.weight"], sa["encoder_q.backbone.conv1.weight"])
     if engine == "fsdp":  # DCP reshards: the 2-rank checkpoint continues on one process

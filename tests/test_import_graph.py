@@ -122,3 +122,13 @@ def test_the_package_has_no_import_circle():
     assert "densecl_fast.kernels.dispatch" in graph["densecl_fast.kernels"]  # the edges are seen at all
     cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_the_kernels_import_nothing_of_the_model_they_serve():
+    """kernels/ sits below the model: the model calls the kernels, never the other way round (a tool
+    that needs both, as the AOT table's forward of the model, lives in perf/)."""
+    kernels = f"{PACKAGE}.kernels"
+    graph = import_graph()
+    above = {m: sorted(d for d in deps if d != kernels and not d.startswith(kernels + "."))
+             for m, deps in graph.items() if m == kernels or m.startswith(kernels + ".")}
+    assert not {m: d for m, d in above.items() if d}, above

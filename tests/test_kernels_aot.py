@@ -1,11 +1,11 @@
 """Every Triton kernel config the model may run compiles for sm_90 and sm_80 without a GPU,
-with no register spill and within shared memory (kernels/aot.py; the tables are perf/AOT_SM90.md),
+with no register spill and within shared memory (perf/aot.py; the tables are perf/AOT_SM90.md),
 for the strides and shapes the model really hands the kernels (recorded from a forward), under
 each Triton the project runs on: the installed one (CI's, 3.8) and 3.6.0, the lent GPU machines'
 (torch 2.11), whose register allocation differs (three sm_90 matching tiles spilled
 under 3.6 only).
 
-Runs `python -m densecl_fast.kernels.aot --json` in a subprocess: the compiler needs TRITON_INTERPRET unset,
+Runs `python -m perf.aot --json` in a subprocess: the compiler needs TRITON_INTERPRET unset,
 which conftest.py sets for the other kernel tests on a machine without CUDA. Triton 3.6.0 lives
 beside the test environment, not in it (pip install --target; only the subprocess puts it first
 on PYTHONPATH): DENSECL_SIDE_TRITON names the folder (default <venv>/triton-3.6.0, where .ci/run
@@ -56,7 +56,7 @@ def _start_table(pythonpath=None):
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join([pythonpath] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "densecl_fast.kernels.aot", "--json"], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "perf.aot", "--json"], cwd=ROOT, env=env,
                             stdout=out, stderr=err, text=True)
     return proc, out, err
 
@@ -91,7 +91,7 @@ def rows(request, tables):
     report = json.loads(stdout)
     import triton
     assert report["triton"] == (triton.__version__ if request.param == "installed" else SIDE_TRITON)
-    from densecl_fast.kernels.aot import markdown
+    from perf.aot import markdown
     print(f"Triton {report['triton']}\n" + markdown(report["rows"]))  # shown with pytest -s / on failure
     return report["rows"]
 
@@ -123,7 +123,7 @@ def test_dense_matching_cases_use_the_strides_of_a_real_forward():
     """The layouts the table compiles the matching kernel for are recorded from a forward of the
     model on the CPU (a table on other strides than the model's hid its spills):
     channels-last C5 maps and grids flatten to (C·S², 1, C), contiguous ones to (C·S², S², 1)."""
-    from densecl_fast.kernels import aot
+    from perf import aot
     layouts = aot.recorded_match_layouts()
     assert layouts == {"channels_last": [(0, 2, 1)] * 4, "contiguous": [(0, 1, 2)] * 4}
     assert aot._strides_in_order((256, 2048, 49), (0, 2, 1)) == [2048 * 49, 1, 2048]
@@ -133,7 +133,7 @@ def test_a_spilling_config_is_caught():
     """The check itself: a tile known to spill (fp32 logits at 64 x 64 with 4 warps on sm_90,
     180-1,000 bytes of spill stores under tf32x3) is reported as not ok."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import torch, densecl_fast.kernels.aot as a, densecl_fast.kernels.queue_infonce_triton as qi\n"
+    code = ("import torch, perf.aot as a, densecl_fast.kernels.queue_infonce_triton as qi\n"
             "f = torch.empty(1)\n"
             "c = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, EVEN_K=True, EVEN_D=True, UPCAST=False,"
             " DOT_PREC='tf32x3', GRAD_DOT_PREC='tf32x3', INTERPRET=False, WITH_GRAD=True)\n"

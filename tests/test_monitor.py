@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from densecl_fast import checkpoint as ckpt_io
+from densecl_fast import checkpoint
 from densecl_fast.config import ConfigError, load_config
 from densecl_fast.data import DataError
 from densecl_fast.distributed import DistInfo
@@ -87,7 +87,7 @@ def test_a_run_with_the_monitor_equals_one_without(tmp_path, data_cache):
         assert (x["loss"], x["loss_single"], x["loss_dense"]) == (y["loss"], y["loss_single"], y["loss_dense"])
     assert [r["step"] for r in b if "knn_top1" in r] == [3, 4, 6, 8]   # every 3 steps and every epoch (4 steps)
     assert all(0 <= r["knn_top1"] <= 100 and r["knn_seconds"] > 0 for r in b if "knn_top1" in r)
-    ca, cb = (ckpt_io.load_checkpoint(ckpt_io.list_checkpoints(d)[-1]) for d in (off, on))
+    ca, cb = (checkpoint.load_checkpoint(checkpoint.list_checkpoints(d)[-1]) for d in (off, on))
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
     ra, rb = ca["rngs"][0], cb["rngs"][0]
     assert torch.equal(ra["torch"], rb["torch"])          # the monitor's draws were undone
@@ -155,7 +155,7 @@ def test_two_ranks_rank0_measures_the_others_wait(tmp_path, data_cache):
 
 
 def test_reproduction_report_plots_the_curve_when_present(tmp_path):
-    from densecl_fast.reproduce.report import plot_all
+    from densecl_fast.reproduce.plots import plot_all
     os.makedirs(tmp_path / "densecl")
     recs = [{"step": s, "epoch": s / 4, "loss": 7.0, "loss_single": 7.0, "loss_dense": 7.0, "img_per_s": 10.0}
             for s in range(1, 9)]

@@ -1,4 +1,4 @@
-"""`python -m perf` on the CPU: the CLI end to end, fail-soft variants, the budget, the FLOP count."""
+"""`python -m perf` on the CPU: the CLI end to end, fail-soft variants, the budget in the runner, the FLOP count."""
 import json
 import math
 import os
@@ -8,11 +8,10 @@ import sys
 import torch
 
 from densecl_fast.data import dali_available
-from perf import runner
+from perf import budget, runner
 from perf.cli import main
 from perf.measure import STAGES, count_step_flops
-from perf.report import goal_verdict, projection, recipe_hours
-from perf.variants import fit_plan
+from perf.results import goal_verdict, projection, recipe_hours
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_DALI = dali_available()
@@ -173,14 +172,6 @@ def test_budget_exhausted_skips_everything_and_still_writes(tmp_path):
     assert (out / "results.md").exists() and (out / "throughput.png").exists()
 
 
-def test_fit_plan_scales_repeats_then_steps():
-    assert fit_plan(0.1, 100.0, 10, 5) == (10, 5)          # fits
-    assert fit_plan(1.0, 30.0, 10, 5) == (10, 3)           # fewer repeats
-    assert fit_plan(1.0, 15.0, 10, 5) == (7, 2)            # then fewer steps, two repeats kept
-    assert fit_plan(1.0, 1.5, 10, 5) == (1, 1)
-    assert fit_plan(1.0, 0.5, 10, 5) is None               # not one step
-
-
 def test_flop_count_resnet50_224_matches_known_values():
     from densecl_fast.config import load_config
     cfg = load_config("densecl_r50_200e_in1k", [])
@@ -237,7 +228,7 @@ def test_same_run_baselines_are_variants_with_plain_bn_and_never_inherited(tmp_p
 
 
 def test_baseline_ratios():
-    from perf.report import baseline_ratios, markdown
+    from perf.results import baseline_ratios, markdown
     rec = lambda name, ips: {"name": name, "status": "ok", "images_per_s": {"median": ips}}   # noqa: E731
     r = baseline_ratios([rec("eager_plain_bn", 2000), rec("eager_bf16_cl_fused", 1940), rec("compiled_plain_bn", 3000),
                          rec("compiled_fused", 2900), rec("eager_bf16_cl", 1800)])
@@ -326,7 +317,7 @@ def test_a_step_that_ignores_sigterm_is_killed_and_logs_go_to_one_file(tmp_path)
     assert "===== hang" in log and "started" in log and "===== ok" in log and "fine" in log
 
 class FakeClock:
-    """Stands in for the runner's `time` module: seconds pass only when a fake step says so."""
+    """Stands in for the `time` module of the runner and its budget: seconds pass only when a fake step says so."""
 
     def __init__(self):
         self.t = 1000.0
@@ -344,8 +335,9 @@ def fake_suite(monkeypatch, tmp_path, first_step_s, step_s=1.0, *extra, eager_fi
     from perf.cli import parse_args
     clock = FakeClock()
     monkeypatch.setattr(runner, "time", clock)
-    monkeypatch.setattr(runner, "build_model", lambda cfg, device, precision, channels_last, plan, seed:
-                        (torch.nn.Module(), {"compiled": plan is not None}))
+    monkeypatch.setattr(budget, "time", clock)
+    monkeypatch.setattr(runner, "build_model", lambda cfg, device, precision, channels_last, compiled, seed:
+                        (torch.nn.Module(), {"compiled": compiled is not None}))
 
     def train_step(model, engine, im_q, im_k, lr, lam):
         first = not engine.get("stepped")
@@ -435,8 +427,8 @@ def test_the_caps_set_aside_the_triton_jit_of_a_fused_variant(tmp_path):
                                             "--variants", "eager_plain_bn,eager_bf16_cl_fused"]), [], runner.time.monotonic())
     suite.cuda = True
     fused = suite.settings_for(suite.variants[1])
-    assert suite.one_off_s(fused) == runner.JIT_ESTIMATE_S
-    assert suite.time_cap(1, fused) > runner.JIT_ESTIMATE_S
+    assert suite.one_off_s(fused) == budget.JIT_ESTIMATE_S
+    assert suite.time_cap(1, fused) > budget.JIT_ESTIMATE_S
     suite.jitted.add(suite.jit_key(fused))
     assert suite.one_off_s(fused) == 0.0
 

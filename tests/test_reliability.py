@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from densecl_fast import kernels
-from densecl_fast import checkpoint as ckpt_io
+from densecl_fast import checkpoint
 from densecl_fast.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from densecl_fast.config import DataConfig, ConfigError, load_config
 from densecl_fast.data import DataError
@@ -88,8 +88,8 @@ def test_sigterm_to_the_process_group_with_workers_checkpoints_and_exits_0(tmp_p
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, text
     assert "stopped by SIGTERM" in text and "killed by signal" not in text, text
-    ck = load_checkpoint(list_checkpoints(out)[-1])
-    assert ck["reason"] == "signal"
+    saved = load_checkpoint(list_checkpoints(out)[-1])
+    assert saved["reason"] == "signal"
 
 
 @pytest.mark.distributed
@@ -109,8 +109,8 @@ def test_sigterm_to_torchrun_every_rank_checkpoints(tmp_path, data_cache):
     # torchrun itself re-raises the signal (exit 1, its own traceback); the ranks must stop cleanly.
     assert "killed by signal" not in text and "ChildFailedError" not in text, text
     assert text.count("stopped by SIGTERM") >= 1 and "error:" not in text, text
-    ck = load_checkpoint(list_checkpoints(out)[-1])
-    assert ck["reason"] == "signal" and len(ck["shuffle_rng"]) == 2 and ck["world_size"] == 2
+    saved = load_checkpoint(list_checkpoints(out)[-1])
+    assert saved["reason"] == "signal" and len(saved["shuffle_rng"]) == 2 and saved["world_size"] == 2
 
 
 # ---- 2. one run per directory ----------------------------------------------------------------------
@@ -262,11 +262,11 @@ def test_file_lists_in_other_encodings_and_with_a_bom(tmp_path):
 # ---- 6. odd checkpoints -------------------------------------------------------------------------
 
 def _rewrite(src, dst, edit, rechecksum=True):
-    ck = torch.load(src, map_location="cpu", weights_only=True)
-    edit(ck)
+    saved = torch.load(src, map_location="cpu", weights_only=True)
+    edit(saved)
     if rechecksum:
-        ck["checksum"] = ckpt_io.checksum(ck)
-    torch.save(ck, dst)
+        saved["checksum"] = checkpoint.checksum(saved)
+    torch.save(saved, dst)
     return str(dst)
 
 
@@ -274,12 +274,12 @@ def test_structurally_odd_checkpoints_are_one_line(tmp_path, data_cache, trained
     src = list_checkpoints(trained)[-1]
     out = str(tmp_path / "fresh")
     variants = {
-        "unknown config key": (lambda ck: ck["config"]["train"].update(no_such_key=1), "no_such_key"),
-        "no optimizer": (lambda ck: ck.pop("optimizer"), "no 'optimizer' entry"),
-        "no config": (lambda ck: ck.pop("config"), "no 'config' entry"),
+        "unknown config key": (lambda saved: saved["config"]["train"].update(no_such_key=1), "no_such_key"),
+        "no optimizer": (lambda saved: saved.pop("optimizer"), "no 'optimizer' entry"),
+        "no config": (lambda saved: saved.pop("config"), "no 'config' entry"),
         # before 1.0 there is nothing to migrate: an older format or a renamed key is refused
-        "format 1": (lambda ck: ck.update(format_version=1), "has checkpoint format 1, this version reads format 2"),
-        "renamed key": (lambda ck: ck["config"]["model"].update(sync_bn=True), "holds a config this version cannot "
+        "format 1": (lambda saved: saved.update(format_version=1), "has checkpoint format 1, this version reads format 2"),
+        "renamed key": (lambda saved: saved["config"]["model"].update(sync_bn=True), "holds a config this version cannot "
                         "use: model.sync_bn was replaced by model.bn"),
     }
     for i, (name, (edit, want)) in enumerate(variants.items()):
@@ -341,9 +341,9 @@ def test_resume_on_another_number_of_processes_warns(tmp_path, data_cache, train
     out = copy_run(trained, tmp_path / "run")
     last = list_checkpoints(out)[-1]
 
-    def as_two_ranks(ck):
-        ck["shuffle_rng"] = [ck["shuffle_rng"][0], ck["shuffle_rng"][0].clone()]
-        ck["world_size"] = 2
+    def as_two_ranks(saved):
+        saved["shuffle_rng"] = [saved["shuffle_rng"][0], saved["shuffle_rng"][0].clone()]
+        saved["world_size"] = 2
     _rewrite(last, last, as_two_ranks)
     summary = train(load_config("smoke", tiny(out, data_cache, "train.resume=auto", "optim.epochs=3",
                                               "optim.max_steps=9")))

@@ -15,7 +15,7 @@ import torchvision
 from densecl_fast import export
 from densecl_fast.reproduce import cli as repro_cli, main, probe as probe_mod
 from densecl_fast.reproduce.errors import Stopped, UsageError
-from densecl_fast.reproduce.plan import make_plan, parse_budget
+from densecl_fast.reproduce.plan import plan_for_budget, parse_budget
 from helpers import PRETRAIN, load_script
 
 # ---- export: never over its own input ----------------------------------------------------------------
@@ -172,7 +172,7 @@ def planned(monkeypatch):
     (Stopped: exit 0) before any training: the arguments a command got past its checks with."""
     seen = []
 
-    def fake_probe(args, state, t_start):
+    def fake_probe(args, t_start):
         seen.append(dict(vars(args)))
         raise Stopped("stopped by the test")
 
@@ -232,7 +232,7 @@ def test_a_plan_refused_after_the_probe_can_be_replaced_or_resumed_with_other_ar
     out = str(tmp_path / "repro")
     t = repro_tiny(data_cache)
 
-    def refusing_probe(args, state, t_start):  # what a budget that fits no epoch, or a killed probe, ends in
+    def refusing_probe(args, t_start):  # what a budget that fits no epoch, or a killed probe, ends in
         raise UsageError("--budget 1m: no full epoch fits")
 
     monkeypatch.setattr(repro_cli, "probe", refusing_probe)
@@ -243,7 +243,7 @@ def test_a_plan_refused_after_the_probe_can_be_replaced_or_resumed_with_other_ar
 
     seen = []
 
-    def stopping_probe(args, state, t_start):
+    def stopping_probe(args, t_start):
         seen.append(args.budget)
         raise Stopped("stopped by the test")
 
@@ -257,8 +257,8 @@ def test_a_plan_refused_after_the_probe_can_be_replaced_or_resumed_with_other_ar
     assert seen == ["3ep", "2ep"]
     # once a stage has finished, the record binds: the old refusals stand
     state = json.load(open(os.path.join(out, "state.json")))
-    p = make_plan(parse_budget("2ep"), step_s=0.1, steps_per_epoch=5, num_images=40, global_batch=8,
-                     startup_s=1.0, runs=1, spent_s=1.0, nproc=1, device="cpu")
+    p = plan_for_budget(parse_budget("2ep"), step_s=0.1, steps_per_epoch=5, num_images=40, global_batch=8,
+                          startup_s=1.0, runs=1, spent_s=1.0, nproc=1, device="cpu")
     state.update(plan={**p, "probe": {"timed_steps": 2}, "config": {"preset": "smoke"}},
                  stages={"plan": {"finished": 1}})
     json.dump(state, open(os.path.join(out, "state.json"), "w"))

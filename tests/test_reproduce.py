@@ -10,7 +10,7 @@ import pytest
 from densecl_fast.reproduce import main, probe as probe_mod
 from densecl_fast.reproduce.errors import UsageError
 from densecl_fast.recipe import ASSUMED_SCALING, IMAGENET_TRAIN_IMAGES, RECIPE_EPOCHS
-from densecl_fast.reproduce.plan import make_plan, parse_budget, plan_lines
+from densecl_fast.reproduce.plan import plan_for_budget, parse_budget, plan_lines
 from densecl_fast.reproduce.runs import EXPORT_FORMATS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +48,7 @@ def plan(budget, **kw):
     base = dict(step_s=0.5, steps_per_epoch=100, num_images=3200, global_batch=32, startup_s=10.0, runs=2,
                 spent_s=30.0, nproc=1, device="cuda", now=1000.0)
     base.update(kw)
-    return make_plan(parse_budget(budget), **base)
+    return plan_for_budget(parse_budget(budget), **base)
 
 
 def test_time_budget_fits_whole_epochs_for_every_run():

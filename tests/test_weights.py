@@ -82,8 +82,8 @@ def cli(*args):
 @pytest.mark.parametrize("fmt", ["torchvision", "timm"])
 def test_plain_export_loads_into_torchvision_and_gives_the_same_c5(trained, fmt):
     model, ckpt, d = trained
-    ck = load_checkpoint(ckpt)  # the file is a valid training checkpoint
-    assert ck["step"] == 5
+    saved = load_checkpoint(ckpt)  # the file is a valid training checkpoint
+    assert saved["step"] == 5
     arch, state = load_backbone_state(ckpt)
     out = str(d / f"{fmt}.pth")
     export_backbone(state, arch, fmt, out, {"step": 5})
@@ -358,8 +358,8 @@ def test_init_from_starts_a_fresh_run_from_exported_weights(trained, tmp_path):
         f"train.out_dir={run}", "train.tensorboard=false", "train.progress=false"]))
     assert summary["step"] == 1  # a new run: step 0 -> 1, not the source checkpoint's step 5
     # After one step at lr 0.0003 with momentum 0.999 the key trunk is still ~the imported one.
-    ck = load_checkpoint(summary["checkpoint"])
-    k_trunk = {k[len("encoder_k.backbone."):]: v for k, v in ck["model"].items() if k.startswith("encoder_k.backbone.")}
+    saved = load_checkpoint(summary["checkpoint"])
+    k_trunk = {k[len("encoder_k.backbone."):]: v for k, v in saved["model"].items() if k.startswith("encoder_k.backbone.")}
     src = model.encoder_q.backbone.state_dict()
     name = "layer3.0.bn1.weight"  # randomise() made it unlike any fresh init
     assert torch.allclose(k_trunk[name], src[name], atol=1e-4)

@@ -57,7 +57,7 @@ def check_count(num_samples: int, batch_size: int, world_size: int, source) -> N
                         f"({batch_size} per rank x {world_size} ranks) of data.source={source!r}")
 
 
-class EpochPlan:
+class FileOrder:
     """This rank's file indices of every epoch, and the substitutes of unreadable files."""
 
     def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int, source=""):

@@ -1,6 +1,6 @@
 """Two-view loader on torchvision + a torch DataLoader (the portable backend).
 
-The order, rank sharding and substitution of unreadable files are `plan.EpochPlan`'s (shared with
+The order, rank sharding and substitution of unreadable files are `plan.FileOrder`'s (shared with
 the DALI loader). Every sample's augmentation is seeded by (seed, epoch, planned index) inside
 `__getitem__`, so results are the same for any num_workers. Workers report bad files inside the
 batch; the main process counts and logs them (`plan.BadFileLog`).
@@ -18,7 +18,7 @@ from typing import Iterator, List, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .plan import BadFileLog, EpochPlan, mix_seed, unreadable_error
+from .plan import BadFileLog, FileOrder, mix_seed, unreadable_error
 from .sources import PathTable, draft_side, list_images, load_rgb
 from .transforms import Augmentation, TwoViewTransform
 
@@ -26,12 +26,12 @@ from .transforms import Augmentation, TwoViewTransform
 class TwoViewDataset(Dataset):
     """dataset[(epoch, index)] -> (view_q, view_k, file read, [(bad path, reason), ...])."""
 
-    def __init__(self, paths: Sequence[str], plan: EpochPlan, image_size: int, min_scale: float,
+    def __init__(self, paths: Sequence[str], order: FileOrder, image_size: int, min_scale: float,
                  augmentation: Augmentation = Augmentation()):
         self.paths = PathTable(paths)
-        self.plan = plan
+        self.order = order
         self.transform = TwoViewTransform(image_size, min_scale, augmentation)
-        self.seed = plan.seed
+        self.seed = order.seed
         self.min_side = draft_side(image_size, min_scale)
 
     def __len__(self) -> int:
@@ -39,7 +39,7 @@ class TwoViewDataset(Dataset):
 
     def __getitem__(self, key: Tuple[int, int]):
         epoch, index = key
-        img, source, bad = self.plan.first_readable(epoch, index, lambda j: load_rgb(self.paths[j], self.min_side))
+        img, source, bad = self.order.first_readable(epoch, index, lambda j: load_rgb(self.paths[j], self.min_side))
         bad = [(self.paths[j], why) for j, why in bad]
         if img is None:
             # Not raised here: in a worker process it would reach the user wrapped in a worker traceback.
@@ -83,23 +83,23 @@ def _on_sigterm(stopping, _signum, _frame) -> None:
 
 
 class ShardedEpochSampler(Sampler):
-    """Yields this rank's (epoch, index) keys of the plan for one epoch, from `start_step` on."""
+    """Yields this rank's (epoch, index) keys of the file order for one epoch, from `start_step` on."""
 
-    def __init__(self, plan: EpochPlan):
-        self.plan = plan
-        self.steps = plan.steps
+    def __init__(self, order: FileOrder):
+        self.order = order
+        self.steps = order.steps
         self.epoch, self.start_step = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.plan.check_start(start_step)
+        self.order.check_start(start_step)
         self.epoch, self.start_step = int(epoch), int(start_step)
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
-        for i in self.plan.rank_indices(self.epoch)[self.start_step:].reshape(-1).tolist():
+        for i in self.order.rank_indices(self.epoch)[self.start_step:].reshape(-1).tolist():
             yield (self.epoch, i)
 
     def __len__(self) -> int:
-        return (self.steps - self.start_step) * self.plan.batch
+        return (self.steps - self.start_step) * self.order.batch
 
 
 def _mp_context():
@@ -115,11 +115,11 @@ class TorchTwoViewLoader:
                  device: torch.device = torch.device("cpu"), seed: int = 0, channels_last: bool = False):
         augmentation = Augmentation.of(data_cfg)
         paths = list_images(data_cfg)
-        self.plan = EpochPlan(len(paths), batch_size, rank, world_size, seed, data_cfg.source)
+        self.order = FileOrder(len(paths), batch_size, rank, world_size, seed, data_cfg.source)
         self.device = torch.device(device)
         self.channels_last = channels_last
-        self.dataset = TwoViewDataset(paths, self.plan, data_cfg.image_size, data_cfg.min_scale, augmentation)
-        self.sampler = ShardedEpochSampler(self.plan)
+        self.dataset = TwoViewDataset(paths, self.order, data_cfg.image_size, data_cfg.min_scale, augmentation)
+        self.sampler = ShardedEpochSampler(self.order)
         workers = int(data_cfg.num_workers)
         context = _mp_context() if workers > 0 else None
         self._stopping = (context or multiprocessing).Event() if workers > 0 else None
@@ -138,7 +138,7 @@ class TorchTwoViewLoader:
             _register_exit_guard()
 
     def __len__(self) -> int:
-        return self.plan.steps
+        return self.order.steps
 
     @property
     def num_samples(self) -> int:

@@ -15,11 +15,11 @@ from contextlib import nullcontext
 
 import torch
 
-from .. import checkpoint as ckpt_io
+from .. import checkpoint
 from ..config import ConfigError
 from ..distributed import barrier
 from .. import stages
-from .compiling import CompilePlan, compile_encoders
+from .compiling import CompileSettings, compile_encoders
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -64,11 +64,11 @@ class Engine:
     # ---- set-up ------------------------------------------------------------------------------------
     def setup(self, model, optim_cfg, base_lr: float, compile=None) -> None:
         """Compile (in place, before any wrapping, as torchtitan does), wrap, build the optimizer.
-        `compile`: a compiling.CompilePlan, True (the default plan: per block) or None/False."""
+        `compile`: a compiling.CompileSettings, True (the default settings: per block) or None/False."""
         self.model = model
-        plan = CompilePlan.of(compile)
-        if plan is not None:
-            compile_encoders(model, plan)
+        settings = CompileSettings.of(compile)
+        if settings is not None:
+            compile_encoders(model, settings)
         self.wrap(model)
         self.optimizer = make_optimizer(model, optim_cfg, self.device, base_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -99,7 +99,7 @@ class Engine:
         """Rank 0 writes one checksummed file atomically (the model is identical on every rank)."""
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), **extra}
-        path = ckpt_io.save_checkpoint(state, out_dir, step, keep_last) if self.is_main else None
+        path = checkpoint.save_checkpoint(state, out_dir, step, keep_last) if self.is_main else None
         barrier()
         return path
 
@@ -107,40 +107,40 @@ class Engine:
         """A checkpoint folder written by every rank (FSDP's DCP shards, DeepSpeed's files): `write(tmp)`
         fills a temp folder on each rank and returns the folder to publish; rank 0 renames it to its
         final name only after every rank is done, then prunes old checkpoints."""
-        tmp = ckpt_io.temp_dir_for(out_dir, step, self.ckpt_kind)
-        final = ckpt_io.final_dir_for(out_dir, step, self.ckpt_kind)
+        tmp = checkpoint.temp_dir_for(out_dir, step, self.ckpt_kind)
+        final = checkpoint.final_dir_for(out_dir, step, self.ckpt_kind)
         if self.is_main and os.path.exists(tmp):
-            ckpt_io.remove_path(tmp)
+            checkpoint.remove_path(tmp)
         barrier()
         try:
             done = write(tmp)
         except (OSError, RuntimeError) as e:
-            raise ckpt_io.CheckpointWriteError(f"cannot write checkpoint {final}: {ckpt_io.io_error_text(e)}; "
-                                               f"continue from the last good one with --resume auto") from e
+            raise checkpoint.CheckpointWriteError(f"cannot write checkpoint {final}: {checkpoint.io_error_text(e)}; "
+                                                  f"continue from the last good one with --resume auto") from e
         barrier()  # every rank's files are on disk before the folder gets its final name
         if self.is_main:
-            ckpt_io.commit_dir(done, final)
+            checkpoint.commit_dir(done, final)
             if done != tmp:
-                ckpt_io.remove_path(tmp)
-            ckpt_io.prune(out_dir, keep_last, final)
+                checkpoint.remove_path(tmp)
+            checkpoint.prune(out_dir, keep_last, final)
         barrier()
         return final if self.is_main else None
 
     def load(self, path: str, meta: dict | None = None) -> dict:
         """Load model, optimizer and scaler from `path` (`meta`: the file already read); returns it."""
-        ck = meta if meta is not None else ckpt_io.load_checkpoint(path)
+        saved = meta if meta is not None else checkpoint.load_checkpoint(path)
         try:
-            self.model.load_state_dict(ck["model"])
+            self.model.load_state_dict(saved["model"])
         except RuntimeError as e:
-            raise ckpt_io.CheckpointError(f"checkpoint {path} does not fit the model: "
-                                          f"{str(e).splitlines()[0]}") from e
+            raise checkpoint.CheckpointError(f"checkpoint {path} does not fit the model: "
+                                             f"{str(e).splitlines()[0]}") from e
         try:
-            self.optimizer.load_state_dict(ck["optimizer"])
-            self.scaler.load_state_dict(ck["scaler"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scaler.load_state_dict(saved["scaler"])
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
-            raise ckpt_io.CheckpointError(f"checkpoint {path} has a malformed optimizer or scaler state: "
-                                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-        return ck
+            raise checkpoint.CheckpointError(f"checkpoint {path} has a malformed optimizer or scaler state: "
+                                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        return saved
 
 
 def reject_unsupported(engine: str, precision: str, cfg, why_no_compile: str) -> None:

@@ -35,18 +35,18 @@ STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
 @dataclass(frozen=True)
-class CompilePlan:
+class CompileSettings:
     scope: str = "blocks"      # config.COMPILE_SCOPES
     mode: str = "default"      # config.COMPILE_MODES
     backend: str = "inductor"  # tests trace with "eager"/"aot_eager" (Dynamo's guards and graph breaks, no codegen)
 
     @classmethod
-    def from_config(cls, t_cfg) -> "CompilePlan | None":
+    def from_config(cls, t_cfg) -> "CompileSettings | None":
         return cls(t_cfg.compile_scope, t_cfg.compile_mode) if t_cfg.compile else None
 
     @classmethod
-    def of(cls, compile) -> "CompilePlan | None":
-        """An engine's `compile` argument: a plan, True (the default plan), or False/None (eager)."""
+    def of(cls, compile) -> "CompileSettings | None":
+        """An engine's `compile` argument: settings, True (the default settings), or False/None (eager)."""
         if isinstance(compile, cls) or compile is None:
             return compile
         return cls() if compile else None
@@ -64,11 +64,11 @@ def regions(encoder: nn.Module) -> list:
     return [block for name in STAGES for block in getattr(trunk, name).children()] + [encoder.neck]
 
 
-def compile_encoders(model: nn.Module, plan: CompilePlan) -> int:
-    """Compile both encoders of a DenseCL model in place by `plan`; returns the number of compiled
+def compile_encoders(model: nn.Module, settings: CompileSettings) -> int:
+    """Compile both encoders of a DenseCL model in place by `settings`; returns the number of compiled
     modules. Must run before any wrapping (DDP's replicate, FSDP's fully_shard)."""
     encoders = (model.encoder_q, model.encoder_k)
-    targets = [enc for enc in encoders] if plan.scope == "encoders" else [r for enc in encoders for r in regions(enc)]
+    targets = [enc for enc in encoders] if settings.scope == "encoders" else [r for enc in encoders for r in regions(enc)]
     # Every region's graph is a cache entry of the same code (Module._call_impl): one per block shape
     # x grad mode (query / key) x train/eval. Dynamo's default limit (8) would send the rest to eager.
     limit = 4 * len(targets)
@@ -76,7 +76,7 @@ def compile_encoders(model: nn.Module, plan: CompilePlan) -> int:
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
                                                            4 * limit)
     for m in targets:
-        m.compile(**plan.options())
+        m.compile(**settings.options())
     return len(targets)
 
 
@@ -86,9 +86,9 @@ def cache_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def key_fields(cfg, device: torch.device, precision: str, batch_per_rank: int, plan: CompilePlan,
+def key_fields(cfg, device: torch.device, precision: str, batch_per_rank: int, settings: CompileSettings,
                kernels: str) -> dict:
-    """What changes the compiled code: versions, card, shapes, dtypes, layout, BN groups, plan."""
+    """What changes the compiled code: versions, card, shapes, dtypes, layout, BN groups, compile settings."""
     try:
         import triton
         triton_version = triton.__version__
@@ -100,8 +100,8 @@ def key_fields(cfg, device: torch.device, precision: str, batch_per_rank: int, p
     return {"torch": torch.__version__, "triton": triton_version, "device": device.type, "card": card,
             "capability": cap, "arch": m.arch, "hid_dim": m.hid_dim, "out_dim": m.out_dim,
             "batch": batch_per_rank, "bn_group_size": m.bn_group_size, "image_size": cfg.data.image_size,
-            "precision": precision, "channels_last": cfg.train.channels_last, "scope": plan.scope,
-            "mode": plan.mode, "kernels": kernels}
+            "precision": precision, "channels_last": cfg.train.channels_last, "scope": settings.scope,
+            "mode": settings.mode, "kernels": kernels}
 
 
 class CompileCache:
@@ -123,9 +123,9 @@ class CompileCache:
         self._key_problem = None
 
     @classmethod
-    def for_run(cls, cfg, device, precision, batch_per_rank, plan, kernels, ckpt_dir, is_main=True, warn=None):
+    def for_run(cls, cfg, device, precision, batch_per_rank, settings, kernels, ckpt_dir, is_main=True, warn=None):
         folders = [ckpt_dir, os.path.join(os.path.expanduser(cfg.data.cache_dir), "compile")]
-        return cls(cache_key(key_fields(cfg, device, precision, batch_per_rank, plan, kernels)), folders,
+        return cls(cache_key(key_fields(cfg, device, precision, batch_per_rank, settings, kernels)), folders,
                    is_main, warn)
 
     def _user_key(self):

@@ -28,7 +28,7 @@ import warnings
 
 import torch
 
-from .. import checkpoint as ckpt_io
+from .. import checkpoint
 from ..config import ConfigError
 from ..distributed import ensure_process_group
 from .. import stages
@@ -155,7 +155,7 @@ class DeepSpeedEngine(Engine):
         world = self.dist.world_size if self.dist else 1
         saved = meta.get("world_size", len(meta["shuffle_rng"]))
         if saved != world:
-            raise ckpt_io.CheckpointError(
+            raise checkpoint.CheckpointError(
                 f"checkpoint {path} was written by {saved} DeepSpeed rank(s), this run has {world}; resume it "
                 f"on {saved} (DeepSpeed checkpoints hold per-rank optimizer shards)")
 
@@ -166,16 +166,16 @@ class DeepSpeedEngine(Engine):
         client = {**extra, CLIENT_KEY: self._outside_state()}
 
         def write(tmp):
-            tag = os.path.basename(ckpt_io.final_dir_for(out_dir, step, self.ckpt_kind))
+            tag = os.path.basename(checkpoint.final_dir_for(out_dir, step, self.ckpt_kind))
             if self.ds.save_checkpoint(tmp, tag=tag, client_state=client, save_latest=False) is False:
                 raise RuntimeError("deepspeed save_checkpoint returned False")
             if self.is_main:
-                ckpt_io.write_meta(os.path.join(tmp, tag), extra)
+                checkpoint.write_meta(os.path.join(tmp, tag), extra)
             return os.path.join(tmp, tag)  # DeepSpeed writes into <tmp>/<tag>/
         return self.save_folder(out_dir, step, keep_last, write)
 
     def load(self, path: str, meta: dict | None = None) -> dict:
-        meta = meta if meta is not None else ckpt_io.read_checkpoint_meta(path)
+        meta = meta if meta is not None else checkpoint.read_checkpoint_meta(path)
         self.check_resume(path, meta)
         path = os.path.normpath(path)
         try:
@@ -183,15 +183,15 @@ class DeepSpeedEngine(Engine):
                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
         except Exception as e:
             first = str(e).strip().splitlines()
-            raise ckpt_io.CheckpointError(f"checkpoint {path} cannot be loaded by DeepSpeed: "
-                                          f"{type(e).__name__}: {first[0] if first else ''}") from e
+            raise checkpoint.CheckpointError(f"checkpoint {path} cannot be loaded by DeepSpeed: "
+                                             f"{type(e).__name__}: {first[0] if first else ''}") from e
         if loaded is None or not isinstance(client, dict) or CLIENT_KEY not in client:
-            raise ckpt_io.CheckpointError(f"checkpoint {path} is not a complete densecl_fast DeepSpeed checkpoint")
+            raise checkpoint.CheckpointError(f"checkpoint {path} is not a complete densecl_fast DeepSpeed checkpoint")
         missing, unexpected = self.model.load_state_dict(client[CLIENT_KEY], strict=False)
         missing = [k for k in missing if not k.startswith("encoder_q.")]
         if missing or unexpected:
-            raise ckpt_io.CheckpointError(f"checkpoint {path} does not fit the model: missing "
-                                          f"{missing[:3]}, unexpected {unexpected[:3]}")
+            raise checkpoint.CheckpointError(f"checkpoint {path} does not fit the model: missing "
+                                             f"{missing[:3]}, unexpected {unexpected[:3]}")
         return meta
 
 

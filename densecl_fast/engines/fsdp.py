@@ -23,7 +23,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .. import checkpoint as ckpt_io
+from .. import checkpoint
 from ..distributed import ensure_process_group
 from .base import Engine, reject_unsupported
 
@@ -88,22 +88,22 @@ class FSDPEngine(Engine):
         def write(tmp):
             dcp.save(self._state(), checkpoint_id=tmp)
             if self.is_main:
-                ckpt_io.write_meta(tmp, extra)
+                checkpoint.write_meta(tmp, extra)
             return tmp
         return self.save_folder(out_dir, step, keep_last, write)
 
     def load(self, path: str, meta: dict | None = None) -> dict:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
-        meta = meta if meta is not None else ckpt_io.read_checkpoint_meta(path)
+        meta = meta if meta is not None else checkpoint.read_checkpoint_meta(path)
         # The metadata through the allow-list, every shard file checked: a damaged or doctored
         # folder is a one-line error here, not DCP's traceback (or its unpickling) on every rank.
-        reader, planner = ckpt_io.dcp_loader(path, ckpt_io.read_dcp_metadata(path))
+        reader, planner = checkpoint.dcp_loader(path, checkpoint.read_dcp_metadata(path))
         state = self._state()
         try:
             dcp.load(state, storage_reader=reader, planner=planner)
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optimizer"])
-        except (Exception, ckpt_io.dcp_exception()) as e:  # DCP's CheckpointException is a BaseException
-            raise ckpt_io.dcp_error(path, e, "cannot be loaded into this model") from e
+        except (Exception, checkpoint.dcp_exception()) as e:  # DCP's CheckpointException is a BaseException
+            raise checkpoint.dcp_error(path, e, "cannot be loaded into this model") from e
         return meta

@@ -15,7 +15,7 @@ import time
 from ..data import DataError, mosaics
 from ..usage import Parser, UsageError, run_cli
 from ..weights import WeightsError
-from . import cells, dense, features, knn, linear, report, svm
+from . import cells, dense, features, knn, linear, result_files, svm
 from .datasets import EvalSplit, load_eval_data
 
 MODES = ("knn", "linear", "svm", "lowshot", "dense", "cells")
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     def evaluate():
         args = parser().parse_args(argv)
         res, rows, line = run(args)
-        return args, res, line, report.write(args.out, args.mode, res, rows)
+        return args, res, line, result_files.write(args.out, args.mode, res, rows)
 
     rc, done = run_cli(evaluate, (DataError, WeightsError))
     if rc:

@@ -6,7 +6,8 @@ Modules, each importing only those above it:
   state   OUT/state.json: the arguments, the plan, the finished stages
   runs    the runs the stages start: pretraining, the export and eval CLIs
   probe   the throughput probe (a timed child process) -> the plan
-  report  report.md, report.json and the plots
+  plots   loss.png, knn.png, throughput.png, eval.png
+  report  report.md and report.json
   cli     the arguments and the stage runner (`main`)
 """
 from .cli import main

@@ -209,7 +209,7 @@ def _main(argv) -> int:
         plan = state.data["plan"]
         print("skip plan (done): " + plan_lines(plan)[0], flush=True)
     else:
-        plan = probe(args, state, t_start)
+        plan = probe(args, t_start)
         state.data["plan"] = plan
         state.mark("plan")
     for line in plan_lines(plan):
@@ -269,16 +269,16 @@ def _main(argv) -> int:
     # 4. evaluation ----------------------------------------------------------------------------------------
     from ..eval.__main__ import main as eval_main
     jobs = eval_jobs(args, cfg, runs, seeds)
-    for trunk, mode, a in jobs:
+    for trunk, mode, eval_argv in jobs:
         stage = f"eval:{trunk}:{mode}"
         if state.done(stage):
             print(f"skip {stage} (done)", flush=True)
             continue
         print(f"{stage} ...", flush=True)
         d = os.path.join(out, "eval", trunk)
-        ck = "random" if method_of(trunk) == "random" else finals[trunk]
-        call_cli(eval_main, [a[0], "--checkpoint", ck, "--out", d, "--cache-dir",
-                             os.path.join(out, "eval", "feature_cache"), *a[1:]], "densecl_fast.eval")
+        weights = "random" if method_of(trunk) == "random" else finals[trunk]
+        call_cli(eval_main, [eval_argv[0], "--checkpoint", weights, "--out", d, "--cache-dir",
+                             os.path.join(out, "eval", "feature_cache"), *eval_argv[1:]], "densecl_fast.eval")
         state.mark(stage, json=os.path.join(d, f"{mode}.json"))
 
     # 5. report ---------------------------------------------------------------------------------------------

@@ -44,9 +44,9 @@ def fmt_duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-def make_plan(budget: dict, *, step_s: float, steps_per_epoch: int, num_images: int, global_batch: int,
-              startup_s: float, runs: int, spent_s: float, nproc: int, device: str,
-              single_ips: float | None = None, now: float | None = None) -> dict:
+def plan_for_budget(budget: dict, *, step_s: float, steps_per_epoch: int, num_images: int, global_batch: int,
+                    startup_s: float, runs: int, spent_s: float, nproc: int, device: str,
+                    single_ips: float | None = None, now: float | None = None) -> dict:
     """The schedule that fits `budget`, and the projections of the full recipe.
 
     step_s: measured seconds per training step (all `nproc` processes together, data included);

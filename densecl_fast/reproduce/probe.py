@@ -14,17 +14,16 @@ import time
 
 from .errors import RunFailed, Stopped, UsageError
 from ..recipe import RECIPE_EPOCHS
-from .plan import fmt_duration, make_plan, parse_budget
+from .plan import fmt_duration, plan_for_budget, parse_budget
 from ..metrics import read_metrics, read_metrics_so_far
 from .runs import child_env, load_cfg, pretrain_command, run_cfg_overrides
-from .state import State
 
 PROBE_WARMUP = 3                   # first steps of the probe not timed (allocator, workers, compile)
 PROBE_SHARE = 0.25                 # of a time budget, the most the throughput probe(s) may take
 MIN_TIME_BUDGET = 60.0             # seconds: less cannot hold a probe in its share and an epoch after it
 
 
-def probe(args, state: State, t_start: float) -> dict:
+def probe(args, t_start: float) -> dict:
     """A short timed run with the run's exact settings; -> the plan (also printed)."""
     from ..checkpoint import (checkpoint_kind, checkpoint_step, list_checkpoints, load_checkpoint, read_checkpoint_meta,
                               remove_path)
@@ -76,11 +75,11 @@ def probe(args, state: State, t_start: float) -> dict:
         steps_total = sum(batch / r["img_per_s"] for r in recs)
         # a file checkpoint whole (unverified: the probe's own, just written); a folder's meta.pt holds the same
         last = ckpts[-1]
-        ck = load_checkpoint(last, verify=False) if checkpoint_kind(last) == "pt" else read_checkpoint_meta(last)
+        meta = load_checkpoint(last, verify=False) if checkpoint_kind(last) == "pt" else read_checkpoint_meta(last)
         info = {"step_s": step_s, "startup_s": max(0.0, wall - steps_total), "wall_s": wall, "batch": batch,
-                "steps_per_epoch": int(ck["steps_per_epoch"]), "num_images": int(ck.get("num_samples") or 0),
+                "steps_per_epoch": int(meta["steps_per_epoch"]), "num_images": int(meta.get("num_samples") or 0),
                 "timed_steps": len(timed_recs)}
-        del ck
+        del meta
         for p in ckpts:  # full model + queues: not needed any more
             remove_path(p)
         return info
@@ -93,9 +92,10 @@ def probe(args, state: State, t_start: float) -> dict:
         single_ips = per / one["step_s"]
     device = "cuda" if _cuda_used(base) else "cpu"
     num_images = main["num_images"] or main["steps_per_epoch"] * base.optim.batch_size
-    plan = make_plan(budget, step_s=main["step_s"], steps_per_epoch=main["steps_per_epoch"], num_images=num_images,
-                     global_batch=base.optim.batch_size, startup_s=main["startup_s"], runs=runs,
-                     spent_s=time.time() - t_start, nproc=args.nproc, device=device, single_ips=single_ips)
+    plan = plan_for_budget(budget, step_s=main["step_s"], steps_per_epoch=main["steps_per_epoch"],
+                           num_images=num_images, global_batch=base.optim.batch_size, startup_s=main["startup_s"],
+                           runs=runs, spent_s=time.time() - t_start, nproc=args.nproc, device=device,
+                           single_ips=single_ips)
     plan["probe"] = main
     plan["seeds"] = args.seeds
     plan["config"] = {"preset": args.config, "arch": base.model.arch, "image_size": base.data.image_size,

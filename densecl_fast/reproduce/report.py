@@ -1,4 +1,4 @@
-"""The reproduction's report: report.md, report.json and three PNG plots, from OUT/state.json,
+"""The reproduction's report: report.md and report.json (with the plots of plots.py), from OUT/state.json,
 the runs' metrics.jsonl and the eval tools' JSON files (nothing here is typed in by hand except
 the seed's published 200-epoch figures, which are labelled as such everywhere they appear)."""
 from __future__ import annotations
@@ -12,7 +12,8 @@ import time
 from ..recipe import IMAGENET_TRAIN_IMAGES
 from .plan import fmt_duration, plan_lines
 from ..metrics import read_metrics
-from .runs import method_of
+from .plots import plot_all
+from .runs import RUN_TITLE, method_of, title
 
 LOWSHOT_K = (1, 2, 4, 8, 16, 32, 64, 96)
 
@@ -27,16 +28,6 @@ PUBLISHED_200EP = {
 }
 # The paper's own same-budget comparison (original repo, ImageNet 200 epochs): DenseCL vs MoCo-v2.
 PAPER_DENSECL_VS_MOCO = {"VOC det AP": (58.7, 57.0), "VOC seg mIoU": (69.4, 67.5)}
-
-RUN_TITLE = {"densecl": "DenseCL", "mocov2": "MoCo-v2 (λ = 0)", "random": "random init"}
-METHOD_COLOR = {"densecl": "tab:blue", "mocov2": "tab:orange", "random": "tab:gray"}
-SEED_STYLE = ("-", "--", ":", "-.")
-
-
-def title(name: str) -> str:
-    """'densecl' -> 'DenseCL'; 'mocov2_s1' -> 'MoCo-v2 (λ = 0), seed 1'."""
-    method, _, seed = name.partition("_s")
-    return RUN_TITLE[method] + (f", seed {seed}" if seed else "")
 
 
 def _load(path):
@@ -92,7 +83,7 @@ def run_summary(out: str, run: str, stage: dict | None) -> dict:
             "checkpoint": (stage or {}).get("checkpoint")}
 
 
-def _f(v, nd=2):
+def _num(v, nd=2):
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{nd}f}"
 
 
@@ -100,7 +91,7 @@ def _signed(v):
     return "–" if v is None else f"{v:+.2f}"
 
 
-def metric_rows(ev: dict, ks_knn=("20",)) -> list[tuple[str, str, float | None]]:
+def metric_rows(ev: dict) -> list[tuple[str, str, float | None]]:
     """(key, label, published 200-epoch value or None) of the metrics present in any trunk."""
     have = set().union(*[set(v) for v in ev.values()]) if ev else set()
     rows = []
@@ -156,118 +147,6 @@ def commands(out: str, runs: list[str], state: dict, arch: str = "resnet50") -> 
     return cmds
 
 
-def _save(fig, out, name):
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    path = os.path.join(out, name)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _seed_rank(name: str, runs: list[str]) -> int:
-    """0 for the first seed of a method, 1 for its second, ... (line style and label of its curves)."""
-    return [r for r in runs if method_of(r) == method_of(name)].index(name)
-
-
-def plot_all(out: str, runs: list[str], ev: dict, rows, plan: dict, groups: dict | None = None) -> list[str]:
-    """loss.png, knn.png (when the runs logged the online kNN monitor), throughput.png, eval.png.
-    One colour per method, one line style per seed; with several seeds eval.png shows each method's
-    mean with its standard deviation and the per-seed values (`groups`: metric -> method -> stats)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def style(run):
-        k = _seed_rank(run, runs)
-        return dict(color=METHOD_COLOR[method_of(run)], first=k == 0, ls=SEED_STYLE[k % len(SEED_STYLE)])
-
-    several = len(runs) > len({method_of(r) for r in runs})
-    paths = []
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for run in runs:
-        recs = read_metrics(os.path.join(out, run))
-        if not recs:
-            continue
-        st, x = style(run), [r["epoch"] for r in recs]
-        name = RUN_TITLE[method_of(run)] if several else title(run)
-        if several:  # the total loss per run, the dense loss in thin lines: 3 curves x 6 runs do not read
-            ax.plot(x, [r["loss"] for r in recs], color=st["color"], ls=st["ls"], label=f"{name}: loss" if st["first"] else None)
-            ax.plot(x, [r["loss_dense"] for r in recs], color=st["color"], ls=st["ls"], lw=0.7, alpha=0.6,
-                    label=f"{name}: dense" if st["first"] else None)
-            continue
-        ax.plot(x, [r["loss"] for r in recs], color=st["color"], label=f"{name}: loss")
-        ax.plot(x, [r["loss_single"] for r in recs], color=st["color"], ls="--", lw=1, label=f"{name}: global")
-        ax.plot(x, [r["loss_dense"] for r in recs], color=st["color"], ls=":", lw=1, label=f"{name}: dense")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("InfoNCE loss")
-    ax.set_title(f"pretraining loss ({plan['epochs']} epochs of the compressed recipe)"
-                 + ("; line style = seed" if several else ""))
-    ax.legend(fontsize=7)
-    paths.append(_save(fig, out, "loss.png"))
-
-    curves = {run: [r for r in read_metrics(os.path.join(out, run)) if "knn_top1" in r] for run in runs}
-    if any(curves.values()):  # the online kNN monitor's records (train.knn_data)
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for run, recs in curves.items():
-            if recs:
-                st = style(run)
-                ax.plot([r["epoch"] for r in recs], [r["knn_top1"] for r in recs], color=st["color"], ls=st["ls"],
-                        marker="o", ms=3, label=title(run))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("kNN top-1 (%)")
-        ax.set_title("online kNN monitor during pretraining (train.knn_data)")
-        ax.legend(fontsize=7)
-        paths.append(_save(fig, out, "knn.png"))
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for run in runs:
-        recs = read_metrics(os.path.join(out, run))[1:]  # the first record holds start-up
-        if recs:
-            st = style(run)
-            ax.plot([r["step"] for r in recs], [r["img_per_s"] for r in recs], color=st["color"], ls=st["ls"], lw=1,
-                    label=title(run))
-    ax.axhline(plan["images_per_s"], color="gray", ls="--", label=f"probe median {plan['images_per_s']:.1f}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("images / s (all processes, data included)")
-    ax.set_title("training throughput")
-    ax.legend(fontsize=7)
-    paths.append(_save(fig, out, "throughput.png"))
-
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) + 2), 4))
-    if groups:
-        methods = [m for m in RUN_TITLE if any(m in groups[k] for k, _, _ in rows)]
-        width = 0.8 / max(1, len(methods))
-        for i, m in enumerate(methods):
-            xs = [j + i * width for j in range(len(rows))]
-            stats = [groups[k].get(m) for k, _, _ in rows]
-            ax.bar(xs, [g["mean"] if g else 0 for g in stats], width, yerr=[g["std"] or 0 if g else 0 for g in stats],
-                   color=METHOD_COLOR[m], alpha=0.7, capsize=3, label=f"{RUN_TITLE[m]}: mean ± std")
-            for x, g in zip(xs, stats):
-                if g:
-                    ax.plot([x] * len(g["per_seed"]), list(g["per_seed"].values()), "k.", ms=4)
-        ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(rows))])
-        ax.set_title(f"evaluation after {plan['epochs']} epoch(s): mean ± std over seeds, dots = seeds")
-    else:
-        trunks = [t for t in ev if ev[t]]
-        width = 0.8 / max(1, len(trunks) + 1)
-        for i, t in enumerate(trunks):
-            vals = [ev[t].get(k) for k, _, _ in rows]
-            ax.bar([j + i * width for j in range(len(rows))], [v if v is not None else 0 for v in vals], width,
-                   label=f"ours: {title(t)}")
-        pub = [p for _, _, p in rows]
-        if any(p is not None for p in pub):
-            ax.bar([j + len(trunks) * width for j in range(len(rows))], [p or 0 for p in pub], width,
-                   color="lightgray", hatch="//", label="seed, published (200 epochs)")
-        ax.set_xticks([j + width * len(trunks) / 2 for j in range(len(rows))])
-        ax.set_title(f"evaluation after {plan['epochs']} epoch(s)")
-    ax.set_xticklabels([k for k, _, _ in rows], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("%")
-    ax.legend(fontsize=8)
-    paths.append(_save(fig, out, "eval.png"))
-    return paths
-
-
 def _stats(values: dict) -> dict:
     """{seed: value} -> per-seed values, mean and sample standard deviation (None with one seed)."""
     v = list(values.values())
@@ -296,7 +175,7 @@ def seed_groups(ev: dict, rows, trunks: list[str]) -> tuple[dict, dict]:
     return groups, diffs
 
 
-def _pm(g, signed=False) -> str:
+def _mean_std(g, signed=False) -> str:
     if not g:
         return "–"
     m = f"{g['mean']:+.2f}" if signed else f"{g['mean']:.2f}"
@@ -318,18 +197,18 @@ def seeds_section(groups: dict, diffs: dict, rows, trunks: list[str], ev: dict, 
           "with the number of seeds in which the first is ahead.", "",
           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k, label, pub in rows:
-        cells = [label] + [_pm(groups[k].get(m)) for m in methods]
+        cells = [label] + [_mean_std(groups[k].get(m)) for m in methods]
         for p in pairs:
             d = diffs[p].get(k)
-            cells.append(f"{_pm(d, signed=True)} ({d['ahead']}/{d['n']} ahead)" if d else "–")
-        cells.append(_f(pub) + (" (200 ep)" if pub is not None else ""))
+            cells.append(f"{_mean_std(d, signed=True)} ({d['ahead']}/{d['n']} ahead)" if d else "–")
+        cells.append(_num(pub) + (" (200 ep)" if pub is not None else ""))
         md.append("| " + " | ".join(cells) + " |")
     md += ["", "Per seed:", "", "| seed | trunk | " + " | ".join(k for k, _, _ in rows) + " |",
            "|---|---|" + "---|" * len(rows)]
     for seed in seeds:
         for t in trunks:
             if t.partition("_s")[2] == str(seed) and t in ev:
-                md.append(f"| {seed} | {RUN_TITLE[method_of(t)]} | " + " | ".join(_f(ev[t].get(k)) for k, _, _ in rows) + " |")
+                md.append(f"| {seed} | {RUN_TITLE[method_of(t)]} | " + " | ".join(_num(ev[t].get(k)) for k, _, _ in rows) + " |")
     return md + [""]
 
 
@@ -376,8 +255,8 @@ def write_report(out: str, state: dict, args, runs: list[str], skipped: dict, cf
     for r in runs:
         s = summaries[r]
         if s:
-            md.append(f"| {title(r)} | {s['steps']} | {s['epochs']:g} | {_f(s['first_loss'], 3)} → "
-                      f"{_f(s['final_loss'], 3)} | {_f(s['final_loss_global'], 3)} / {_f(s['final_loss_dense'], 3)} | "
+            md.append(f"| {title(r)} | {s['steps']} | {s['epochs']:g} | {_num(s['first_loss'], 3)} → "
+                      f"{_num(s['final_loss'], 3)} | {_num(s['final_loss_global'], 3)} / {_num(s['final_loss_dense'], 3)} | "
                       f"{s['images_per_s_median']:.1f} | {fmt_duration(s['wall_s']) if s['wall_s'] else '–'} |")
     md += ["", "MoCo-v2 here is the same model and schedule with λ = 0: its dense loss is computed and logged "
            "but has no weight.", "", "![loss](loss.png) ![throughput](throughput.png)"
@@ -394,10 +273,10 @@ def write_report(out: str, state: dict, args, runs: list[str], skipped: dict, cf
         head.append("seed, published (200 epochs)")
         md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for k, label, pub in rows:
-            cells = [label] + [_f(ev[t].get(k)) for t in trunks if t in ev]
+            cells = [label] + [_num(ev[t].get(k)) for t in trunks if t in ev]
             if "mocov2" in runs:
                 cells.append(_signed(diff.get(k)))
-            cells.append(_f(pub) + (" (200 ep)" if pub is not None else ""))
+            cells.append(_num(pub) + (" (200 ep)" if pub is not None else ""))
             md.append("| " + " | ".join(cells) + " |")
     md += ["", "Published 200-epoch figures not evaluated here (fine-tunes in their own tools, commands below): "
            f"ImageNet linear {PUBLISHED_200EP['imagenet_linear_avgpool']} (AvgPool), VOC07+12 Faster R-CNN C4 AP50 "

@@ -118,6 +118,15 @@ def method_of(name: str) -> str:
     return name.split("_s")[0]
 
 
+RUN_TITLE = {"densecl": "DenseCL", "mocov2": "MoCo-v2 (λ = 0)", "random": "random init"}
+
+
+def title(name: str) -> str:
+    """'densecl' -> 'DenseCL'; 'mocov2_s1' -> 'MoCo-v2 (λ = 0), seed 1'."""
+    method, _, seed = name.partition("_s")
+    return RUN_TITLE[method] + (f", seed {seed}" if seed else "")
+
+
 def pretrain_runs(args, seeds: list[int]) -> list[tuple[str, str, int]]:
     """(run name, method, seed) of every pretraining run, seed by seed: a stopped reproduction has
     whole DenseCL / MoCo-v2 pairs behind it."""

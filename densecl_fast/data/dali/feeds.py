@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..headers import file_hw, image_hw
-from ..plan import BadFileLog, EpochPlan, mix_seed, permutation, unreadable_error
+from ..plan import BadFileLog, FileOrder, mix_seed, permutation, unreadable_error
 from ..sources import PathTable, list_images
 from .graph import build_shard_reader
 from .shards import expand_shards, looks_like_shards, wds_index
@@ -40,15 +40,15 @@ class _Unreadable(Exception):
 
 
 class FolderFeed:
-    """Files of an image folder, .txt list or the built-in set, in `plan.EpochPlan`'s order and with
+    """Files of an image folder, .txt list or the built-in set, in `plan.FileOrder`'s order and with
     its substitutes. The graph reads the files itself (``fn.io.file.read``); the feed parses their
     headers first, for the crop windows and to catch most bad files before the decoder does."""
 
     read_files = True
 
-    def __init__(self, data_cfg, plan_args: dict, bad: BadFileLog, threads: int):
+    def __init__(self, data_cfg, order_args: dict, bad: BadFileLog, threads: int):
         paths = list_images(data_cfg)
-        self.plan = EpochPlan(len(paths), source=data_cfg.source, **plan_args)
+        self.order = FileOrder(len(paths), source=data_cfg.source, **order_args)
         self.paths = PathTable(paths)
         self.bad = bad
         self.threads = threads
@@ -59,10 +59,10 @@ class FolderFeed:
 
     @property
     def num_samples(self) -> int:
-        return self.plan.n
+        return self.order.n
 
     def begin_epoch(self, epoch: int, start: int) -> None:
-        self._epoch, self._rows = epoch, self.plan.rank_indices(epoch)
+        self._epoch, self._rows = epoch, self.order.rank_indices(epoch)
 
     def _header(self, index: int):
         try:
@@ -99,7 +99,7 @@ class FolderFeed:
         self._parse(keys)
         files, skipped = [], 0
         for i in keys:
-            _, j, bad = self.plan.first_readable(self._epoch, int(i), self._usable)
+            _, j, bad = self.order.first_readable(self._epoch, int(i), self._usable)
             if j < 0:
                 raise unreadable_error([(self.paths[b], self._unreadable.get(b, why)) for b, why in bad])
             files.append(j)
@@ -139,11 +139,11 @@ class ShardFeed:
 
     read_files = False
 
-    def __init__(self, data_cfg, plan_args: dict, bad: BadFileLog, threads: int):
+    def __init__(self, data_cfg, order_args: dict, bad: BadFileLog, threads: int):
         self.shards = expand_shards(data_cfg.source)
         idx = [wds_index(p, data_cfg.cache_dir) for p in self.shards]
         self.index_paths = [i for i, _ in idx]
-        self.plan = EpochPlan(sum(n for _, n in idx), source=data_cfg.source, **plan_args)
+        self.order = FileOrder(sum(n for _, n in idx), source=data_cfg.source, **order_args)
         self.bad = bad
         self.threads = threads
         self.shuffle_buffer = int(data_cfg.dali.shuffle_buffer)
@@ -151,10 +151,10 @@ class ShardFeed:
 
     @property
     def num_samples(self) -> int:
-        return self.plan.n
+        return self.order.n
 
     def begin_epoch(self, epoch: int, start: int) -> None:
-        p = self.plan
+        p = self.order
         self._reader = None
         order = permutation(len(self.shards), p.seed, epoch, 1).tolist()
         self._reader = build_shard_reader(
@@ -165,7 +165,7 @@ class ShardFeed:
             self._reader.run()
 
     def make(self, step: int) -> Batch:
-        p = self.plan
+        p = self.order
         enc, info = self._reader.run()
         encoded = [np.array(enc[i]) for i in range(p.batch)]
         names = [bytes(np.array(info[i])).decode("utf-8", "replace") for i in range(p.batch)]
@@ -208,6 +208,6 @@ def mix_reader_seed(seed: int, epoch: int, rank: int) -> int:
     return mix_seed(seed, epoch, rank) & 0x7FFFFFFF   # DALI takes a non-negative int32 seed
 
 
-def open_feed(data_cfg, plan_args: dict, bad: BadFileLog, threads: int):
+def open_feed(data_cfg, order_args: dict, bad: BadFileLog, threads: int):
     kind = ShardFeed if looks_like_shards(data_cfg.source) else FolderFeed
-    return kind(data_cfg, plan_args, bad, threads)
+    return kind(data_cfg, order_args, bad, threads)

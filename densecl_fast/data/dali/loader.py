@@ -82,7 +82,7 @@ class DaliTwoViewLoader:
         self.bad = BadFileLog()
         self.feed = open_feed(data_cfg, dict(batch_size=batch_size, rank=rank, world_size=world_size, seed=seed),
                               self.bad, self.threads)
-        self.batch, self.steps = int(batch_size), self.feed.plan.steps
+        self.batch, self.steps = int(batch_size), self.feed.order.steps
 
         self._epoch, self._start_step = 0, 0
         self._feeder = _Feeder(self._make_batch)
@@ -117,7 +117,7 @@ class DaliTwoViewLoader:
         return list(self._last.sources) if self._last is not None else []
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.feed.plan.check_start(start_step)
+        self.feed.order.check_start(start_step)
         self._epoch, self._start_step = int(epoch), int(start_step)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:

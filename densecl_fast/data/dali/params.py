@@ -29,15 +29,17 @@ import numpy as np
 from ..transforms import BLUR_SIGMA, CROP_RATIO, FLIP_PROB, Augmentation, blur_kernel_size
 
 CROP_ATTEMPTS = 10           # torchvision's RandomResizedCrop.get_params
-# Layout of the per-view uniform draws (columns of `_uniforms`).
-_U_AREA = slice(0, 10)
-_U_LOGR = slice(10, 20)
-_U_OFF = slice(20, 22)
-_U_FLIP, _U_JIT_ON = 22, 23
-_U_ORDER = slice(24, 28)
-_U_B, _U_C, _U_S, _U_H = 28, 29, 30, 31
-_U_GRAY, _U_BLUR_ON, _U_SIGMA = 32, 33, 34
-N_UNIFORMS = 35
+# Layout of the per-view uniform draws (columns of `_uniforms`): an area and an aspect draw per
+# crop attempt, then the draws of the other augmentations.
+_U_AREA = slice(0, CROP_ATTEMPTS)
+_U_LOGR = slice(CROP_ATTEMPTS, 2 * CROP_ATTEMPTS)
+_REST = 2 * CROP_ATTEMPTS
+_U_OFF = slice(_REST, _REST + 2)
+_U_FLIP, _U_JIT_ON = _REST + 2, _REST + 3
+_U_ORDER = slice(_REST + 4, _REST + 8)
+_U_B, _U_C, _U_S, _U_H = _REST + 8, _REST + 9, _REST + 10, _REST + 11
+_U_GRAY, _U_BLUR_ON, _U_SIGMA = _REST + 12, _REST + 13, _REST + 14
+N_UNIFORMS = _REST + 15
 
 # The per-view arrays fed to the graph, in feeding order, with their numpy dtypes.
 GRAPH_FIELDS: Tuple[Tuple[str, type], ...] = (

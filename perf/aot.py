@@ -1,8 +1,8 @@
 """Compile the Triton kernels ahead of time for a GPU architecture, on a machine without one.
 
-    python -m densecl_fast.kernels.aot                  # markdown table for sm_90 and sm_80 (perf/AOT_SM90.md)
-    python -m densecl_fast.kernels.aot --json           # the same rows as JSON (tests/test_kernels_aot.py)
-    python -m densecl_fast.kernels.aot --arch 90        # one architecture
+    python -m perf.aot              # markdown table for sm_90 and sm_80 (perf/AOT_SM90.md)
+    python -m perf.aot --json       # the same rows as JSON (tests/test_kernels_aot.py)
+    python -m perf.aot --arch 90    # one architecture
 
 Every kernel the model runs is compiled with every autotune config it may pick, at the
 production shapes (DenseCL R50: D = 128, C = 2048, S^2 = 49) and for each input dtype, through
@@ -120,9 +120,9 @@ def recorded_match_layouts() -> dict:
 def _cases(arch: int):
     """(kernel name, dtype name, config text, kernel, args, constexprs, warps, stages) for the
     tile tables of `arch`'s family."""
-    from . import dense_match_triton as dm
-    from . import queue_infonce_triton as qi
-    from ._common import arch_family_of, dot_precision, grad_dot_precision, width_of
+    from densecl_fast.kernels import dense_match_triton as dm
+    from densecl_fast.kernels import queue_infonce_triton as qi
+    from densecl_fast.kernels._common import arch_family_of, dot_precision, grad_dot_precision, width_of
 
     family = arch_family_of(arch // 10)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -195,7 +195,7 @@ def _group_bn_cases(arch: int):
     specialisation (== 1, divisible by 16) of the sizes and strides that form the addresses."""
     import triton.language as tl
 
-    from . import group_bn_triton as gb
+    from densecl_fast.kernels import group_bn_triton as gb
 
     f32 = torch.empty(1, dtype=torch.float32)
     seen = set()
@@ -287,15 +287,15 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, action="append", choices=sorted(SMEM_LIMIT),
                    help="compute capability x10 (repeatable; default: 90 and 80)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
-    a = p.parse_args(argv)
-    from ._common import INTERPRET
+    args = p.parse_args(argv)
+    from densecl_fast.kernels._common import INTERPRET
     if INTERPRET:
-        print("densecl_fast.kernels.aot: TRITON_INTERPRET is set; unset it (the interpreter replaces the kernels)",
+        print("perf.aot: TRITON_INTERPRET is set; unset it (the interpreter replaces the kernels)",
               file=sys.stderr)
         return 2
     import triton
-    rows = table(tuple(a.arch or (90, 80)))
-    if a.json:
+    rows = table(tuple(args.arch or (90, 80)))
+    if args.json:
         print(json.dumps({"triton": triton.__version__, "rows": rows}))
     else:
         print(f"Triton {triton.__version__}; production shapes D = {PRODUCT_D}, C = {PRODUCT_C}, "

@@ -116,7 +116,7 @@ def write_json(path, results):
     os.replace(path + ".tmp", path)
 
 
-def _f(x, fmt="{:,.0f}"):
+def _num(x, fmt="{:,.0f}"):
     return "–" if x is None else fmt.format(x)
 
 
@@ -171,23 +171,23 @@ def markdown(results):
     for v in variants:
         ips = v.get("images_per_s") or {}
         status = v["status"] if v["status"] == "ok" else f"{v['status']}: {v.get('reason') or v.get('error', '')}"
-        spread = f"{_f(ips.get('min'))}–{_f(ips.get('max'))} (±{ips.get('spread_pct', 0):.1f}%)" if ips else "–"
-        rows.append([v["name"], settings_text(v), _f(ips.get("median")), spread, _f(v.get("step_ms"), "{:,.1f}"),
-                     _f(v.get("peak_memory_gib"), "{:,.1f} GiB"), tflops_text(v.get("tflops")),
-                     _f(v.get("mfu"), "{:.1%}"), status.replace("|", "/").replace("\n", " ")[:160]])
+        spread = f"{_num(ips.get('min'))}–{_num(ips.get('max'))} (±{ips.get('spread_pct', 0):.1f}%)" if ips else "–"
+        rows.append([v["name"], settings_text(v), _num(ips.get("median")), spread, _num(v.get("step_ms"), "{:,.1f}"),
+                     _num(v.get("peak_memory_gib"), "{:,.1f} GiB"), tflops_text(v.get("tflops")),
+                     _num(v.get("mfu"), "{:.1%}"), status.replace("|", "/").replace("\n", " ")[:160]])
     L += ["", "## Throughput", ""] + _table(["variant", "settings", "images/s (median)", "spread", "ms/step",
                                              "peak memory", "TFLOP/s", "MFU", "status"], rows, (0, 1, 8))
     ok = [v for v in variants if v["status"] == "ok" and v.get("stages_ms")]
     if ok:
         cols = [s for s in STAGES if any(s in v["stages_ms"] for v in ok)] + ["other"]
         L += ["", f"## Where the milliseconds go (ms per step, mean of the timed steps; {m['timing']})", ""]
-        L += _table(["variant"] + cols + ["step"], [[v["name"]] + [_f(v["stages_ms"].get(c), "{:,.2f}") for c in cols]
-                                                    + [_f(v.get("stage_step_ms"), "{:,.2f}")] for v in ok])
+        L += _table(["variant"] + cols + ["step"], [[v["name"]] + [_num(v["stages_ms"].get(c), "{:,.2f}") for c in cols]
+                                                    + [_num(v.get("stage_step_ms"), "{:,.2f}")] for v in ok])
     ratios = results.get("ratios") or {}
     if any(x["ratio"] is not None for x in ratios.values()):
         L += ["", "## Same-run baselines (ordinary BatchNorm over the whole batch)", ""]
         L += _table(["ratio", "ours / baseline", "images/s ratio", "target", "met"],
-                    [[k, f"{x['ours']} / {x['baseline']}", _f(x["ratio"], "{:.3f}x"),
+                    [[k, f"{x['ours']} / {x['baseline']}", _num(x["ratio"], "{:.3f}x"),
                       "–" if x["target"] is None else f"≥ {x['target']}x",
                       "–" if x["met"] is None else ("yes" if x["met"] else "NO")] for k, x in ratios.items()], (0, 1))
     comp = [v for v in variants if v.get("compile_s") is not None or v.get("jit_s") is not None]
@@ -197,8 +197,8 @@ def markdown(results):
                   "process; JIT: the fused kernels' Triton JIT and autotuning alone)", ""]
         L += _table(["variant", "compile mode", "compile s", "JIT s", "first step s", "warm-up steps"],
                     [[v["name"], (v.get("settings") or {}).get("compile_mode", "default"),
-                      _f(v.get("compile_s"), "{:,.1f}"), _f(v.get("jit_s"), "{:,.1f}"),
-                      _f(v.get("first_step_s"), "{:,.1f}"), _f(v.get("warmup_steps"), "{:d}")] for v in comp], (0, 1))
+                      _num(v.get("compile_s"), "{:,.1f}"), _num(v.get("jit_s"), "{:,.1f}"),
+                      _num(v.get("first_step_s"), "{:,.1f}"), _num(v.get("warmup_steps"), "{:d}")] for v in comp], (0, 1))
     if pr:
         L += ["", f"## Projection: {pr['epochs']} epochs x {pr['images']:,} images", ""]
         head = pr.get("headline")
@@ -218,8 +218,8 @@ def markdown(results):
               f"≥ {t['images_per_s']:,.0f} images/s end to end (DALI, JPEGs) on one H100 at batch 256, ≥ "
               f"{t['vs_compiled']}x the compiled eager step and ≥ {t['vs_mmselfsup']}x the mmselfsup-style step "
               "of the same run.", "",
-              f"- e2e_dali {_f(g['e2e_dali_images_per_s'])} images/s; vs compiled "
-              f"{_f(g['ratio_vs_compiled'], '{:.2f}x')}; vs mmselfsup-style {_f(g['ratio_vs_mmselfsup'], '{:.2f}x')}",
+              f"- e2e_dali {_num(g['e2e_dali_images_per_s'])} images/s; vs compiled "
+              f"{_num(g['ratio_vs_compiled'], '{:.2f}x')}; vs mmselfsup-style {_num(g['ratio_vs_mmselfsup'], '{:.2f}x')}",
               f"- verdict: **{g['verdict']}**"]
     notes = [f"- {v['name']}: {n}" for v in variants for n in v.get("notes", [])]
     return "\n".join(L + (["", "## Notes", ""] + notes if notes else [])) + "\n"
