@@ -111,7 +111,6 @@ def run(args) -> dict:
     rows.append(_row("input_blind", f"input-blind (random seed {s0}, black images)",
                      _eval("cells", "random", d, args, s0, ["--input-blind"]),
                      _eval("knn", "random", d, args, s0, ["--input-blind"])))
-    info = None
     ckpt = args.label_trained
     if not ckpt:
         ckpt = os.path.join(args.out, "label_trained.pth")
@@ -134,7 +133,7 @@ def run(args) -> dict:
            "seconds": round(time.time() - t0, 1)}
     verdict = (f"label-trained − best random on C5 cell accuracy: {lead:+.2f} points: the probe "
                + (f"is calibrated (≥ {args.margin:g})" if res["calibrated"] else f"is NOT calibrated (< {args.margin:g})"))
-    md = [f"# Per-cell probe calibration", "", f"Data `{args.data}`, {args.arch}; probes and kNN seeded with {s0}.", "",
+    md = ["# Per-cell probe calibration", "", f"Data `{args.data}`, {args.arch}; probes and kNN seeded with {s0}.", "",
           *table(rows), "",
           f"Chance (the commonest cell class, what a constant answer scores): C5 {blind['c5_chance']:.2f}, "
           f"C4 {blind['c4_chance']:.2f}; mean per-class chance 1/11 = 9.09.", "", f"**{verdict}.**", ""]
