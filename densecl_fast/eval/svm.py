@@ -4,7 +4,8 @@ protocol as OpenSelfSup / DenseCL run it (benchmarks/svm_tools).
 Targets per image and class: 1 present, 0 absent, -1 ignore (VOC "difficult").
 Features: L2-normalised per image, x / (||x|| + 1e-5) (svm_helper.normalize_features).
 Per class, a LinearSVC(C, class_weight {1: 2, -1: 1}, squared hinge, L2, dual, tol 1e-4,
-max_iter 2000, intercept_scaling 1).
+max_iter 2000, intercept_scaling 1), its solver's shuffling seeded (SOLVER_SEED; the benchmark leaves it to
+NumPy's global RNG).
 Full: costs = COSTS (eval_svm_full.sh: 1, 10, 100) + 0.5**4 .. 0.5**19 (svm_helper.parse_cost_list);
   each cost scored by 3-fold cross-validation on trainval (sklearn cross_val_score, scoring
   "average_precision"); training targets 0 *and* -1 become -1 (train_svm_kfold.py: difficult
@@ -32,6 +33,11 @@ CV_FOLDS = 3
 CLASS_WEIGHT = {1: 2, -1: 1}
 LOWSHOT_K = (1, 2, 4, 8, 16, 32, 64, 96)
 LOWSHOT_SAMPLES = 5
+# liblinear's dual solver visits samples in a shuffled order; with sklearn's default random_state=None
+# the order comes from NumPy's global RNG, so a score depended on whatever ran before it (the same
+# low-shot call twice in one process gave different mAPs). A fixed seed makes every score a function of
+# its inputs; the benchmark's own scripts leave it unset, so their figures carry that extra noise.
+SOLVER_SEED = 0
 
 
 def cost_list(costs: Sequence[float] = COSTS, extra: bool = True) -> List[float]:
@@ -69,7 +75,7 @@ def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
 def _svc(cost: float):
     from sklearn.svm import LinearSVC
     return LinearSVC(C=cost, class_weight=CLASS_WEIGHT, intercept_scaling=1.0, penalty="l2", loss="squared_hinge",
-                     tol=1e-4, dual=True, max_iter=2000)
+                     tol=1e-4, dual=True, max_iter=2000, random_state=SOLVER_SEED)
 
 
 def _fit(cost, x, y):
