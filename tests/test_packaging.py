@@ -209,6 +209,8 @@ def test_wheel_installed_outside_the_checkout_trains_and_starts_children(tmp_pat
                             "-w", str(dist), str(src)], capture_output=True, text=True, timeout=300,
                            cwd=str(tmp_path), env=env)
     assert build.returncode == 0, build.stderr[-3000:]
+    # every folder the wheel ships is a listed package: setuptools warns a user about the others
+    assert "Package would be ignored" not in build.stdout + build.stderr, build.stderr[-3000:]
     (wheel,) = dist.glob("densecl_fast-*.whl")
 
     # A fresh environment that reuses this one's packages: path lines in a .pth add the folders
