@@ -86,7 +86,7 @@ def _supervised_trunk(images, masks, num_classes, steps, seed=0):
 
 @pytest.mark.slow
 def test_dense_probe_tells_a_trained_trunk_from_random_and_constant(tmp_path):
-    """The probe's sanity check: on the built-in set, a trunk trained with the masks for a few dozen steps
+    """The probe's sanity check: on the built-in set, a trunk trained with the masks for 150 steps
     beats the random trunk by a wide margin on foreground mIoU, and an input-independent trunk scores at
     chance (a constant prediction's foreground mIoU, at most the largest class share / the classes). The
     supervised run sees 1,200 training images; the probe is trained on the first 240 and scored on 80
@@ -100,7 +100,7 @@ def test_dense_probe_tells_a_trained_trunk_from_random_and_constant(tmp_path):
     mtr = m_full[:240]
     tf = features.eval_transform(size)
     images = torch.stack([tf(full.load(i)) for i in range(len(full))])
-    supervised = _supervised_trunk(images, m_full, n_cls, steps=40)
+    supervised = _supervised_trunk(images, m_full, n_cls, steps=150)
     torch.manual_seed(0)
     trunks = {"supervised": supervised, "random": ResNetTrunk("resnet18").eval(), "constant": ConstantTrunk().eval()}
     res = {}
@@ -116,7 +116,9 @@ def test_dense_probe_tells_a_trained_trunk_from_random_and_constant(tmp_path):
     print({k: (round(v["fg_mIoU"], 2), round(v["mIoU"], 2)) for k, v in res.items()}, f"chance {chance:.2f}")
     assert res["constant"]["fg_mIoU"] <= chance + 1e-6
     assert res["random"]["fg_mIoU"] > res["constant"]["fg_mIoU"]
-    # MEASURED
+    # Measured with 40 steps (2 shared cores, loaded): supervised 3.79, random 2.87, constant 0.00 (chance 0.52):
+    # on the built-in set 40 steps are not enough for the wide margin the scenes gave, hence 150 steps.
+    # NOT YET MEASURED at 150 steps (the run timed out on the loaded cores): the bars below are the scenes'.
     assert res["supervised"]["fg_mIoU"] > 3 * res["random"]["fg_mIoU"] and \
         res["supervised"]["fg_mIoU"] > res["random"]["fg_mIoU"] + 3
 
