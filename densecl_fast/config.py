@@ -51,7 +51,7 @@ class DaliConfig:
 @dataclass
 class DataConfig:
     source: str = "synthetic"         # "synthetic" | image folder | .txt file list | fashion-mnist:ROOT[#test]
-                                      # | fashion-mnist-scenes:ROOT[#test,train=N,test=N,size=S]
+                                      # | fashion-mnist-mosaics:ROOT[#test,train=N,test=N,size=S]
                                       # | shards glob (dali)
     max_images: int = 0               # use only the first N images of the source (0 = all)
     root: str = ""                    # base folder for relative paths in a file list
@@ -111,7 +111,7 @@ class TrainConfig:
     # Online kNN monitor (densecl_fast/monitor.py): off while knn_data is empty.
     knn_data: str = ""                # labelled data as the eval tool's --data: a folder with class
                                       # sub-folders, a labelled .txt list, fashion-mnist:ROOT,
-                                      # fashion-mnist-scenes:ROOT (label: the class covering most pixels)
+                                      # fashion-mnist-mosaics:ROOT (label: the class most quadrants hold)
     knn_val: str = ""                 # a separate evaluation folder / list (else the data's own split)
     knn_every_epochs: int = 1         # evaluate every N epochs (0 = not by epochs)
     knn_every_steps: int = 0          # and/or every N steps (0 = not by steps)
@@ -160,6 +160,14 @@ def scaled_lr(optim: OptimConfig, batch: Optional[int] = None) -> float:
     return optim.lr * (optim.batch_size if batch is None else batch) / 256
 
 
+# Presets that were removed -> why, and what to use instead (a one-line ConfigError, not "unknown config").
+REMOVED_PRESETS = {
+    "fashion_mnist_scenes": "the Fashion-MNIST scenes were removed (they could not rank trunks: "
+                            "docs/real-data-checks.md); use --config fashion_mnist_mosaic "
+                            "(data fashion-mnist-mosaics:ROOT)",
+}
+
+
 def list_presets() -> List[str]:
     return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
 
@@ -171,6 +179,8 @@ def load_config(preset_or_path: Optional[str] = "smoke", overrides: Optional[Lis
         path = preset_or_path
         if not os.path.exists(path):
             path = os.path.join(PRESET_DIR, preset_or_path + ".yaml")
+        if not os.path.exists(path) and preset_or_path in REMOVED_PRESETS:
+            raise ConfigError(f"--config {preset_or_path}: {REMOVED_PRESETS[preset_or_path]}")
         if not os.path.exists(path):
             raise ConfigError(f"unknown config {preset_or_path!r}: not a file, and not one of the presets "
                               f"{', '.join(list_presets())}")

@@ -57,7 +57,7 @@ def _in_memory(split: EvalSplit, image_size: int) -> EvalSplit:
 
 
 def check_val(data: str, val: str) -> None:
-    """`train.knn_val` is honoured or refused, never ignored: the generated sets (built-in, scenes,
+    """`train.knn_val` is honoured or refused, never ignored: the generated sets (built-in,
     mosaics) and Fashion-MNIST bring their own evaluation split, an image folder needs a folder, a list needs a list."""
     val, data = str(val).strip(), str(data).strip()
     if not val:
@@ -69,7 +69,7 @@ def check_val(data: str, val: str) -> None:
     if own:
         raise DataError(f"train.knn_val={val!r} cannot be used with train.knn_data={data!r}, which has its own "
                         f"evaluation split (the built-in set's last images, the test split of Fashion-MNIST, "
-                        f"of the scenes or of the mosaics); clear train.knn_val")
+                        f"or of the mosaics); clear train.knn_val")
     dp, vp = (os.path.abspath(os.path.expanduser(x)) for x in (data, val))
     if os.path.isdir(dp) and not os.path.isdir(vp):
         raise DataError(f"train.knn_val={val!r}: no such folder (train.knn_data is an image folder, so the "

@@ -111,15 +111,14 @@ def test_bad_knn_data_stops_before_the_model(tmp_path, data_cache):
 def test_a_knn_val_that_cannot_be_honoured_is_an_error_naming_it(tmp_path, data_cache):
     """train.knn_val was silently ignored with the sets that bring their own evaluation
     split (the monitor used that split), and a missing folder was reported as '--val'."""
-    from tests.test_scenes import fake_garments, write_idx
+    from tests.helpers import fake_garments, write_idx
     root = str(tmp_path / "fmnist")
     write_idx(root, "train", *fake_garments(30, 0))
     write_idx(root, "test", *fake_garments(10, 1))
     folder = tmp_path / "labelled"
     for cls in ("a", "b"):
         (folder / cls).mkdir(parents=True)
-    for data in ("synthetic", f"fashion-mnist:{root}", f"fashion-mnist-scenes:{root}#train=8,test=4,size=32",
-                 f"fashion-mnist-mosaics:{root}#train=8,test=4,size=32"):
+    for data in ("synthetic", f"fashion-mnist:{root}", f"fashion-mnist-mosaics:{root}#train=8,test=4,size=32"):
         for val in ("/no/such/folder", str(folder)):  # missing or not: either way it would be ignored
             cfg = load_config("smoke", tiny(str(tmp_path / "x"), data_cache, f"train.knn_data={data}",
                                             f"train.knn_val={val}", "train.knn_max_bank=8", "train.knn_max_val=4"))

@@ -24,7 +24,7 @@ from tests.helpers import (check_refused_when_removed, check_spelling_errors, fa
 
 
 def test_parse_source_spellings():
-    assert mosaics.parse_source("fashion-mnist-scenes:/a") is None and mosaics.parse_source("/a") is None
+    assert mosaics.parse_source("fashion-mnist:/a") is None and mosaics.parse_source("/a") is None
     s = mosaics.parse_source("fashion-mnist-mosaics:/a/b")
     assert (s.root, s.split, s.counts, s.size) == ("/a/b", "train", (10000, 2000), 64)
     s = mosaics.parse_source("fashion-mnist-mosaics:/a/b#test, train=30,size=96 ,test=7")
@@ -146,6 +146,39 @@ def test_source_and_eval_splits(fake_root, tmp_path):
         load_eval_data(src + ",test", task="cells", data_cache_dir=str(tmp_path))
     with pytest.raises(DataError, match="the cells probe needs .*fashion-mnist-mosaics"):
         load_eval_data(f"fashion-mnist:{fake_root}", task="cells")
+    with pytest.raises(DataError, match="Fashion-MNIST has no masks.*cells mode: fashion-mnist-mosaics"):
+        load_eval_data(f"fashion-mnist:{fake_root}", task="seg")
+
+
+def test_the_retired_scenes_are_refused_by_name_pointing_to_the_mosaics(fake_root, tmp_path, capsys):
+    """The Fashion-MNIST scenes were removed (docs/real-data-checks.md: they could not rank trunks). Their
+    spelling (as --data, data.source, train.knn_data) and their preset are refused in one line that says so
+    and names the mosaics, exit status 2: not a "does not exist" about a folder called
+    "fashion-mnist-scenes:...", nor an "unknown config"."""
+    from densecl_fast.data.sources import parse_builtin
+    from densecl_fast.pretrain import main as pretrain_main
+    from densecl_fast.reproduce import main as reproduce_main
+    from tests.helpers import tiny
+    old = f"fashion-mnist-scenes:{fake_root}#train=8"
+    with pytest.raises(DataError, match="scenes were removed.*use fashion-mnist-mosaics:ROOT"):
+        parse_builtin(old)
+    data = tmp_path / "data"
+    calls = [
+        (pretrain_main, ["--config", "fashion_mnist_scenes"], "--config fashion_mnist_mosaic"),
+        (pretrain_main, tiny(tmp_path / "r1", data, f"data.source={old}"), "fashion-mnist-mosaics:ROOT"),
+        (pretrain_main, tiny(tmp_path / "r2", data, f"train.knn_data={old}"), "fashion-mnist-mosaics:ROOT"),
+        (eval_main, ["knn", "--checkpoint", "random", "--arch", "resnet18", "--data", old, "--data-cache-dir",
+                     str(data), "--out", str(tmp_path / "ev"), "--no-progress"], "fashion-mnist-mosaics:ROOT"),
+        (reproduce_main, ["--data", old, "--budget", "1ep", "--out", str(tmp_path / "rp1")], "fashion-mnist-mosaics:ROOT"),
+        (reproduce_main, ["--data", "synthetic", "--config", "fashion_mnist_scenes", "--budget", "1ep", "--out",
+                          str(tmp_path / "rp2")], "--config fashion_mnist_mosaic"),
+    ]
+    for main, argv, hint in calls:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "scenes were removed" in err and hint in err, (argv, err)
+        assert "does not exist" not in err and "no such" not in err and "unknown config" not in err, err
 
 
 def test_probe_scores():
@@ -234,7 +267,7 @@ def test_calibration_table_in_the_small(fake_root, tmp_path, capsys):
 
 def test_the_seeded_mosaics_experiment_in_the_small(fake_root, tmp_path, capsys):
     """launch/reproduce.py --data fashion-mnist-mosaics:ROOT --config fashion_mnist_mosaic --seeds N, shrunk (without
-    --baseline: a MoCo-v2 run is a DenseCL run with λ = 0, tested on the scenes): every stage, the cells probe of
+    --baseline: a MoCo-v2 run is a DenseCL run with λ = 0, tested on the built-in set in test_reproduce.py): every stage, the cells probe of
     every trunk, and its means, std and paired differences in the report."""
     from densecl_fast.reproduce import main
     out = str(tmp_path / "repro")

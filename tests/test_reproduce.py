@@ -248,41 +248,28 @@ def test_a_reproduction_with_a_sharded_checkpoint_engine(tmp_path, data_cache, c
     assert rep["runs"]["densecl"]["steps"] == 5 and 0 <= rep["eval"]["densecl"]["knn_k20"] <= 100
 
 
-# ---- the seeded experiment on the Fashion-MNIST scenes, shrunk -------------------------------------
-
-FMNIST = "/usr/share/datasets/fashion-mnist"
+# ---- the seeded experiment (DenseCL / MoCo-v2 / random, several seeds), shrunk -------------------------
 
 
-@pytest.fixture()
-def scenes_root(tmp_path):
-    """The real Fashion-MNIST when installed (CI installs it), else a few fake garments in its format."""
-    if os.path.isdir(FMNIST):
-        return FMNIST
-    from tests.test_scenes import fake_garments, write_idx
-    root = str(tmp_path / "fmnist")
-    write_idx(root, "train", *fake_garments(60, 0))
-    write_idx(root, "test", *fake_garments(20, 1))
-    return root
-
-
-def test_the_seeded_scenes_experiment_in_the_small(tmp_path, data_cache, scenes_root, capsys):
+def test_the_seeded_experiment_in_the_small(tmp_path, data_cache, capsys):
     """The one command of the DenseCL / MoCo-v2 / random comparison (docs/real-data-checks.md), shrunk to
-    48 training scenes of 32 px, 2 seeds and one epoch: every run, evaluation and table of the report exists and
-    the report's means, std and paired differences are those of the per-seed eval files."""
+    48 built-in images of 32 px, 2 seeds and one epoch: every run, evaluation (the dense probe on the built-in
+    set's masks) and table of the report exists and the report's means, std and paired differences are those of
+    the per-seed eval files. (It ran on the Fashion-MNIST scenes until they were retired.)"""
     out = str(tmp_path / "repro")
-    src = f"fashion-mnist-scenes:{scenes_root}#train=48,test=16,size=32"
-    argv = ["--data", src, "--config", "fashion_mnist_scenes", "--budget", "1ep", "--baseline", "--seeds", "2",
+    argv = ["--data", "synthetic", "--config", "smoke", "--budget", "1ep", "--baseline", "--seeds", "2",
             "--out", out, "--probe-steps", "1", "--eval-max-val", "16", "model.hid_dim=32", "model.out_dim=16",
             "model.queue_len=64", "model.bn_group_size=4", "data.image_size=32", "data.num_workers=0",
+            "data.synthetic_images=48", "data.synthetic_resolution=32",
             f"data.cache_dir={data_cache}", "optim.batch_size=8", "train.tensorboard=false", "train.progress=false",
-            f"train.knn_data={src}", "train.knn_every_epochs=0", "train.knn_every_steps=3", "train.knn_max_bank=48",
+            "train.knn_data=synthetic", "train.knn_every_epochs=0", "train.knn_every_steps=3", "train.knn_max_bank=48",
             "train.knn_max_val=16"]
     assert main(argv) == 0, capsys.readouterr()
     text = capsys.readouterr().out
     assert "seeds 0, 1" in text and "for each of 2 seeds (4 runs)" in text
     runs = ("densecl_s0", "mocov2_s0", "densecl_s1", "mocov2_s1")
     recs = {r: [json.loads(line) for line in open(os.path.join(out, r, "metrics.jsonl"))] for r in runs}
-    assert all(len(v) == 6 for v in recs.values())                       # 48 scenes / batch 8, one epoch each
+    assert all(len(v) == 6 for v in recs.values())                       # 48 images / batch 8, one epoch each
     assert all(x["lambda"] == 0.0 for r in ("mocov2_s0", "mocov2_s1") for x in recs[r])
     assert all(x["lambda"] == 0.5 for r in ("densecl_s0", "densecl_s1") for x in recs[r])
     assert recs["densecl_s0"][0]["loss"] != recs["densecl_s1"][0]["loss"]  # the seeds differ
@@ -321,14 +308,14 @@ def test_seeds_name_the_runs_and_the_random_trunks_and_seed_every_probe():
     one = SimpleNamespace(seeds=1, baseline=True, no_random=False, data="synthetic", val="", voc="",
                           eval_image_size=0, eval_workers=0, eval_max_train=-1, eval_max_val=0)
     assert pretrain_runs(one, seeds_of(one, cfg)) == [("densecl", "densecl", 5), ("mocov2", "mocov2", 5)]
-    three = SimpleNamespace(**{**vars(one), "seeds": 3, "data": "fashion-mnist-scenes:/x"})
+    three = SimpleNamespace(**{**vars(one), "seeds": 3})
     seeds = seeds_of(three, cfg)
     runs = pretrain_runs(three, seeds)
     assert seeds == [5, 6, 7] and [r[0] for r in runs] == ["densecl_s5", "mocov2_s5", "densecl_s6", "mocov2_s6",
                                                            "densecl_s7", "mocov2_s7"]
     jobs = eval_jobs(three, cfg, runs, seeds)
     assert {(t, m) for t, m, _ in jobs} == {(t, m) for t in [r[0] for r in runs] + ["random_s5", "random_s6", "random_s7"]
-                                           for m in ("knn", "dense")}   # the scenes have masks: dense runs
+                                           for m in ("knn", "dense")}   # the built-in set has masks: dense runs
     for t, _, a in jobs:
         assert a[a.index("--seed") + 1] == t[-1] and a.count("--seed") == 1
 

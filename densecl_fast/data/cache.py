@@ -1,4 +1,4 @@
-"""Generated data sets in data.cache_dir (the built-in set, Fashion-MNIST as PNGs, the scenes):
+"""Generated data sets in data.cache_dir (the built-in set, Fashion-MNIST as PNGs, the mosaics):
 written once, whole or not at all, by whichever process gets there first.
 
 A set is generated in a temporary folder `.<name>.tmp-<host>-<pid>-<random>` beside its final

@@ -1,5 +1,5 @@
-"""What the generated Fashion-MNIST sets (scenes, mosaics) share: the `PREFIX ROOT[#tokens]` spelling,
-the spec it parses to, the cache folder's name and reading labels.json.
+"""The parts of a generated Fashion-MNIST set (the mosaics, data/mosaics.py) that are not its drawing:
+the `PREFIX ROOT[#tokens]` spelling, the spec it parses to, the cache folder's name and reading labels.json.
 
 Tokens after `#` (comma-separated): a bare `train`/`test` picks the split `data.source` reads;
 `train=N`, `test=N` the number of images of each split; `size=S` the side in px, 32..512 (even where

@@ -12,7 +12,7 @@ mosaics garments of the test split only. The spelling is
     fashion-mnist-mosaics:/usr/share/datasets/fashion-mnist#test           (2,000 test mosaics)
     fashion-mnist-mosaics:ROOT#train=2000,test=500,size=96                 (other counts / side)
 
-(`#` then comma-separated tokens as the scenes': a bare `train`/`test` picks the split `data.source`
+(`#` then comma-separated tokens, data/generated.py: a bare `train`/`test` picks the split `data.source`
 reads; `train=N`, `test=N` the number of mosaics of each split; `size=S` the side, an even number
 in 32..512.)
 

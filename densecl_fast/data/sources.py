@@ -3,7 +3,6 @@
 `data.source` is one of
   * "synthetic"          the built-in data set (generated on first use, see `synthetic.py`);
   * fashion-mnist:ROOT[#test]            Fashion-MNIST's photos (`fashion_mnist.py`);
-  * fashion-mnist-scenes:ROOT[#tokens]   scenes of Fashion-MNIST garments with masks (`scenes.py`);
   * fashion-mnist-mosaics:ROOT[#tokens]  2x2 mosaics of Fashion-MNIST garments, a label per quadrant (`mosaics.py`);
   * an image folder      searched recursively; a first-level sub-folder names the class of the
                          images under it (optional); extensions jpg/jpeg/png/webp/bmp/tif/tiff in
@@ -30,32 +29,46 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from . import fashion_mnist, mosaics, scenes
+from . import fashion_mnist, mosaics
 from .errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 _SHOW = 5  # offending entries quoted in an error message
+# Spellings of sets that were removed -> why, and what to use instead. Refused by name: otherwise they
+# would read as a path and fail as "does not exist" about a folder called "fashion-mnist-scenes:...".
+REMOVED = {
+    "fashion-mnist-scenes:": "the Fashion-MNIST scenes were removed (they could not rank trunks: "
+                             "docs/real-data-checks.md); use fashion-mnist-mosaics:ROOT (preset fashion_mnist_mosaic)",
+}
 
 
 class BuiltIn(NamedTuple):
     """A source string that names a generated or installed set rather than a path."""
-    kind: str                 # synthetic | fashion-mnist | scenes | mosaics
-    spec: object              # fashion-mnist: (root, split); scenes, mosaics: their spec; synthetic: None
+    kind: str                 # synthetic | fashion-mnist | mosaics
+    spec: object              # fashion-mnist: (root, split); mosaics: its spec; synthetic: None
 
 
 def parse_builtin(source: str) -> Optional[BuiltIn]:
     """The built-in set that `source` spells (its tokens checked: a malformed one is a DataError), or
     None for anything else (a folder, a list, shards). The one reader of these spellings for
-    pretraining, evaluation and the kNN monitor."""
+    pretraining, evaluation and the kNN monitor. A removed set's spelling is a DataError (see REMOVED)."""
     source = str(source).strip()
     if source == "synthetic":
         return BuiltIn("synthetic", None)
-    for kind, parse in (("fashion-mnist", fashion_mnist.parse_source), ("scenes", scenes.parse_source),
-                        ("mosaics", mosaics.parse_source)):
+    check_not_removed(source)
+    for kind, parse in (("fashion-mnist", fashion_mnist.parse_source), ("mosaics", mosaics.parse_source)):
         spec = parse(source)
         if spec is not None:
             return BuiltIn(kind, spec)
     return None
+
+
+def check_not_removed(source: str) -> None:
+    """A DataError naming `source` when it spells a removed set."""
+    source = str(source).strip()
+    for prefix, why in REMOVED.items():
+        if source.startswith(prefix):
+            raise DataError(f"{source!r}: {why}")
 
 
 class Sample(NamedTuple):
@@ -154,11 +167,6 @@ def resolve_source(data_cfg) -> Listing:
         samples = [Sample(os.path.join(folder, rel), fashion_mnist.CLASSES[lab])
                    for rel, lab in zip(meta["images"], meta["labels"])]
         return Listing(samples, [], f"Fashion-MNIST {spec[1]} split ({spec[0]})")
-    if kind == "scenes":
-        folder = scenes.ensure_scenes(spec, spec.split, data_cfg.cache_dir)
-        meta = scenes.read_labels(folder)
-        samples = [Sample(os.path.join(folder, e["image"]), scenes.CLASSES[e["label"]]) for e in meta["images"]]
-        return Listing(samples, [], f"Fashion-MNIST scenes, {spec.split} split ({folder})")
     if kind == "mosaics":
         folder, meta = mosaics.ensure_mosaics(spec, spec.split, data_cfg.cache_dir)
         samples = [Sample(os.path.join(folder, e["image"]), mosaics.CLASSES[e["label"]]) for e in meta["images"]]

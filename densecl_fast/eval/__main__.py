@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", help="resnet18/34/50/101 (required with random; else a check)")
     p.add_argument("--encoder", default="query", choices=("query", "key"))
     p.add_argument("--seed", type=int, default=0, help="random trunk init, training seeds, low-shot sampling")
-    p.add_argument("--data", required=True, help="synthetic | image folder | .txt list | VOC devkit | fashion-mnist:ROOT | fashion-mnist-scenes:ROOT | "
+    p.add_argument("--data", required=True, help="synthetic | image folder | .txt list | VOC devkit | fashion-mnist:ROOT | "
                                                  "fashion-mnist-mosaics:ROOT")
     p.add_argument("--val", default="", help="separate val folder / list (else a deterministic split)")
     p.add_argument("--root", default="", help="base folder of relative paths in a .txt list")

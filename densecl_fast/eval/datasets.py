@@ -6,9 +6,7 @@ encoding) and/or mask files. `keys` (item names) feed the feature-cache fingerpr
 
 Sources: `synthetic` (built-in set; val = every VAL_EVERY-th image), an image folder with class
 sub-folders (`--val` folder, else the same deterministic split), a `.txt` list with labels,
-`fashion-mnist:ROOT` (train / test split), `fashion-mnist-scenes:ROOT[#tokens]` (training scenes /
-test scenes; masks = 10 garment classes + background, label = the class covering most pixels),
-`fashion-mnist-mosaics:ROOT[#tokens]` (training mosaics / test mosaics; label = the class most quadrants
+`fashion-mnist:ROOT` (train / test split), `fashion-mnist-mosaics:ROOT[#tokens]` (training mosaics / test mosaics; label = the class most quadrants
 hold, `cells` = the four quadrant labels, 10 classes + empty, for the per-cell probe), a Pascal VOC
 devkit (VOC2007: trainval / test of ImageSets/Main; segmentation: ImageSets/Segmentation train / val
 with SegmentationClass PNGs).
@@ -25,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..data import DataError
-from ..data import fashion_mnist, mosaics, scenes
+from ..data import fashion_mnist, mosaics
 from ..data.sources import list_folder, load_rgb, parse_builtin, read_file_list, to_rgb
 
 VAL_EVERY = 5            # deterministic split of sets without one: image i is val when i % 5 == 0
@@ -180,22 +178,6 @@ def _fashion(root: str, max_train: int, max_val: int):
     return out
 
 
-def _scenes(spec, task: str, cache_dir: str):
-    out = []
-    for split in fashion_mnist.SPLITS:
-        folder = scenes.ensure_scenes(spec, split, cache_dir)
-        meta = scenes.read_labels(folder)
-        paths = [os.path.join(folder, e["image"]) for e in meta["images"]]
-        if task == "seg":
-            out.append(_files(paths, None, ("background",) + scenes.CLASSES, split,
-                              masks=[os.path.join(folder, e["mask"]) for e in meta["images"]],
-                              extra=f"scenes-seg:{meta['sha256']}"))
-        else:
-            out.append(_files(paths, [e["label"] for e in meta["images"]], scenes.CLASSES, split,
-                              extra=f"scenes:{meta['sha256']}"))
-    return out
-
-
 def _mosaics(spec, cache_dir: str):
     out = []
     for split in fashion_mnist.SPLITS:
@@ -230,16 +212,10 @@ def load_eval_data(data: str, *, task: str, val: str = "", root: str = "", max_t
         raise DataError(f"--data {data}: the cells probe needs a label per grid cell: fashion-mnist-mosaics:ROOT")
     if kind == "fashion-mnist":
         if task == "seg":
-            raise DataError("Fashion-MNIST has no masks: the dense probe needs fashion-mnist-scenes:ROOT, "
-                            "'synthetic' or Pascal VOC")
+            raise DataError("Fashion-MNIST has no masks: the dense probe needs 'synthetic' or Pascal VOC (the "
+                            "mosaics' dense evaluation is the cells mode: fashion-mnist-mosaics:ROOT)")
         train, test = _fashion(spec[0], max_train, max_val)
         return train, test
-    if kind == "scenes":
-        if spec.split != "train":
-            raise DataError(f"--data {data}: drop the split token; evaluation uses the training scenes as the "
-                            "training split and the test scenes as the evaluation split")
-        train, test = _scenes(spec, task, data_cache_dir)
-        return _take(train, max_train), _take(test, max_val)
     if kind == "synthetic":
         from ..data.synthetic import ensure_synthetic, read_labels
         folder = ensure_synthetic(data_cache_dir, synthetic_images, synthetic_resolution)
@@ -294,8 +270,8 @@ def load_eval_data(data: str, *, task: str, val: str = "", root: str = "", max_t
         else:
             train, test = _split_by_index(p, l, classes)
         return _take(train, max_train), _take(test, max_val)
-    raise DataError(f"--data {data}: not a folder, a .txt list, 'synthetic', fashion-mnist:ROOT, "
-                    "fashion-mnist-scenes:ROOT or fashion-mnist-mosaics:ROOT")
+    raise DataError(f"--data {data}: not a folder, a .txt list, 'synthetic', fashion-mnist:ROOT "
+                    "or fashion-mnist-mosaics:ROOT")
 
 
 def load_mask(path: str) -> Image.Image:

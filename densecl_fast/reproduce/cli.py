@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     p = Parser(prog="python launch/reproduce.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="pretraining images: ImageNet train folder, .txt list, synthetic, fashion-mnist:ROOT, "
-                                  "fashion-mnist-scenes:ROOT")
+                                  "fashion-mnist-mosaics:ROOT")
     p.add_argument("--val", default="", help="kNN evaluation split (folder / list with labels); else the eval tool's split")
     p.add_argument("--voc", default="", help="Pascal VOC devkit: VOC07 SVM + low-shot, and the dense probe on its masks")
     p.add_argument("--budget", help="wall clock for planning + pretraining (8h, 90m, 1h30m) or epochs (20ep)")
@@ -123,7 +123,7 @@ def check_inputs(args) -> None:
     """Every check that needs no training: arguments, budget, overrides, --val/--voc, config, data source."""
     if not args.data:
         raise UsageError("--data is required (an ImageNet train folder, a .txt list, synthetic, fashion-mnist:ROOT "
-                         "or fashion-mnist-scenes:ROOT)")
+                         "or fashion-mnist-mosaics:ROOT)")
     if not args.budget:
         raise UsageError("--budget is required (e.g. 8h, 90m or 20ep)")
     budget = parse_budget(args.budget)
@@ -145,15 +145,13 @@ def check_inputs(args) -> None:
     # Recorded absolute, so `--resume` works from another working directory.
     args.val, args.voc = (os.path.abspath(v) if v else v for v in (args.val, args.voc))
     from ..data import DataError
-    from ..data.fashion_mnist import parse_source
-    from ..data.mosaics import parse_source as parse_mosaics
-    from ..data.scenes import parse_source as parse_scenes
+    from ..data.sources import parse_builtin
     try:
-        fmnist = parse_source(args.data)
-        generated = parse_scenes(args.data) or parse_mosaics(args.data)
+        builtin = parse_builtin(args.data)
     except DataError as e:
         raise UsageError(f"--data {args.data}: {e}") from None
-    root = fmnist[0] if fmnist else generated.root if generated else None
+    kind, spec = builtin if builtin is not None else (None, None)
+    root = spec[0] if kind == "fashion-mnist" else spec.root if kind == "mosaics" else None
     if root and not os.path.isdir(root):
         raise UsageError(f"--data {args.data}: no such folder {root}")
     if args.data != "synthetic" and not root and not any(c in args.data for c in "*?["):  # (DALI shard patterns)

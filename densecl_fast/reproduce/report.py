@@ -289,7 +289,7 @@ def write_report(out: str, state: dict, args, runs: list[str], skipped: dict, cf
         md.append("The paper's claim at 200 ImageNet epochs (original repo): " + ", ".join(
             f"{k} {a} vs {b} ({a - b:+.1f})" for k, (a, b) in PAPER_DENSECL_VS_MOCO.items()) + ".")
         md.append("")
-    if args.data == "synthetic" or (args.val == "" and args.data != "synthetic" and not args.data.startswith(("fashion-mnist:", "fashion-mnist-scenes:", "fashion-mnist-mosaics:"))):
+    if args.data == "synthetic" or (args.val == "" and args.data != "synthetic" and not args.data.startswith(("fashion-mnist:", "fashion-mnist-mosaics:"))):
         md.append("The kNN evaluation split is the eval tool's deterministic hold-out of the pretraining images "
                   "(every 5th image), not a separate validation set." if args.data != "synthetic" else
                   "On the built-in set the eval split is every 5th image of the pretraining set (labels and masks are "

@@ -141,9 +141,8 @@ def has_cells(data: str) -> bool:
 
 
 def has_masks(data: str) -> bool:
-    """Pretraining data the dense probe can use directly (--voc aside): the built-in set and the scenes."""
-    from ..data.scenes import parse_source
-    return data == "synthetic" or parse_source(data) is not None
+    """Pretraining data the dense probe can use directly (--voc aside): the built-in set."""
+    return data == "synthetic"
 
 
 # ---- evaluation and export -----------------------------------------------------------------------------
@@ -180,8 +179,7 @@ def skipped_evals(args) -> dict:
     if not args.voc:
         out["svm"] = out["lowshot"] = "no --voc given (the VOC07 SVM and low-shot protocols need Pascal VOC 2007)"
         if not has_masks(args.data):
-            out["dense"] = ("no masks: the dense probe needs --voc, the built-in data set (--data synthetic) or "
-                            "the Fashion-MNIST scenes (--data fashion-mnist-scenes:ROOT)"
+            out["dense"] = ("no masks: the dense probe needs --voc or the built-in data set (--data synthetic)"
                             + ("; the mosaics' dense evaluation is the cells probe" if has_cells(args.data) else ""))
     out["linear"] = ("not run: the seed's ImageNet linear protocol (100 epochs through the trunk) is a separate GPU "
                      "job; the report gives its command")
