@@ -185,6 +185,16 @@ def test_dense_builtin_and_voc(work, ckpt, voc):
     assert sane(v["mIoU"]) and len(v["iou"]) == 21 and v["num_train"] == 40
 
 
+@pytest.mark.parametrize("data", ["synthetic", "fashion-mnist:/nowhere", "fashion-mnist-mosaics:/nowhere", "VOC"])
+def test_val_is_refused_where_the_data_brings_its_own_split(data, work, voc, tmp_path):
+    """--val is honoured (image folders, lists) or refused; it used to be ignored for these."""
+    from densecl_fast.data.errors import DataError
+    from densecl_fast.eval.datasets import load_eval_data
+    data = voc if data == "VOC" else data
+    with pytest.raises(DataError, match=r"--val .*drop --val"):
+        load_eval_data(data, task="multilabel", val=str(tmp_path), data_cache_dir=str(tmp_path))
+
+
 def test_knn_vote_by_hand():
     # query [1, 0]; class 0: one neighbour at cos 1; class 1: two at cos 0.9; class 2: far away.
     bank = np.array([[1, 0], [0.9, np.sqrt(1 - 0.81)], [0.9, -np.sqrt(1 - 0.81)], [-1, 0]], np.float32)

@@ -199,6 +199,9 @@ def load_eval_data(data: str, *, task: str, val: str = "", root: str = "", max_t
         raise DataError("--data is empty")
     builtin = parse_builtin(data)
     kind, spec = builtin if builtin is not None else (None, None)
+    if val and builtin is not None:     # honoured or refused, never ignored
+        raise DataError(f"--val {val}: --data {data} brings its own evaluation split (the built-in set's every "
+                        f"{VAL_EVERY}th image, or the test split of Fashion-MNIST / the mosaics); drop --val")
     if kind == "mosaics":
         if task == "seg":
             raise DataError("the Fashion-MNIST mosaics have no masks: their dense probe is the cells mode "
@@ -234,6 +237,8 @@ def load_eval_data(data: str, *, task: str, val: str = "", root: str = "", max_t
         raise DataError(f"--data {data}: no such folder or file")
     voc = find_voc(path) if os.path.isdir(path) else None
     if voc is not None:
+        if val:
+            raise DataError(f"--val {val}: a Pascal VOC devkit brings its own splits (ImageSets); drop --val")
         if task == "seg":
             train, test = voc_segmentation(voc, "train"), voc_segmentation(voc, "val")
         else:
