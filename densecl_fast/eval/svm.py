@@ -87,7 +87,6 @@ def _fit(cost, x, y):
 
 def cv_score(cost: float, x: np.ndarray, y: np.ndarray, folds: int = CV_FOLDS) -> float:
     """Mean 3-fold CV average precision (sklearn's definition, as cross_val_score in the benchmark)."""
-    from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import cross_val_score
     if min((y == 1).sum(), (y == -1).sum()) < folds:
         return float("nan")  # too few of a label for stratified folds
